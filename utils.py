@@ -1,0 +1,294 @@
+"""Config overrides, devices, data, atomic files and checkpoints.
+
+Images leave this module as uint8 tensors (N, 3, 32, 32); batches are turned into floats in
+[0, 1] on the training device (see models.py for the data-range contract).
+"""
+import ast
+import errno
+import json
+import os
+import pickle
+import random
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantizers import ConfigError, UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "config", "model_args")
+
+
+class DataError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_value(key, text, default):
+    """Parse `text` as a Python literal (no exec) and check it against `default`'s type."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if not isinstance(default, str):
+            raise ConfigError(f"--{key}={text}: not a Python literal; expected {type(default).__name__} like {default!r}") from None
+        value = text  # a bare word is a string: --quantizer=fsq
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"--{key}={text}: expected {type(default).__name__} (like {default!r}), got {type(value).__name__}")
+    if isinstance(default, list) and default:
+        kind = type(default[0])
+        if kind is float:
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not all(type(v) is kind for v in value):
+            raise ConfigError(f"--{key}={text}: expected a list of {kind.__name__} (like {default!r})")
+    return value
+
+
+def parse_overrides(argv, defaults):
+    """`--key=value` arguments -> (config dict, set of keys the user set). Unknown keys stop."""
+    config, given = dict(defaults), set()
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {key!r}; allowed keys: {', '.join(defaults)}")
+        config[key] = parse_value(key, text, defaults[key])
+        given.add(key)
+    return config, given
+
+
+# ----------------------------------------------------------------------------- devices and RNG
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device=auto or --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here; use --device=auto or --device=cpu")
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state():
+    """Every RNG a run draws from, as plain tensors and numbers (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------- files
+
+def ensure_writable_dir(path, key):
+    """Create `path` and prove a file can be written there, or stop with one line naming `key`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{key}={str(path)!r} is not a writable folder ({err.strerror}); choose another with --{key}=PATH") from None
+
+
+def atomic_write(path, write):
+    """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
+
+    A crash or kill at any moment leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            hint = "the disk is full; free space" if err.errno == errno.ENOSPC else err.strerror or str(err)
+            raise UserError(f"could not write {path}: {hint}; the previous file, if any, is intact") from None
+        raise
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_jsonl(path, rows):
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_grid(path, originals, recons, nrow=4):
+    """Grid PNG: originals on the top rows, their reconstructions below (both (B, 3, H, W) in [0, 1])."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(torch.cat([originals, recons]).float().cpu().clamp(0, 1), nrow=nrow, padding=2)
+    atomic_write(path, lambda f: save_image(grid, f, format="png"))
+
+
+def save_figure(path, fig):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def unwrap(model):
+    """The plain module under torch.compile (_orig_mod) and DDP (module) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The checkpoint dict, loaded with weights_only=True; one clear line for every way it can fail."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path!r}; pass the path of a .pt file written by train.py")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(f"{path} holds pickled Python objects, which can run code; refused (weights_only=True). Only load it with weights_only=False if you trust its author") from None
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is corrupt or truncated ({first[:120]})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
+    return state
+
+
+def load_checkpoint(path, device="cpu"):
+    """Notebook helper: (model in eval mode on `device`, config dict), rebuilt from the file alone.
+
+        from utils import load_checkpoint
+        model, config = load_checkpoint("checkpoints/fsq_vae_best.pt")
+        recon = model(images)[0]  # images: (B, 3, 32, 32) in [0, 1]
+    """
+    from models import build_model
+
+    state = read_checkpoint(path)
+    try:
+        model = build_model(state["model_args"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path} has invalid model_args: {err}") from None
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match its model_args ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), state["config"]
+
+
+# ----------------------------------------------------------------------------- data
+
+def _cifar_split(root, train):
+    from torchvision.datasets import CIFAR10
+
+    return CIFAR10(root=root, train=train, download=True)
+
+
+def load_cifar10(data_dir):
+    """CIFAR-10 via torchvision (downloaded into data_dir once) -> uint8 (N, 3, 32, 32) train, test."""
+    try:
+        splits = [_cifar_split(data_dir, train) for train in (True, False)]
+    except Exception as err:  # no network, a partial archive, a checksum mismatch...
+        raise DataError(
+            f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(err).__name__}: {str(err)[:80]}); "
+            f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {data_dir}/ "
+            f"or train on your own images with --dataset=folder --data_dir=DIR (DIR/train/ and DIR/test/)") from None
+    return tuple(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits)
+
+
+def _read_image(path, size):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def load_image_folder(folder, size=32):
+    """All png/jpg images under `folder` (any depth), resized to size x size -> uint8 (N, 3, size, size).
+
+    Unreadable files are skipped and counted (a warning names the first one)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder!r} is not a folder; dataset='folder' needs data_dir with train/ and test/ subfolders of images")
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images, bad = [], []
+    for p in paths:
+        try:
+            images.append(_read_image(p, size))
+        except (OSError, ValueError, SyntaxError):
+            bad.append(p)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s) in {folder} (first: {bad[0]})", file=sys.stderr)
+    if not images:
+        raise DataError(f"no readable .png/.jpg images under {folder!r}" + (f" ({len(bad)} unreadable)" if bad else ""))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_dataset(dataset, data_dir):
+    """(train, val) uint8 tensors (N, 3, 32, 32) on the CPU."""
+    if dataset == "cifar10":
+        return load_cifar10(data_dir)
+    if dataset == "folder":
+        return tuple(load_image_folder(os.path.join(data_dir, split)) for split in ("train", "test"))
+    raise ConfigError(f"dataset={dataset!r} is unknown; use 'cifar10' or 'folder'")
+
+
+def to_float_images(batch_u8):
+    """uint8 (B, 3, H, W) -> float in [0, 1] on the same device."""
+    return batch_u8.float().div_(255.0)
