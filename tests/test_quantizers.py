@@ -1,0 +1,120 @@
+"""Every bottleneck returns the same named result; FSQ and DDCL behave as their papers say."""
+import math
+
+import pytest
+import torch
+
+from models import build_model
+from quantizers import DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
+
+
+def test_fsq_indices_in_range_and_decode_exactly():
+    q = FSQWrapper([8, 6, 6, 5]).eval()
+    z = torch.randn(16, 4, 4, 4) * 3
+    out = q(z)
+    assert isinstance(out, QuantizerOutput)
+    assert out.indices.shape == (16, 4, 4) and out.indices.dtype == torch.int64
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < 1440
+    assert torch.equal(q.decode_indices(out.indices), out.z_q)
+    assert torch.allclose(out.bits, torch.full((16,), 16 * math.log2(1440)))
+
+
+def test_fsq_fixed_length_rate_is_16_log2_prod_levels():
+    for levels in ([8, 6, 6, 5], [8, 5, 5, 5], [7, 5, 5, 5, 5]):
+        q = FSQWrapper(levels)
+        indices = q(torch.randn(3, len(levels), 4, 4))[1]
+        assert q.fixed_length_bits(indices.reshape(3, 1, -1)) == pytest.approx(16 * math.log2(math.prod(levels)))
+
+
+def test_fsq_rejects_out_of_range_indices():
+    with pytest.raises(ValueError, match=r"indices outside \[0, 1440\)"):
+        FSQWrapper([8, 6, 6, 5]).decode_indices(torch.full((1, 4, 4), 1440))
+
+
+def test_ddcl_training_adds_uniform_noise_with_identity_gradient():
+    torch.manual_seed(0)
+    q = DDCL_Bottleneck(latent_dim=4, delta=0.2, comm_weight=1e-2).train()
+    z = torch.randn(64, 4, 4, 4, requires_grad=True)
+    out = q(z)
+    noise = (out.z_q - z).detach()
+    assert noise.abs().max() <= 0.1 + 1e-6
+    assert noise.std().item() == pytest.approx(0.2 / math.sqrt(12), rel=0.05)
+    out.z_q.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))  # no rounding in the graph
+    expected = 1e-2 * torch.log2(2 * z.detach().abs() / 0.2 + 1).mean()
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ddcl_eval_error_is_uniform_and_independent_of_z():
+    """Subtractive dither (Schuchman): z_hat - z ~ U(-delta/2, delta/2), whatever z is."""
+    delta = 0.25
+    q = DDCL_Bottleneck(latent_dim=4, delta=delta, comm_weight=1e-3).eval()
+    z = torch.linspace(-3, 3, 4096 * 64).reshape(4096, 4, 4, 4)  # deterministic, covers many bins
+    z = z[torch.randperm(4096, generator=torch.Generator().manual_seed(0))]
+    out = q(z, seed=7)
+    err = (out.z_q - z).flatten()
+    assert err.abs().max() <= delta / 2 + 1e-6
+    # uniform: 10 equal bins each hold ~10% of the errors
+    hist = torch.histc(err, bins=10, min=-delta / 2, max=delta / 2) / err.numel()
+    assert torch.all((hist - 0.1).abs() < 0.01), hist
+    # independent of z: the error's mean and variance do not change across the z range, and
+    # its correlation with z and with z's position inside a quantization bin is ~0
+    zf = z.flatten()
+    for part in torch.chunk(torch.argsort(zf), 8):
+        assert abs(err[part].mean().item()) < 0.01 * delta
+        assert err[part].var().item() == pytest.approx(delta ** 2 / 12, rel=0.05)
+    frac = torch.remainder(zf / delta, 1.0)
+    for other in (zf, frac):
+        assert abs(torch.corrcoef(torch.stack([err, other]))[0, 1].item()) < 0.01
+
+
+def test_ddcl_eval_is_truly_discrete_and_decodable_from_seed():
+    q = DDCL_Bottleneck(latent_dim=4, delta=1 / 15, comm_weight=1e-3).eval()
+    z = torch.randn(8, 4, 4, 4)
+    out = q(z, seed=123)
+    assert out.indices.dtype == torch.int64
+    assert torch.equal(out.indices.float(), torch.round((z + q.dither(z.shape, 123, z.device)) / q.delta))
+    assert torch.equal(q.decode_indices(out.indices, seed=123), out.z_q)
+    assert not torch.equal(q.decode_indices(out.indices, seed=124), out.z_q)
+    assert torch.equal(q(z, seed=123).z_q, out.z_q)  # the same seed gives the same dither
+
+
+def test_ddcl_surrogate_upper_bounds_mid_tread_code_on_average():
+    """E[log2(2|m|+1)] <= log2(2|z|/delta + 1) (Jensen, mid-tread): the notes' argument, checked."""
+    q = DDCL_Bottleneck(latent_dim=1, delta=1.0, comm_weight=0.0).eval()
+    for value in (0.0, 0.3, 1.7, 5.2):
+        z = torch.full((20000, 1, 1, 1), value)
+        m = q(z, seed=1).indices.float()
+        assert torch.log2(2 * m.abs() + 1).mean().item() <= math.log2(2 * value + 1) + 1e-3
+
+
+@pytest.mark.parametrize("name", ["fsq", "ddcl", "vq", "none", "vae"])
+def test_every_quantizer_plugs_into_the_model(name):
+    model = build_model(dict(quantizer=name, channels=[8, 8, 16]))
+    x = torch.rand(5, 3, 32, 32)
+    out = model(x)
+    assert out.recon.shape == x.shape and 0 <= out.recon.min() and out.recon.max() <= 1
+    assert out.z_q.shape == (5, 4, 4, 4) and out.bits.shape == (5,) and out.aux_loss.dim() == 0
+    (out.recon.square().mean() + out.aux_loss).backward()
+    model.eval()
+    indices = model.encode(x, seed=3)
+    if model.quantizer.num_streams:
+        assert torch.allclose(model.decode(indices, seed=3), model(x, seed=3).recon, atol=1e-6)
+    else:
+        assert indices is None
+
+
+def test_vq_indices_in_range_and_usage_settings():
+    q = build_quantizer(dict(quantizer="vq", latent_dim=4, vq_codebook_size=32, vq_decay=0.9,
+                             vq_commitment_weight=0.5, vq_dead_code_threshold=1))
+    out = q(torch.randn(6, 4, 4, 4))
+    assert out.indices.shape == (6, 4, 4) and 0 <= out.indices.min() and out.indices.max() < 32
+    assert q.vq.commitment_weight == 0.5 and q.vq._codebook.threshold_ema_dead_code == 1
+
+
+def test_vae_bits_are_the_kl_in_bits():
+    q = build_quantizer(dict(quantizer="vae", latent_dim=2, vae_kl_weight=1.0)).eval()
+    mu, logvar = torch.full((1, 2, 4, 4), 1.0), torch.zeros(1, 2, 4, 4)
+    out = q(torch.cat([mu, logvar], 1))
+    assert out.bits.item() == pytest.approx(32 * 0.5 / math.log(2))  # 32 values of KL = mu^2/2 nats
+    assert torch.equal(out.z_q, mu)

@@ -1,0 +1,171 @@
+"""End to end on tiny image folders: outputs, checkpoints, learning, and bad input."""
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import utils
+from conftest import REPO, run_script, tiny_args
+from utils import CheckpointError, DataError, load_checkpoint, read_checkpoint
+
+
+def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
+    config, metrics = run_train(quantizer="fsq", checkpoint_every=1)
+    out, ck = tmp_path / "outputs", tmp_path / "checkpoints"
+    assert (out / "fsq_epoch_001.png").is_file() and (out / "fsq_curves.png").is_file()
+    assert sorted(os.listdir(ck)) == ["fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_last.pt"]
+    rows = [json.loads(line) for line in open(out / "fsq_metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["val_mse"] == metrics["mse"]
+    for key in ("val_psnr", "val_ssim", "val_codebook_usage", "val_perplexity", "val_bits", "val_bits_entropy",
+                "val_bits_coded", "val_bits_fixed", "val_bpp", "train_loss"):
+        assert np.isfinite(rows[0][key]), key
+    assert rows[0]["val_roundtrip_exact"] is True
+    assert json.load(open(out / "fsq_config.json")) == config
+    # grid: 4x4 images of 32 px with 2 px padding
+    from PIL import Image
+    assert Image.open(out / "fsq_epoch_001.png").size == (4 * 34 + 2, 4 * 34 + 2)
+    state = torch.load(ck / "fsq_vae_best.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "best_val_loss", "config", "model_args"} <= set(state)
+    assert state["config"] == config and state["epoch"] == 1
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+
+
+def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_path, image_folder):
+    config, metrics = run_train(quantizer="ddcl")
+    code = (
+        "import sys, json; from utils import load_checkpoint, load_dataset; from evaluate import evaluate\n"
+        f"model, config = load_checkpoint({str(tmp_path / 'checkpoints' / 'ddcl_vae_best.pt')!r})\n"
+        "assert not model.training\n"
+        "train, val = load_dataset(config['dataset'], config['data_dir'])\n"
+        "x = val[:4].float() / 255; r = model(x)[0]; assert r.shape == x.shape and 0 <= r.min() and r.max() <= 1\n"
+        "print(json.dumps(evaluate(model, val, batch_size=config['eval_batch_size'])['mse']))\n")
+    result = run_script("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "ddcl"])
+def test_validation_loss_falls(run_train, quantizer):
+    config, _ = run_train(quantizer=quantizer, epochs=5, batch_size=8, lr=5e-3, channels=[8, 16, 16])
+    rows = utils.read_jsonl(os.path.join(config["output_dir"], f"{quantizer}_metrics.jsonl"))
+    losses = [r["val_loss"] for r in rows]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert rows[-1]["val_bits"] > 50  # the latent carries information: no collapse to the mean image
+
+
+def test_data_dir_without_images_is_one_clear_error(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "test").mkdir()
+    result = run_script("train.py", *tiny_args(tmp_path, str(tmp_path / "empty")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no readable .png/.jpg images under {str(tmp_path / 'empty' / 'train')!r}"]
+
+
+def test_folder_without_splits_names_the_layout(tmp_path):
+    with pytest.raises(DataError, match="needs data_dir with train/ and test/ subfolders"):
+        utils.load_dataset("folder", str(tmp_path))
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    from conftest import write_images
+    write_images(tmp_path / "f", 3, seed=0)
+    (tmp_path / "f" / "broken.png").write_bytes(b"not a png")
+    images = utils.load_image_folder(str(tmp_path / "f"))
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_corrupt_and_truncated_checkpoints(run_train, tmp_path):
+    run_train(quantizer="fsq")
+    good = tmp_path / "checkpoints" / "fsq_vae_best.pt"
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 100)
+    for name in ("trunc.pt", "junk.pt"):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_checkpoint(str(tmp_path / name))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+    result = run_script("evaluate.py", str(tmp_path / "trunc.pt"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(run_train, tmp_path):
+    run_train(quantizer="fsq")
+    state = torch.load(tmp_path / "checkpoints" / "fsq_vae_best.pt", weights_only=True)
+    state["config"]["evil"] = Payload()
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        read_checkpoint(str(tmp_path / "evil.pt"))
+
+
+def test_checkpoint_with_invalid_model_args(run_train, tmp_path):
+    run_train(quantizer="fsq")
+    state = torch.load(tmp_path / "checkpoints" / "fsq_vae_best.pt", weights_only=True)
+    state["model_args"]["fsq_levels"] = [8, 0, 5, 5]
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="invalid model_args: fsq_levels"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 loading
+
+def write_tiny_cifar(root, n_train=10, n_test=4):
+    """A CIFAR-10 'python version' folder with the real layout and tiny batches."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in batches:
+        n = n_test if name == "test_batch" else n_train
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [0] * n}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return folder
+
+
+def test_cifar10_python_format_loads_as_uint8_tensors(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    write_tiny_cifar(tmp_path)
+    import torchvision.datasets.cifar as cifar
+
+    # the tiny files have other MD5s than the real ones
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    train_u8, val_u8 = utils.load_dataset("cifar10", str(tmp_path))
+    assert train_u8.shape == (50, 3, 32, 32) and val_u8.shape == (4, 3, 32, 32) and train_u8.dtype == torch.uint8
+    raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"))["data"][0]
+    assert torch.equal(train_u8[0].flatten(), torch.from_numpy(raw))  # CHW order preserved
+
+
+def test_missing_cifar10_says_where_to_put_it(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as err:
+        utils.load_dataset("cifar10", str(tmp_path))
+    message = str(err.value)
+    assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message and "--dataset=folder" in message
+    assert "\n" not in message
