@@ -308,7 +308,10 @@ def train(config):
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    metrics = rows[-1] if rows else {}
+    metrics = state["metrics"] if config["resume"] else {}
+    if start_epoch >= config["epochs"] and master:
+        print(f"nothing to train: the checkpoint is at epoch {start_epoch} and epochs={config['epochs']}; "
+              f"raise --epochs to train further")
     with SignalFlag() as flag:
         for epoch in range(start_epoch + 1, config["epochs"] + 1):
             t0 = time.time()

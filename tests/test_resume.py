@@ -1,0 +1,166 @@
+"""A run is never lost: exact resume, atomic files, signals, NaN, and clear I/O errors."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import REPO, tiny_args
+from quantizers import ConfigError, UserError
+from utils import atomic_write, read_checkpoint
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("quantizer", ["ddcl", "vq"])
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer):
+    """2 epochs straight == 1 epoch, then --resume for 1 more (DDCL draws noise, VQ re-seeds codes)."""
+    straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, quantizer=quantizer, epochs=2))
+    train.train(straight)
+    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=1))
+    train.train(first)
+    last = str(tmp_path / "b" / "checkpoints" / f"{quantizer}_vae_last.pt")
+    resumed = train.resolve_config(["--resume=" + last, "--epochs=2"])
+    assert resumed["output_dir"] == first["output_dir"]  # the rest of the config comes from the checkpoint
+    train.train(resumed)
+    a, b = weights(tmp_path / "a" / "checkpoints" / f"{quantizer}_vae_last.pt"), weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert read_checkpoint(last)["epoch"] == 2
+
+
+def test_resume_last_finds_the_newest_run(tmp_path, image_folder, monkeypatch):
+    train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq")))
+    monkeypatch.chdir(tmp_path)
+    config = train.resolve_config(["--resume=last", f"--checkpoint_dir={tmp_path / 'checkpoints'}", "--epochs=2"])
+    assert config["quantizer"] == "fsq" and config["resume"].endswith("fsq_vae_last.pt")
+    with pytest.raises(UserError, match="no .*ddcl_vae_last.pt"):
+        train.resolve_config(["--resume=last", "--quantizer=ddcl", f"--checkpoint_dir={tmp_path / 'checkpoints'}"])
+    with pytest.raises(UserError, match=r"no \*_vae_last.pt in"):
+        train.resolve_config(["--resume=last", f"--checkpoint_dir={tmp_path / 'none'}"])
+
+
+def test_resume_refuses_a_different_architecture(tmp_path, image_folder):
+    train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq")))
+    last = str(tmp_path / "checkpoints" / "fsq_vae_last.pt")
+    with pytest.raises(ConfigError) as err:
+        train.resolve_config([f"--resume={last}", "--channels=[8,8,32]", "--fsq_levels=[8,5,5,5]"])
+    assert "channels=[8, 8, 32] (checkpoint: [8, 8, 16])" in str(err.value)
+    assert "fsq_levels=[8, 5, 5, 5] (checkpoint: [8, 6, 6, 5])" in str(err.value)
+
+
+def test_resume_validates_the_stored_config(tmp_path, image_folder):
+    train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="ddcl")))
+    state = torch.load(tmp_path / "checkpoints" / "ddcl_vae_last.pt", weights_only=True)
+    state["config"]["ddcl_delta"] = -1.0
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="ddcl_delta must be a finite number > 0"):
+        train.resolve_config([f"--resume={tmp_path / 'bad.pt'}"])
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    utils.save_checkpoint(path, {"step": torch.tensor(1)})
+
+    def dying_save(obj, f):  # writes half a file, then the process "dies"
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint(path, {"step": torch.tensor(2)})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+def test_disk_full_is_one_clear_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    utils.save_jsonl(path, [{"epoch": 1}])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="the disk is full; free space; the previous file, if any, is intact"):
+        utils.save_jsonl(path, [{"epoch": 1}, {"epoch": 2}])
+    monkeypatch.undo()
+    assert utils.read_jsonl(path) == [{"epoch": 1}]
+
+
+KILL_LOOP = """
+import sys, torch
+from utils import save_checkpoint
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    save_checkpoint(sys.argv[1], {"i": torch.tensor(i), "w": torch.full((1 << 20,), float(i))})
+"""
+
+
+def test_sigkill_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    utils.save_checkpoint(path, {"i": torch.tensor(0), "w": torch.zeros(1 << 20)})
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(path)], cwd=REPO, stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        state = torch.load(path, weights_only=True)
+        assert torch.equal(state["w"], torch.full((1 << 20,), float(state["i"])))
+
+
+def test_sigint_saves_and_says_how_to_resume(tmp_path, image_folder):
+    args = tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=10000, batch_size=4, eval_batch_size=32)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "checkpoints" / "fsq_vae_last.pt"
+    deadline = time.time() + 60
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("SIGINT: stopped in epoch") and f"--resume={last}" in message
+    epoch = read_checkpoint(str(last))["epoch"]
+    assert epoch >= 1 and f"epoch {epoch} is saved" in message
+    resumed = train.resolve_config([f"--resume={last}", f"--epochs={epoch + 1}"])
+    train.train(resumed)
+    assert read_checkpoint(str(last))["epoch"] == epoch + 1
+
+
+def test_nan_loss_stops_without_touching_the_best_checkpoint(tmp_path, image_folder, monkeypatch):
+    train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq")))
+    best = tmp_path / "checkpoints" / "fsq_vae_best.pt"
+    before = best.read_bytes()
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def poisoned(a, b):
+        calls["n"] += 1
+        return real(a, b) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(train.F, "mse_loss", poisoned)
+    config = train.resolve_config([f"--resume={tmp_path / 'checkpoints' / 'fsq_vae_last.pt'}", "--epochs=2"])
+    with pytest.raises(train.Stop, match=r"loss became NaN or inf at epoch 2, step 3/6"):
+        train.train(config)
+    assert best.read_bytes() == before
+
+
+def test_unwritable_output_folder_is_one_clear_line(tmp_path, image_folder):
+    (tmp_path / "a_file").write_text("x")
+    config = train.resolve_config(tiny_args(tmp_path, image_folder, output_dir=str(tmp_path / "a_file" / "out")))
+    with pytest.raises(UserError, match=r"output_dir='.*a_file/out' is not a writable folder .*--output_dir=PATH"):
+        train.train(config)
