@@ -250,10 +250,21 @@ def log_line(epoch, config, train_loss, metrics, seconds):
 
 
 def train(config):
-    """Run training with a checked config; returns the last epoch's validation metrics."""
+    """Run training with a checked config; returns (the unwrapped model, last validation metrics).
+    Under torchrun every rank returns its own model; only rank 0 evaluates (others get {})."""
+    rank, world, dev = setup_distributed(config)
+    try:
+        return train_loop(config, rank, world, dev)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def train_loop(config, rank, world, dev):
     from tqdm import tqdm
 
-    rank, world, dev = setup_distributed(config)
     master = rank == 0
     run = run_label(config)
     for key in ("output_dir", "checkpoint_dir"):
@@ -302,7 +313,7 @@ def train(config):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     use_amp = config["amp"] == "bf16" or (config["amp"] == "auto" and dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     if dev.type == "cuda":
@@ -367,7 +378,7 @@ def train(config):
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, config, start_epoch)
-    return metrics
+    return raw_model, metrics
 
 
 def aux_ramp(epoch, step, steps, config):
@@ -427,12 +438,6 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        if int(os.environ.get("RANK", -1)) >= 0:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

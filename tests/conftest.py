@@ -43,7 +43,7 @@ def run_train(tmp_path, image_folder):
 
     def run(**overrides):
         config = train.resolve_config(tiny_args(tmp_path, image_folder, **overrides))
-        return config, train.train(config)
+        return config, train.train(config)[1]
 
     return run
 
