@@ -199,10 +199,10 @@ def read_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-        if "Weights only load failed" in str(err):
-            raise CheckpointError(f"{path} holds pickled Python objects, which can run code; refused (weights_only=True). Only load it with weights_only=False if you trust its author") from None
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
+        if "Unsupported global" in str(err):  # a real pickle of Python objects: could run code
+            raise CheckpointError(f"{path} holds pickled Python objects, which can run code; refused (weights_only=True). "
+                                  "Only load it with weights_only=False if you trust its author") from None
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is corrupt or truncated ({first[:120]})") from None

@@ -1,0 +1,67 @@
+"""evaluate.py: one table, CompressAI-style JSON and a plot; clear errors for bad files."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_script
+from evaluate import evaluate
+from utils import load_checkpoint, load_dataset
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "ddcl", "vq", "none", "vae"])
+def test_each_bottleneck_trains_and_round_trips_through_its_checkpoint(run_train, tmp_path, quantizer):
+    config, metrics = run_train(quantizer=quantizer, vq_codebook_size=64)
+    model, saved = load_checkpoint(str(tmp_path / "checkpoints" / f"{quantizer}_vae_best.pt"))
+    assert saved == config
+    train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
+    again = evaluate(model, val_u8, train_u8, batch_size=config["eval_batch_size"])
+    assert again["mse"] == pytest.approx(metrics["mse"], rel=1e-5)
+    assert again["bits"] == pytest.approx(metrics["bits"], rel=1e-6)
+    indices = model.encode(val_u8[:4].float() / 255)
+    if model.quantizer.codebook_size:
+        assert 0 <= indices.min() and indices.max() < model.quantizer.codebook_size
+        assert metrics["rate_source"] == "bitstream" and metrics["roundtrip_exact"]
+        assert 0 < metrics["codebook_usage"] <= 100 and metrics["perplexity"] >= 1
+    expected_source = {"fsq": "bitstream", "ddcl": "bitstream", "vq": "bitstream", "none": "float32", "vae": "KL"}
+    assert metrics["rate_source"] == expected_source[quantizer]
+    assert metrics["bpp"] == pytest.approx(metrics["bits"] / 1024)
+
+
+def test_ddcl_reports_its_surrogate_beside_the_measured_rates(run_train):
+    _, metrics = run_train(quantizer="ddcl")
+    for key in ("bits_fixed", "bits_entropy", "bits_coded", "bits_estimate"):
+        assert metrics[key] > 0, key
+    assert metrics["bits_coded"] >= metrics["bits_entropy"]
+
+
+def test_cli_compares_two_quantizers(run_train, tmp_path):
+    run_train(quantizer="fsq")
+    run_train(quantizer="ddcl")
+    ck, out = tmp_path / "checkpoints", tmp_path / "rd"
+    result = run_script("evaluate.py", str(ck / "fsq_vae_best.pt"), str(ck / "ddcl_vae_best.pt"), f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["run", "quantizer", "settings", "bits_fixed"]
+    assert lines[1].startswith("fsq ") and lines[2].startswith("ddcl ")
+    results = json.load(open(out / "rate_distortion.json"))
+    assert {"name", "description", "results"} <= set(results)
+    assert len(results["results"]["psnr-rgb"]) == len(results["results"]["bpp"]) == len(results["results"]["ssim-rgb"]) == 2
+    assert results["results"]["quantizer"] == ["fsq", "ddcl"]
+    assert (out / "rate_distortion.png").stat().st_size > 1000
+
+
+def test_cli_refuses_non_checkpoints_and_foreign_configs(run_train, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    result = run_script("evaluate.py", str(tmp_path / "notes.txt"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "corrupt" in result.stderr
+    run_train(quantizer="fsq")
+    state = torch.load(tmp_path / "checkpoints" / "fsq_vae_best.pt", weights_only=True)
+    state["model_args"]["quantizer"] = "rvq"
+    torch.save(state, tmp_path / "foreign.pt")
+    result = run_script("evaluate.py", str(tmp_path / "foreign.pt"))
+    assert result.returncode == 2 and "quantizer='rvq' is unknown" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_script("evaluate.py")
+    assert result.returncode == 2 and "usage: python evaluate.py CHECKPOINT" in result.stderr
