@@ -24,7 +24,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class QuantizerOutput(NamedTuple):
@@ -159,16 +158,16 @@ class DDCL_Bottleneck(nn.Module):
         return torch.log2(2.0 * z.abs() / self.delta + 1.0)
 
     def forward(self, z, seed=0):
-        cost = self.comm_bits(z.float())  # (B, C, H, W)
+        z = z.float()  # (B, C, H, W); fp32 even under bf16 autocast, so the noise is not rounded away
+        cost = self.comm_bits(z)  # (B, C, H, W) bits per value
         aux = self.comm_weight * cost.mean()
         bits = cost.detach().flatten(1).sum(1)
         if self.training:
-            u = (torch.rand_like(z) - 0.5) * self.delta
-            z_tilde = z + u
+            z_tilde = z + (torch.rand_like(z) - 0.5) * self.delta
             return QuantizerOutput(z_tilde, torch.round(z_tilde.detach() / self.delta).long(), aux, bits)
         u = self.dither(z.shape, seed, z.device)
-        m = torch.round((z.float() + u) / self.delta)
-        return QuantizerOutput((m * self.delta - u).to(z.dtype), m.long(), aux, bits)
+        m = torch.round((z + u) / self.delta)
+        return QuantizerOutput(m * self.delta - u, m.long(), aux, bits)
 
     def decode_indices(self, indices, seed=0):
         u = self.dither(indices.shape, seed, indices.device)

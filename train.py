@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from evaluate import evaluate
 from models import build_model, model_args_from_config
 from quantizers import QUANTIZERS, ConfigError, UserError, validate_ddcl, validate_fsq_levels
-from utils import (CheckpointError, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides, pick_device,
+from utils import (CheckpointError, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides, pick_device,
                    read_checkpoint, read_jsonl, save_checkpoint, save_figure, save_grid, save_json, save_jsonl,
-                   seed_everything, set_rng_state, to_float_images, unwrap)
+                   seed_everything, set_rng_state, to_float_images)
 
 # ----------------------------------------------------------------------------- config
 quantizer = "ddcl"  # bottleneck: "fsq", "ddcl", "vq", "none" (no bottleneck) or "vae" (Gaussian)
@@ -55,9 +55,9 @@ rate_prior_images = 10000  # training images that fit the rate prior each epoch 
 checkpoint_every = 10  # also keep {run}_vae_epoch_{n}.pt every n epochs (0 = never)
 log_interval = 50  # steps between progress-bar updates (each one reads the loss back from the device)
 resume = ""  # "" (fresh run), a checkpoint path, or "last" (the run's newest checkpoint)
-compile = False  # torch.compile the model (pays off on GPUs; no gain on small CPUs)
-amp = "auto"  # bf16 autocast: "auto" (on CUDA only), "bf16" (everywhere), "off"
-channels_last = True  # channels-last memory format (faster convolutions on CPU and GPU)
+compile = False  # torch.compile the model (no gain measured on a 2-core CPU; GPUs not yet measured)
+amp = "auto"  # bf16 autocast: "auto" (CUDA, and CPUs with native bf16), "bf16" (everywhere), "off"
+channels_last = True  # channels-last memory format for the convolutions (see README: Speed)
 # -----------------------------------------------------------------------------
 DEFAULT_CONFIG = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
                   and isinstance(v, (bool, int, float, str, list))}
@@ -114,6 +114,10 @@ def resolve_config(argv):
         unknown = sorted(set(saved) - set(DEFAULT_CONFIG))
         if unknown:
             raise CheckpointError(f"{path} was written with config keys this train.py does not know: {', '.join(unknown)}")
+        try:
+            saved = {k: coerce(k, v, DEFAULT_CONFIG[k]) for k, v in saved.items()}
+        except ConfigError as err:
+            raise CheckpointError(f"{path} holds an invalid config: {err}") from None
         changed = [k for k in ARCHITECTURE_KEYS if k in given and config[k] != saved[k]]
         if changed:
             raise ConfigError(f"cannot resume {path} with a different architecture: "
@@ -280,10 +284,7 @@ def train_loop(config, rank, world, dev):
 
     seed_everything(config["seed"])
     model_args = model_args_from_config(config)
-    raw_model = build_model(model_args).to(dev)
-    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    raw_model = raw_model.to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"])
+    raw_model, optimizer, memory_format = build_training(model_args, config, dev)
     data_gen = torch.Generator().manual_seed(config["seed"])
     torch.manual_seed(config["seed"] + rank)  # per-rank noise (dither, VAE sampling); same init above
     start_epoch, best_val, rows = 0, math.inf, []
@@ -307,17 +308,7 @@ def train_loop(config, rank, world, dev):
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
         save_json(os.path.join(config["output_dir"], f"{run}_config.json"), config)
 
-    model = raw_model
-    if config["compile"]:
-        model = torch.compile(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    use_amp = config["amp"] == "bf16" or (config["amp"] == "auto" and dev.type == "cuda")
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else nullcontext()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    step_fn = make_train_step(wrap_model(raw_model, config, dev, world), optimizer, config, dev)
 
     metrics = state["metrics"] if config["resume"] else {}
     if start_epoch >= config["epochs"] and master:
@@ -326,33 +317,12 @@ def train_loop(config, rank, world, dev):
     with SignalFlag() as flag:
         for epoch in range(start_epoch + 1, config["epochs"] + 1):
             t0 = time.time()
-            model.train()
+            raw_model.train()
             order, steps, batch = epoch_order(len(train_u8), data_gen, rank, world, config["batch_size"])
-            order = order.to(dev)
-            loss_sum = torch.zeros((), device=dev)
-            first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-            bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not master, leave=False, dynamic_ncols=True)
-            for step in bar:
-                x = to_float_images(train_u8[order[step * batch:(step + 1) * batch]])
-                x = x.contiguous(memory_format=memory_format)
-                with autocast:
-                    out = model(x)
-                loss = F.mse_loss(out.recon.float(), x) + aux_ramp(epoch, step, steps, config) * out.aux_loss.float()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss = loss.detach()
-                loss_sum += loss
-                # remember the first non-finite step on the device: no host sync inside the step
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-                if (step + 1) % config["log_interval"] == 0 or step + 1 == steps:
-                    check_finite(first_bad, epoch, steps, config)
-                    bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.5f}")
-                if flag.signum is not None:
-                    break
-            bar.close()
+            loss_sum, first_bad, done = train_epoch(step_fn, train_u8, order.to(dev), steps, batch, memory_format,
+                                                    epoch, config, stop=lambda: flag.signum is not None, show=master)
             if flag.signum is not None:
-                raise interrupted(flag.signum, epoch, step + 1, steps, config, start_epoch)
+                raise interrupted(flag.signum, epoch, done, steps, config, start_epoch)
             check_finite(first_bad, epoch, steps, config)
             train_loss = all_reduce_mean(loss_sum / steps, world).item()
             rng = gather(get_rng_state(), world)
@@ -379,6 +349,79 @@ def train_loop(config, rank, world, dev):
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, config, start_epoch)
     return raw_model, metrics
+
+
+def build_training(model_args, config, dev):
+    """(model, Adam optimizer, memory format) on `dev`, as every training run builds them."""
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    model = build_model(model_args).to(dev, memory_format=memory_format)
+    return model, torch.optim.Adam(model.parameters(), lr=config["lr"]), memory_format
+
+
+def wrap_model(raw_model, config, dev, world):
+    """torch.compile and DDP wrappers around the module that checkpoints save unwrapped."""
+    model = torch.compile(raw_model) if config["compile"] else raw_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return model
+
+
+def native_cpu_bf16():
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def use_bf16(amp, dev):
+    """amp="auto": bf16 autocast on CUDA and on CPUs with native bf16 (measured: same PSNR, see README)."""
+    if amp != "auto":
+        return amp == "bf16"
+    return dev.type == "cuda" or (dev.type == "cpu" and native_cpu_bf16())
+
+
+def make_train_step(model, optimizer, config, dev):
+    """step(x, aux_weight) -> detached loss: forward, backward and update, with no host sync."""
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16(config["amp"], dev) else nullcontext()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def step(x, aux_weight):
+        with autocast:
+            out = model(x)
+        loss = F.mse_loss(out.recon.float(), x) + aux_weight * out.aux_loss.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def train_epoch(step_fn, images_u8, order, steps, batch, memory_format, epoch, config, stop=lambda: False, show=True):
+    """One pass over `order` (device indices into the uint8 images on the device).
+
+    Returns (loss sum, first non-finite step or -1, steps done), all but the last on the device:
+    the host reads the loss back only every `log_interval` steps, for the progress bar."""
+    from tqdm import tqdm
+
+    loss_sum = torch.zeros((), device=images_u8.device)
+    first_bad = torch.full((), -1, device=images_u8.device, dtype=torch.long)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not show, leave=False, dynamic_ncols=True)
+    done = 0
+    for step in bar:
+        x = to_float_images(images_u8[order[step * batch:(step + 1) * batch]]).contiguous(memory_format=memory_format)
+        loss = step_fn(x, aux_ramp(epoch, step, steps, config))
+        loss_sum += loss
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        done = step + 1
+        if done % config["log_interval"] == 0 or done == steps:
+            check_finite(first_bad, epoch, steps, config)
+            bar.set_postfix(loss=f"{loss_sum.item() / done:.5f}")
+        if stop():
+            break
+    bar.close()
+    return loss_sum, first_bad, done
 
 
 def aux_ramp(epoch, step, steps, config):
@@ -432,6 +475,9 @@ def main(argv=None):
         return
     try:
         train(resolve_config(argv))
+    except KeyboardInterrupt:  # before the training loop installs its own handler: nothing to save yet
+        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
     except Stop as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(err.code)

@@ -41,16 +41,22 @@ def parse_value(key, text, default):
         if not isinstance(default, str):
             raise ConfigError(f"--{key}={text}: not a Python literal; expected {type(default).__name__} like {default!r}") from None
         value = text  # a bare word is a string: --quantizer=fsq
+    return coerce(key, value, default, f"--{key}={text}")
+
+
+def coerce(key, value, default, shown=None):
+    """`value` with `default`'s type (an int is accepted for a float), or a ConfigError."""
+    shown = shown or f"{key}={value!r}"
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
-        raise ConfigError(f"--{key}={text}: expected {type(default).__name__} (like {default!r}), got {type(value).__name__}")
+        raise ConfigError(f"{shown}: expected {type(default).__name__} (like {default!r}), got {type(value).__name__}")
     if isinstance(default, list) and default:
         kind = type(default[0])
         if kind is float:
             value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if not all(type(v) is kind for v in value):
-            raise ConfigError(f"--{key}={text}: expected a list of {kind.__name__} (like {default!r})")
+            raise ConfigError(f"{shown}: expected a list of {kind.__name__} (like {default!r})")
     return value
 
 

@@ -13,7 +13,7 @@ import train
 import utils
 from conftest import REPO, tiny_args
 from quantizers import ConfigError, UserError
-from utils import atomic_write, read_checkpoint
+from utils import read_checkpoint
 
 
 def weights(path):
@@ -64,6 +64,10 @@ def test_resume_validates_the_stored_config(tmp_path, image_folder):
     state["config"]["ddcl_delta"] = -1.0
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="ddcl_delta must be a finite number > 0"):
+        train.resolve_config([f"--resume={tmp_path / 'bad.pt'}"])
+    state["config"]["ddcl_delta"], state["config"]["batch_size"] = 0.1, "128"
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="holds an invalid config: batch_size='128': expected int"):
         train.resolve_config([f"--resume={tmp_path / 'bad.pt'}"])
 
 

@@ -2,15 +2,13 @@
 import json
 import os
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-import train
 import utils
-from conftest import REPO, run_script, tiny_args
+from conftest import run_script, tiny_args
 from utils import CheckpointError, DataError, load_checkpoint, read_checkpoint
 
 
