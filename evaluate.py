@@ -42,7 +42,7 @@ def stream_indices(quantizer, indices):
 
 def collect_indices(model, images, batch_size=EVAL_BATCH_SIZE):
     q = unwrap(model).quantizer
-    return torch.cat([stream_indices(q, out.indices).cpu() for _, out in model_outputs(model, images, batch_size)])
+    return torch.cat([stream_indices(q, out.indices) for _, out in model_outputs(model, images, batch_size)]).cpu()
 
 
 def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True):
@@ -50,25 +50,24 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
 
     With `train_images`, the rate prior is fitted on them and the validation indices are scored
     (bits_entropy) and range-coded (bits_coded). `bits` is the best measured rate available:
-    bitstream, else entropy, else fixed-length, else the quantizer's estimate (`rate_source`)."""
+    bitstream, else entropy, else fixed-length, else the quantizer's estimate (`rate_source`).
+    Sums stay on the device until the end: one read-back per evaluation, not per batch."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
     q = model.quantizer
-    sums = dict(mse=0.0, psnr=0.0, ssim=0.0, aux_loss=0.0, bits_estimate=0.0)
+    device = next(model.parameters()).device
+    sums = torch.zeros(5, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)  # MPS has no fp64
     indices = []
     for x, out in model_outputs(model, images, batch_size):
-        n = x.shape[0]
         recon = out.recon.float()
-        sums["mse"] += (recon - x).square().flatten(1).mean(1).sum().item()
-        sums["psnr"] += psnr_per_image(recon, x).sum().item()
-        sums["ssim"] += ssim_per_image(recon, x).sum().item()
-        sums["aux_loss"] += out.aux_loss.item() * n
-        sums["bits_estimate"] += out.bits.sum().item()
+        sums += torch.stack([(recon - x).square().flatten(1).mean(1).sum(), psnr_per_image(recon, x).sum(),
+                             ssim_per_image(recon, x).sum(), out.aux_loss.float() * x.shape[0],
+                             out.bits.sum()]).to(sums.dtype)
         if out.indices is not None:
-            indices.append(stream_indices(q, out.indices).cpu())
+            indices.append(stream_indices(q, out.indices))
     n = len(images)
-    metrics = {k: v / n for k, v in sums.items()}
+    metrics = dict(zip(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), (sums / n).tolist()))
     metrics["loss"] = metrics["mse"] + metrics["aux_loss"]
     metrics.update(rate_metrics(model, indices, train_images, batch_size, entropy_coding))
     metrics["bits"], metrics["rate_source"] = next(
@@ -86,7 +85,7 @@ def rate_metrics(model, indices, train_images, batch_size, entropy_coding):
     q = model.quantizer
     if not indices:
         return {}
-    indices = torch.cat(indices)  # (N, S, P)
+    indices = torch.cat(indices).cpu()  # (N, S, P)
     out = {"bits_fixed": float(q.fixed_length_bits(indices))}
     if q.codebook_size is not None:
         out.update(codebook_stats(indices, q.codebook_size))

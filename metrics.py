@@ -26,8 +26,8 @@ def quantize_8bit(x):
 
 def psnr_per_image(x, y):
     """(B, 3, H, W) pairs in [0, 1] -> (B,) PSNR in dB after 8-bit rounding, capped at PSNR_CAP_DB."""
-    mse = (quantize_8bit(x) - quantize_8bit(y)).double().square().flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-30))).clamp(max=PSNR_CAP_DB).float()
+    mse = (quantize_8bit(x) - quantize_8bit(y)).float().square().flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-30))).clamp(max=PSNR_CAP_DB)
 
 
 def ssim_per_image(x, y):

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from quantizers import ConfigError, build_quantizer
+from quantizers import ConfigError, build_quantizer, implied_latent_dim
 
 IMAGE_SIZE = 32
 LATENT_SIZE = 4  # three stride-2 stages: 32 -> 16 -> 8 -> 4
@@ -123,7 +123,8 @@ def build_model(model_args):
         raise ConfigError(f"channels must be three positive integers (encoder widths at 16, 8, 4 px), e.g. [16, 32, 64]; got {channels!r}")
     if not isinstance(args["latent_dim"], int) or args["latent_dim"] < 1:
         raise ConfigError(f"latent_dim must be a positive integer; got {args['latent_dim']!r}")
-    if args["quantizer"] == "fsq" and isinstance(args["fsq_levels"], list) and args["latent_dim"] != len(args["fsq_levels"]):
-        raise ConfigError(f"latent_dim={args['latent_dim']} but FSQ needs latent_dim == len(fsq_levels) == {len(args['fsq_levels'])}; drop the latent_dim override")
+    implied = implied_latent_dim(args)
+    if implied is not None and args["latent_dim"] != implied:
+        raise ConfigError(f"latent_dim={args['latent_dim']} but {args['quantizer']} implies latent_dim = {implied}")
     quantizer = build_quantizer(args)
     return QuantizedVAE(Encoder(channels, quantizer.in_channels), quantizer, Decoder(channels, args["latent_dim"]))

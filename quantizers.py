@@ -281,6 +281,11 @@ class GaussianBottleneck(nn.Module):
 QUANTIZERS = ("fsq", "ddcl", "vq", "none", "vae")
 
 
+def implied_latent_dim(args):
+    """The latent_dim a quantizer's own settings fix (FSQ: one channel per level), else None."""
+    return len(validate_fsq_levels(args["fsq_levels"])) if args["quantizer"] == "fsq" else None
+
+
 def build_quantizer(args):
     """The one place that maps a quantizer name to a module; `args` is the model_args dict."""
     name = args["quantizer"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from evaluate import evaluate
 from models import build_model, model_args_from_config
-from quantizers import QUANTIZERS, ConfigError, UserError, validate_ddcl, validate_fsq_levels
+from quantizers import QUANTIZERS, ConfigError, UserError, implied_latent_dim
 from utils import (CheckpointError, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides, pick_device,
                    read_checkpoint, read_jsonl, save_checkpoint, save_figure, save_grid, save_json, save_jsonl,
                    seed_everything, set_rng_state, to_float_images)
@@ -94,13 +94,11 @@ def validate_config(config, given=()):
         raise ConfigError(f"amp={config['amp']!r}; choose one of {', '.join(AMP_CHOICES)}")
     if config["dataset"] not in ("cifar10", "folder"):
         raise ConfigError(f"dataset={config['dataset']!r} is unknown; use 'cifar10' or 'folder'")
-    if config["quantizer"] == "fsq":
-        levels = validate_fsq_levels(config["fsq_levels"])
-        if "latent_dim" in given and config["latent_dim"] != len(levels):
-            raise ConfigError(f"latent_dim={config['latent_dim']} but FSQ uses latent_dim = len(fsq_levels) = {len(levels)}; drop --latent_dim")
-        config["latent_dim"] = len(levels)
-    if config["quantizer"] == "ddcl":
-        validate_ddcl(config["ddcl_delta"], config["ddcl_comm_weight"])
+    implied = implied_latent_dim(config)
+    if implied is not None:
+        if "latent_dim" in given and config["latent_dim"] != implied:
+            raise ConfigError(f"latent_dim={config['latent_dim']} but {config['quantizer']} implies latent_dim = {implied}; drop --latent_dim")
+        config["latent_dim"] = implied
     build_model(model_args_from_config(config))  # every architecture check, before any data is read
     return config
 

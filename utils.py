@@ -133,6 +133,12 @@ def ensure_writable_dir(path, key):
         raise UserError(f"{key}={str(path)!r} is not a writable folder ({err.strerror}); choose another with --{key}=PATH") from None
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
 
@@ -140,6 +146,7 @@ def atomic_write(path, write):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

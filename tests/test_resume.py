@@ -87,6 +87,15 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        utils.save_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_disk_full_is_one_clear_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     utils.save_jsonl(path, [{"epoch": 1}])
