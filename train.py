@@ -278,7 +278,7 @@ def train_loop(config, rank, world, dev):
         raise UserError(f"{len(train_u8)} training images cannot be shared by {world} processes")
     train_u8, val_u8 = train_u8.to(dev), val_u8.to(dev)  # the whole split lives on the device
     prior_u8 = train_u8[:config["rate_prior_images"]] if config["rate_prior_images"] else train_u8
-    grid_u8 = val_u8[:GRID_IMAGES]
+    grid = to_float_images(val_u8[:GRID_IMAGES])  # fixed validation images shown every epoch
 
     seed_everything(config["seed"])
     model_args = model_args_from_config(config)
@@ -320,15 +320,15 @@ def train_loop(config, rank, world, dev):
             loss_sum, first_bad, done = train_epoch(step_fn, train_u8, order.to(dev), steps, batch, memory_format,
                                                     epoch, config, stop=lambda: flag.signum is not None, show=master)
             if flag.signum is not None:
-                raise interrupted(flag.signum, epoch, done, steps, config, start_epoch)
+                raise interrupted(flag.signum, epoch, done, steps, config)
             check_finite(first_bad, epoch, steps, config)
             train_loss = all_reduce_mean(loss_sum / steps, world).item()
             rng = gather(get_rng_state(), world)
             if master:
                 metrics = evaluate(raw_model, val_u8, prior_u8, config["eval_batch_size"])
                 with torch.inference_mode():
-                    recon = raw_model.eval()(to_float_images(grid_u8))[0]
-                save_grid(os.path.join(config["output_dir"], f"{run}_epoch_{epoch:03d}.png"), to_float_images(grid_u8), recon)
+                    recon = raw_model.eval()(grid)[0]
+                save_grid(os.path.join(config["output_dir"], f"{run}_epoch_{epoch:03d}.png"), grid, recon)
                 rows.append({"epoch": epoch, "train_loss": train_loss, "seconds": time.time() - t0,
                              **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(metrics_path, rows)
@@ -342,10 +342,10 @@ def train_loop(config, rank, world, dev):
                     save_checkpoint(checkpoint_path(config, f"epoch_{epoch}"), state)
                 save_checkpoint(checkpoint_path(config, "last"), state)
                 tqdm.write(log_line(epoch, config, train_loss, metrics, time.time() - t0))
-            best_val = min(best_val, metrics["mse"]) if master else best_val
+                best_val = min(best_val, metrics["mse"])
             barrier(world)
             if flag.signum is not None:
-                raise interrupted(flag.signum, epoch + 1, 0, steps, config, start_epoch)
+                raise interrupted(flag.signum, epoch + 1, 0, steps, config)
     return raw_model, metrics
 
 
@@ -449,7 +449,7 @@ def check_finite(first_bad, epoch, steps, config):
                    f"{checkpoint_path(config, 'best')}. Try a lower --lr (now {config['lr']:g})", code=3)
 
 
-def interrupted(signum, epoch, step, steps, config, start_epoch):
+def interrupted(signum, epoch, step, steps, config):
     name = signal.Signals(signum).name
     done = epoch - 1
     if done > 0:
