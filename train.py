@@ -8,6 +8,12 @@
 Edit the config block below or override any knob as --key=value (a Python literal, checked
 against the default's type); `python train.py --help` lists them. Each epoch writes a grid, a
 metrics row and checkpoints (see README.md).
+
+Measured (README, "Comparing quantizers at equal rate"): 10 epochs of the defaults on 20,000
+natural-image patches, 2 CPU cores, about 2 minutes a run: FSQ [8,5,5,5] 22.79 dB PSNR at 139.5
+range-coded bits per image; DDCL (comm weight 1e-3) 23.72 dB at 183.6 bits, where its surrogate
+claimed 98.7. Command: python train.py --dataset=folder --data_dir=/tmp/patches --epochs=10 ...,
+then python evaluate.py checkpoints/*_best.pt.
 """
 import math
 import os
