@@ -243,6 +243,7 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match its model_args ({str(err).splitlines()[0]})") from None
+    device = pick_device(device) if isinstance(device, str) else device  # "auto" works; a missing GPU is one line
     return model.to(device).eval(), state["config"]
 
 

@@ -83,6 +83,14 @@ def test_missing_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "nope.pt"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loading_onto_a_missing_gpu_is_one_line(run_train, tmp_path):
+    from quantizers import UserError
+    run_train(quantizer="fsq")
+    with pytest.raises(UserError, match="CUDA is not available here"):
+        load_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_best.pt"), "cuda")
+
+
 def test_corrupt_and_truncated_checkpoints(run_train, tmp_path):
     run_train(quantizer="fsq")
     good = tmp_path / "checkpoints" / "fsq_vae_best.pt"
