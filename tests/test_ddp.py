@@ -26,7 +26,7 @@ def torchrun(script, *args):
 def test_torchrun_two_cpu_processes_and_resume(tmp_path, image_folder):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT.format(repo=REPO, out=str(tmp_path)))
-    torchrun(script, *tiny_args(tmp_path, image_folder, quantizer="ddcl", epochs=2, batch_size=8, device="cpu"))
+    torchrun(script, *tiny_args(tmp_path, image_folder, quantizer="ddcl", epochs=1, batch_size=8, device="cpu"))
     ck = tmp_path / "checkpoints"
     assert sorted(os.listdir(ck)) == ["ddcl_vae_best.pt", "ddcl_vae_last.pt"]
     model, config = load_checkpoint(str(ck / "ddcl_vae_last.pt"))  # a plain, non-distributed process
@@ -36,9 +36,9 @@ def test_torchrun_two_cpu_processes_and_resume(tmp_path, image_folder):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert all(torch.equal(r0[k], v) for k, v in model.state_dict().items())
     rows = open(tmp_path / "outputs" / "ddcl_metrics.jsonl").read().splitlines()
-    assert len(rows) == 2  # only rank 0 writes
+    assert len(rows) == 1  # only rank 0 writes
 
-    torchrun(script, f"--resume={ck / 'ddcl_vae_last.pt'}", "--epochs=3")
-    assert torch.load(ck / "ddcl_vae_last.pt", weights_only=True)["epoch"] == 3
+    torchrun(script, f"--resume={ck / 'ddcl_vae_last.pt'}", "--epochs=2")
+    assert torch.load(ck / "ddcl_vae_last.pt", weights_only=True)["epoch"] == 2
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
