@@ -51,7 +51,7 @@ def bench_quantizer(name, opts, dev):
     step_fn = make_train_step(wrap_model(raw_model, config, dev, 1), optimizer, config, dev)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (opts["train_images"], 3, 32, 32), dtype=torch.uint8, generator=gen).to(dev)
-    val = images[:opts["eval_images"]]
+    val, prior = images[:opts["eval_images"]], images[-opts["eval_images"]:]
     batch = config["batch_size"]
     x = to_float_images(images[:batch]).contiguous(memory_format=memory_format)
 
@@ -71,8 +71,8 @@ def bench_quantizer(name, opts, dev):
     for _ in range(2):
         a += timed(lambda: model_only(opts["steps"] // 2), dev)
         b += timed(lambda: full(opts["steps"] // 2), dev)
-    evaluate(raw_model, val[:config["eval_batch_size"]], val[:config["eval_batch_size"]], config["eval_batch_size"])
-    c = timed(lambda: evaluate(raw_model, val, images[:opts["eval_images"]], config["eval_batch_size"]), dev)
+    evaluate(raw_model, val[:config["eval_batch_size"]], prior[:config["eval_batch_size"]], config["eval_batch_size"])
+    c = timed(lambda: evaluate(raw_model, val, prior, config["eval_batch_size"]), dev)
     n = 2 * (opts["steps"] // 2) * batch
     return n / a, n / b, opts["eval_images"] / c
 

@@ -17,10 +17,6 @@ import torch.nn as nn
 
 from quantizers import ConfigError, build_quantizer, implied_latent_dim
 
-IMAGE_SIZE = 32
-LATENT_SIZE = 4  # three stride-2 stages: 32 -> 16 -> 8 -> 4
-
-
 class ModelOutput(NamedTuple):
     recon: torch.Tensor  # (B, 3, 32, 32) in [0, 1]
     z_q: torch.Tensor  # (B, C, 4, 4)

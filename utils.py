@@ -234,6 +234,7 @@ def load_checkpoint(path, device="cpu"):
     """
     from models import build_model
 
+    device = pick_device(device) if isinstance(device, str) else device  # "auto" works; a missing GPU is one line
     state = read_checkpoint(path)
     try:
         model = build_model(state["model_args"])
@@ -243,7 +244,6 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match its model_args ({str(err).splitlines()[0]})") from None
-    device = pick_device(device) if isinstance(device, str) else device  # "auto" works; a missing GPU is one line
     return model.to(device).eval(), state["config"]
 
 
