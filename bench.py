@@ -1,31 +1,57 @@
-"""Throughput of the training step, with and without train.py's data path, and of evaluation.
+"""How fast this repo trains: quality reached per second (--quality), and raw throughput.
 
-    python bench.py                                  # fsq and ddcl on the default device
+    python bench.py --quality=True --data_dir=DIR    # time-to-quality: PSNR and bits after 30 s and 120 s
+    python bench.py --quality=True --data_dir=DIR --budgets="[60]" --baseline=True   # also the seed's recipe
+    python bench.py                                  # throughput: fsq and ddcl on the default device
     python bench.py --device=cuda --compile=True --batch_size=512
     python bench.py --quantizers="['fsq']" --channels_last=False --amp=off
 
+Time-to-quality (--quality=True), on a folder of images (DIR/train, DIR/test): for each budget in
+seconds and each quantizer, train.py's defaults are trained for as many epochs as fit the budget
+(estimated from a short timing of the step and of one evaluation), by train.py's own `train`, and
+the table gives the epochs, the seconds the run really took (data from the folder's cache, every
+per-epoch evaluation and the final whole-split evaluation included), held-out PSNR and the measured
+bits per image of the best checkpoint on the whole test split. --baseline=True adds the seed's recipe
+(constant lr 3e-4, every epoch evaluated on the whole split with a 10,000-image prior) for the same
+budgets. This is how speed is judged: quality reached per second, not images/s alone.
+
+Throughput (the default):
 For each quantizer, on synthetic uint8 data of CIFAR-10's shape held on the device:
   (a) model only: the training step (forward, backward, Adam) on one ready float batch;
   (b) full step:  train.py's own `train_epoch` (batch gather from the uint8 tensor, float
       conversion, the step, on-device loss accumulation, the progress bar);
-  (c) evaluate:   train.py's per-epoch `evaluate` on 10,000 images (the metrics, the rate prior
-      fitted on 10,000 training images, and the range coder).
-It warms up, times `steps` steps (or whole evaluations), and prints images/s and the ratio b/a.
+  (c) epoch eval: train.py's per-epoch `evaluate` with its defaults (the fixed subset of
+      `eval_images` validation images, the rate prior fitted on `rate_prior_images` training
+      images, SSIM and the range coder), in seconds;
+  (d) whole split: the same on all `val_images` validation images with a prior fitted on as many
+      training images, which is what every epoch cost before `eval_images` existed (the seed's
+      per-epoch evaluation), in seconds.
+It warms up, times `steps` steps (or whole evaluations), and prints images/s, the ratio b/a, and
+the seconds of each evaluation.
 """
+import math
 import sys
+import tempfile
 import time
 
 import torch
 
+from errors import ConfigError, UserError
 from evaluate import evaluate
 from models import model_args_from_config
-from quantizers import UserError
-from train import DEFAULT_CONFIG, build_training, make_train_step, train_epoch, use_bf16, validate_config, wrap_model
-from utils import parse_overrides, pick_device, seed_everything, to_float_images
+from train import (DEFAULT_CONFIG, build_scheduler, build_training, make_train_step, train, train_epoch, use_bf16,
+                   validate_config, wrap_model)
+from utils import load_dataset, parse_overrides, pick_device, seed_everything, to_float_images
 
-BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, eval_images=10000, train_images=50000,
-                      **{k: DEFAULT_CONFIG[k] for k in ("device", "batch_size", "channels", "compile", "amp",
-                                                        "channels_last", "fsq_levels", "eval_batch_size")})
+BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_images=10000, train_images=50000,
+                      quality=False, data_dir="", budgets=[30, 120], baseline=False,
+                      **{k: DEFAULT_CONFIG[k] for k in ("device", "batch_size", "channels", "res_blocks", "compile", "amp",
+                                                        "channels_last", "fsq_levels", "eval_batch_size",
+                                                        "eval_images", "rate_prior_images")})
+# The seed's training recipe, for --baseline: what these knobs were before the recipe was measured.
+SEED_RECIPE = dict(lr=3e-4, lr_schedule="constant", warmup_epochs=0.0, channels=[16, 32, 64], res_blocks=0,
+                   eval_images=0, rate_prior_images=10000)
+CALIBRATION_STEPS = 20  # timed training steps that estimate how many epochs fit a budget
 
 
 def sync(dev):
@@ -48,10 +74,13 @@ def bench_quantizer(name, opts, dev):
                               "quantizer": name, "log_interval": opts["steps"]})
     seed_everything(config["seed"])
     raw_model, optimizer, memory_format = build_training(model_args_from_config(config), config, dev)
-    step_fn = make_train_step(wrap_model(raw_model, config, dev, 1), optimizer, config, dev)
+    step_fn = make_train_step(wrap_model(raw_model, config, dev, 1), optimizer, build_scheduler(optimizer, config, 1),
+                              config, dev)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (opts["train_images"], 3, 32, 32), dtype=torch.uint8, generator=gen).to(dev)
-    val, prior = images[:opts["eval_images"]], images[-opts["eval_images"]:]
+    val = images[:opts["val_images"]]
+    per_epoch = (val[:config["eval_images"]] if config["eval_images"] else val,
+                 images[-config["rate_prior_images"]:] if config["rate_prior_images"] else images)
     batch = config["batch_size"]
     x = to_float_images(images[:batch]).contiguous(memory_format=memory_format)
 
@@ -71,24 +100,71 @@ def bench_quantizer(name, opts, dev):
     for _ in range(2):
         a += timed(lambda: model_only(opts["steps"] // 2), dev)
         b += timed(lambda: full(opts["steps"] // 2), dev)
-    evaluate(raw_model, val[:config["eval_batch_size"]], prior[:config["eval_batch_size"]], config["eval_batch_size"])
-    c = timed(lambda: evaluate(raw_model, val, prior, config["eval_batch_size"]), dev)
+    evaluate(raw_model, val[:config["eval_batch_size"]], val[:config["eval_batch_size"]], config["eval_batch_size"])
+    c = timed(lambda: evaluate(raw_model, *per_epoch, config["eval_batch_size"]), dev)
+    whole = timed(lambda: evaluate(raw_model, val, images[-opts["val_images"]:], config["eval_batch_size"]), dev)
     n = 2 * (opts["steps"] // 2) * batch
-    return n / a, n / b, opts["eval_images"] / c
+    return n / a, n / b, c, whole
+
+
+def fitting_epochs(config, budget, train_u8, val_u8, dev):
+    """How many epochs of `config` fit in `budget` seconds on this machine, from CALIBRATION_STEPS
+    timed steps and one timed per-epoch evaluation (at least 1)."""
+    seed_everything(config["seed"])
+    model, optimizer, memory_format = build_training(model_args_from_config(config), config, dev)
+    step_fn = make_train_step(model, optimizer, build_scheduler(optimizer, config, 1), config, dev)
+    order = torch.randint(0, len(train_u8), (CALIBRATION_STEPS * config["batch_size"],)).to(dev)
+    run = lambda steps: train_epoch(step_fn, train_u8, order, steps, config["batch_size"], memory_format, 2,
+                                    config, show=False)[0].item()
+    run(2)
+    step_s = timed(lambda: run(CALIBRATION_STEPS), dev) / CALIBRATION_STEPS
+    val = val_u8[:config["eval_images"]] if config["eval_images"] else val_u8
+    prior = train_u8[:config["rate_prior_images"]] if config["rate_prior_images"] else train_u8
+    eval_s = timed(lambda: evaluate(model, val, prior, config["eval_batch_size"]), dev)
+    epoch_s = (len(train_u8) // config["batch_size"]) * step_s + eval_s
+    return max(1, math.floor(budget / epoch_s))
+
+
+def time_to_quality(opts, dev):
+    """Train the defaults (and with --baseline the seed's recipe) for each budget; print a table."""
+    if not opts["data_dir"]:
+        raise ConfigError("--quality=True needs --data_dir=DIR (an image folder with train/ and test/)")
+    train_u8, val_u8 = load_dataset("folder", opts["data_dir"])  # fills the folder's cache before any timing
+    recipes = {"defaults": {}, **({"seed": SEED_RECIPE} if opts["baseline"] else {})}
+    print(f"{'recipe':9} {'quantizer':9} {'budget s':>8} {'epochs':>6} {'took s':>7} {'psnr dB':>8} {'bits/img':>8}  rate source")
+    for budget in opts["budgets"]:
+        for recipe, knobs in recipes.items():
+            for q in opts["quantizers"]:
+                with tempfile.TemporaryDirectory() as tmp:
+                    config = validate_config({**DEFAULT_CONFIG, "quantizer": q, "dataset": "folder",
+                                              "data_dir": opts["data_dir"], "device": opts["device"],
+                                              "output_dir": tmp, "checkpoint_dir": tmp, "checkpoint_every": 0,
+                                              "log_interval": 10 ** 9, **knobs})
+                    config["epochs"] = fitting_epochs(config, budget, train_u8.to(dev), val_u8.to(dev), dev)
+                    t0 = time.perf_counter()
+                    _, metrics = train(config)
+                    took = time.perf_counter() - t0
+                print(f"{recipe:9} {q:9} {budget:8.0f} {config['epochs']:6d} {took:7.1f} {metrics['psnr']:8.2f} "
+                      f"{metrics['bits']:8.1f}  {metrics['rate_source']}", flush=True)
+
+
+def throughput(opts, dev):
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {opts['batch_size']} | "
+          f"channels {opts['channels']} | res_blocks {opts['res_blocks']} | compile {opts['compile']} | "
+          f"amp {opts['amp']} (bf16 {use_bf16(opts['amp'], dev)}) | channels_last {opts['channels_last']}")
+    print(f"{'quantizer':10} {'a model-only img/s':>19} {'b full-step img/s':>18} {'b/a':>6} {'c epoch eval s':>15} "
+          f"{'d whole-split eval s':>21}")
+    for q in opts["quantizers"]:
+        a, b, c, d = bench_quantizer(q, opts, dev)
+        print(f"{q:10} {a:19,.0f} {b:18,.0f} {b / a:6.3f} {c:15.2f} {d:21.2f}", flush=True)
 
 
 def main(argv=None):
     try:
         opts, _ = parse_overrides(sys.argv[1:] if argv is None else argv, BENCH_DEFAULTS)
         dev = pick_device(opts["device"])
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {opts['batch_size']} | "
-              f"channels {opts['channels']} | compile {opts['compile']} | amp {opts['amp']} (bf16 {use_bf16(opts['amp'], dev)}) | "
-              f"channels_last {opts['channels_last']}")
-        print(f"{'quantizer':10} {'a model-only img/s':>19} {'b full-step img/s':>18} {'b/a':>6} {'c evaluate img/s':>17}")
-        for q in opts["quantizers"]:
-            a, b, c = bench_quantizer(q, opts, dev)
-            print(f"{q:10} {a:19,.0f} {b:18,.0f} {b / a:6.3f} {c:17,.0f}", flush=True)
+        (time_to_quality if opts["quality"] else throughput)(opts, dev)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -18,11 +18,11 @@ import sys
 
 import torch
 
+from errors import ConfigError, UserError
 from metrics import (PIXELS_PER_IMAGE, codebook_stats, cross_entropy_bits, entropy_code, fit_prior,
                      psnr_per_image, ssim_per_image)
-from quantizers import UserError
-from utils import (ConfigError, load_checkpoint, load_dataset, parse_overrides, pick_device,
-                   save_figure, save_json, to_float_images, unwrap)
+from plots import plot_rate_distortion, plot_samples
+from utils import load_checkpoint, load_dataset, parse_overrides, pick_device, run_label, save_json, to_float_images, unwrap
 
 EVAL_BATCH_SIZE = 500
 
@@ -60,17 +60,20 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     model.eval()
     q = model.quantizer
     device = next(model.parameters()).device
-    sums = torch.zeros(5, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)  # MPS has no fp64
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
+    sums = dict.fromkeys(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), torch.zeros((), dtype=dtype, device=device))
     indices = []
     for x, out in model_outputs(model, images, batch_size):
         recon = out.recon.float()
-        sums += torch.stack([(recon - x).square().flatten(1).mean(1).sum(), psnr_per_image(recon, x).sum(),
-                             ssim_per_image(recon, x).sum(), out.aux_loss.float() * x.shape[0],
-                             out.bits.sum()]).to(sums.dtype)
+        batch_sums = {"mse": (recon - x).square().flatten(1).mean(1).sum(), "psnr": psnr_per_image(recon, x).sum(),
+                      "ssim": ssim_per_image(recon, x).sum(), "aux_loss": out.aux_loss.float() * x.shape[0],
+                      "bits_estimate": out.bits.sum()}
+        sums = {k: sums[k] + v.to(dtype) for k, v in batch_sums.items()}
         if out.indices is not None:
             indices.append(stream_indices(q, out.indices))
     n = len(images)
-    metrics = dict(zip(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), (sums / n).tolist()))
+    means = (torch.stack(list(sums.values())) / n).tolist()  # one read-back for all of them
+    metrics = dict(zip(sums, means))
     metrics["loss"] = metrics["mse"] + metrics["aux_loss"]
     metrics.update(rate_metrics(model, indices, train_images, batch_size, entropy_coding))
     metrics["bits"], metrics["rate_source"] = next(
@@ -103,6 +106,8 @@ def rate_metrics(model, indices, train_images, batch_size, entropy_coding):
 # ----------------------------------------------------------------------------- comparison CLI
 
 CLI_DEFAULTS = dict(data_dir="", device="auto", output_dir="outputs", prior_images=0)
+SAMPLE_FIXED = 4  # the samples sheet shows the first validation images...
+SAMPLE_HARDEST = 4  # ...and those with the largest MSE averaged over the runs
 TABLE = (("run", "{}"), ("quantizer", "{}"), ("settings", "{}"), ("bits_fixed", "{:.1f}"),
          ("bits_entropy", "{:.1f}"), ("bits_coded", "{:.1f}"), ("bits_estimate", "{:.1f}"), ("bpp", "{:.4f}"),
          ("psnr", "{:.2f}"), ("ssim", "{:.4f}"), ("codebook_usage", "{:.1f}"), ("perplexity", "{:.1f}"))
@@ -131,26 +136,47 @@ def compressai_results(rows):
     }
 
 
-def plot_rate_distortion(path, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+def per_bottleneck_results(rows):
+    """{quantizer: CompressAI results dict}, one curve per bottleneck with its points ordered by
+    rate, so CompressAI's plotting client (`python -m compressai.utils.plot -f FILE...`), which
+    draws each file as one named line, overlays them with its published curves."""
+    files = {}
     for name in sorted({r["quantizer"] for r in rows}):
         pts = sorted((r for r in rows if r["quantizer"] == name), key=lambda r: r["bits"])
-        sources = "/".join(sorted({r["rate_source"] for r in pts}))
-        ax.plot([r["bits"] for r in pts], [r["psnr"] for r in pts], marker="o", label=f"{name} ({sources})")
-        for r in pts:
-            ax.annotate(r["settings"], (r["bits"], r["psnr"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    ax.set_xscale("log")  # "none" sends 32-bit floats: an order of magnitude beyond the codes
-    ax.set_xlabel("bits per image (log scale; legend: how the rate was obtained)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title("Rate-distortion on the validation split")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(path, fig)
-    plt.close(fig)
+        files[name] = {**compressai_results(pts), "name": name}
+    return files
+
+
+def per_image_mse(model, images, batch_size):
+    """(N,) MSE of every image, with the same batches (and DDCL dither seeds) as `evaluate`."""
+    return torch.cat([(out.recon.float() - x).square().flatten(1).mean(1) for x, out in
+                      model_outputs(model, images, batch_size)]).cpu()
+
+
+@torch.inference_mode()
+def reconstructions(model, images, picks, batch_size):
+    """(len(picks), 3, 32, 32) reconstructions of images[picks], each from its own evaluation batch
+    and seed, so they are the exact images `evaluate` scored."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.empty(len(picks), *images.shape[1:])
+    for b in sorted({i // batch_size for i in picks}):
+        x = to_float_images(images[b * batch_size:(b + 1) * batch_size].to(device))
+        recon = model(x, seed=b).recon.float().cpu()
+        for k, i in enumerate(picks):
+            if i // batch_size == b:
+                out[k] = recon[i - b * batch_size]
+    return out
+
+
+def sample_picks(errors):
+    """Indices shown in the samples sheet: the first SAMPLE_FIXED, then the SAMPLE_HARDEST others
+    with the largest mean MSE over the runs (errors: list of (N,) tensors)."""
+    fixed = list(range(min(SAMPLE_FIXED, len(errors[0]))))
+    mean = torch.stack(errors).mean(0)
+    mean[fixed] = -1.0
+    hardest = [int(i) for i in mean.argsort(descending=True)[:SAMPLE_HARDEST] if mean[i] >= 0]
+    return fixed + hardest
 
 
 def evaluate_checkpoint(path, opts, device, datasets):
@@ -161,12 +187,27 @@ def evaluate_checkpoint(path, opts, device, datasets):
         datasets[key] = load_dataset(*key)
     train, val = datasets[key]
     prior = train[:opts["prior_images"]] if opts["prior_images"] > 0 else train
-    metrics = evaluate(model, val.to(device), prior.to(device), config.get("eval_batch_size", EVAL_BATCH_SIZE))
+    batch_size = config.get("eval_batch_size", EVAL_BATCH_SIZE)
+    metrics = evaluate(model, val.to(device), prior.to(device), batch_size)
     if metrics.get("roundtrip_exact") is False:
         raise RuntimeError(f"{path}: entropy-coded indices did not decode back exactly")
-    run = config.get("run_name") or config["quantizer"]
-    return {"checkpoint": path, "run": run, "quantizer": config["quantizer"],
-            "settings": model.quantizer.settings(), **metrics}
+    row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"],
+           "settings": model.quantizer.settings(), **metrics}
+    return row, (model, key, batch_size)
+
+
+def write_samples_sheet(path, rows, runs, datasets):
+    """The same validation images reconstructed by every run (runs on the first run's dataset)."""
+    key = runs[0][1]
+    same = [(row, model, bs) for row, (model, k, bs) in zip(rows, runs) if k == key]
+    if len(same) < len(rows):
+        print(f"warning: the samples sheet shows only the {len(same)} run(s) on {key[1]!r}", file=sys.stderr)
+    val = datasets[key][1]
+    picks = sample_picks([per_image_mse(model, val, bs) for _, model, bs in same])
+    originals = to_float_images(val[picks])
+    columns = [(row, reconstructions(model, val, picks, bs)) for row, model, bs in same]
+    plot_samples(path, originals, columns, [f"val #{i}" + (" (hard)" if n >= SAMPLE_FIXED else "")
+                                             for n, i in enumerate(picks)])
 
 
 def main(argv=None):
@@ -177,15 +218,22 @@ def main(argv=None):
         if not paths:
             raise ConfigError("usage: python evaluate.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--device=auto] [--output_dir=outputs]")
         device = pick_device(opts["device"])
-        datasets, rows = {}, []
+        datasets, rows, runs = {}, [], []
         for path in paths:
-            rows.append(evaluate_checkpoint(path, opts, device, datasets))
+            row, run = evaluate_checkpoint(path, opts, device, datasets)
+            rows.append(row)
+            runs.append(run)
             print(f"evaluated {path}", file=sys.stderr)
-        os.makedirs(opts["output_dir"], exist_ok=True)
+        out = opts["output_dir"]
+        os.makedirs(out, exist_ok=True)
         print(format_table(rows))
-        save_json(os.path.join(opts["output_dir"], "rate_distortion.json"), compressai_results(rows))
-        plot_rate_distortion(os.path.join(opts["output_dir"], "rate_distortion.png"), rows)
-        print(f"wrote {opts['output_dir']}/rate_distortion.json and rate_distortion.png")
+        save_json(os.path.join(out, "rate_distortion.json"), compressai_results(rows))
+        for name, results in per_bottleneck_results(rows).items():
+            save_json(os.path.join(out, f"rate_distortion_{name}.json"), results)
+        plot_rate_distortion(os.path.join(out, "rate_distortion.png"), rows)
+        write_samples_sheet(os.path.join(out, "rate_distortion_samples.png"), rows, runs, datasets)
+        print(f"wrote {out}/rate_distortion.json (and one rate_distortion_QUANTIZER.json per bottleneck), "
+              f"rate_distortion.png and rate_distortion_samples.png")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

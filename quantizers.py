@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from errors import ConfigError
+
 
 class QuantizerOutput(NamedTuple):
     z_q: torch.Tensor
@@ -33,13 +35,55 @@ class QuantizerOutput(NamedTuple):
     bits: torch.Tensor
 
 
-class UserError(Exception):
-    """Bad input from the user (setting, data, checkpoint, path); the message is one line that says
-    what was wrong and how to fix it. Scripts print it and exit non-zero instead of a traceback."""
+class Bottleneck(nn.Module):
+    """What every bottleneck tells the rest of the repo, said once.
+
+    in_channels    channels the encoder must emit
+    codebook_size  size of the index alphabet; None when unbounded (DDCL) or without indices
+    num_streams    independent index streams, each with its own rate prior (0 without indices)
+    rate_label     what the `bits` of its output are when nothing was measured
+    """
+
+    codebook_size = None
+    num_streams = 0
+    rate_label = "estimate"
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.in_channels = in_channels
+
+    def settings(self):
+        """A short label of the settings that change the rate (shown in tables and plots)."""
+        raise NotImplementedError
+
+    def decode_indices(self, indices, seed=0):
+        raise TypeError(f"{type(self).__name__} has no indices to decode")
+
+    def fixed_length_bits(self, indices):
+        raise TypeError(f"{type(self).__name__} has no indices")
 
 
-class ConfigError(UserError, ValueError):
-    """A bad config value."""
+class CodebookBottleneck(Bottleneck):
+    """A bottleneck that sends one code in [0, codebook_size) per latent position (FSQ, VQ)."""
+
+    num_streams = 1  # one code per position, all positions share one prior
+    rate_label = "fixed-length"
+
+    def __init__(self, in_channels, codebook_size):
+        super().__init__(in_channels)
+        self.codebook_size = codebook_size
+
+    def fixed_length_bits(self, indices):
+        """A plain code: log2(codebook_size) bits per latent position."""
+        return indices[0].numel() * math.log2(self.codebook_size)
+
+    def code_bits(self, z):
+        """(B,) the fixed-length rate of one image, as the output's `bits`."""
+        return _constant_bits(z, _latent_positions(z) * math.log2(self.codebook_size))
+
+    def decode_indices(self, indices, seed=None):
+        check_index_range(indices, self.codebook_size)
+        return self.codes(indices)
 
 
 def _latent_positions(z):
@@ -54,7 +98,7 @@ def _zero(z):
     return z.new_zeros(())
 
 
-class FSQWrapper(nn.Module):
+class FSQWrapper(CodebookBottleneck):
     """Finite Scalar Quantization through `vector_quantize_pytorch.FSQ` (no hand-written FSQ).
 
     Mentzer, Minnen, Agustsson, Tschannen, "Finite Scalar Quantization: VQ-VAE Made Simple",
@@ -63,12 +107,9 @@ class FSQWrapper(nn.Module):
     the library adds no projections (its `dim` equals len(levels)).
     """
 
-    num_streams = 1  # one code per position, all positions share one prior
-    rate_label = "fixed-length"  # what `bits` is
-
     def __init__(self, levels):
-        super().__init__()
         levels = validate_fsq_levels(levels)
+        super().__init__(len(levels), math.prod(levels))
         from vector_quantize_pytorch import FSQ
 
         try:
@@ -76,8 +117,6 @@ class FSQWrapper(nn.Module):
         except AssertionError as err:  # the library refuses some level sets (e.g. a level of 2)
             raise ConfigError(f"fsq_levels={levels} refused by vector_quantize_pytorch.FSQ: {err}") from None
         self.levels = levels
-        self.codebook_size = math.prod(levels)
-        self.in_channels = len(levels)
 
     def settings(self):
         return f"levels={self.levels}"
@@ -85,16 +124,10 @@ class FSQWrapper(nn.Module):
     def forward(self, z, seed=None):
         # z: (B, C, H, W) with C == len(levels); FSQ treats 4-D input as channel-first.
         z_q, indices = self.fsq(z)
-        indices = indices.long()  # (B, H, W), int32 from the library
-        return QuantizerOutput(z_q, indices, _zero(z), _constant_bits(z, _latent_positions(z) * math.log2(self.codebook_size)))
+        return QuantizerOutput(z_q, indices.long(), _zero(z), self.code_bits(z))  # indices (B, H, W)
 
-    def decode_indices(self, indices, seed=None):
-        check_index_range(indices, self.codebook_size)
+    def codes(self, indices):
         return self.fsq.indices_to_codes(indices)  # (B, C, H, W)
-
-    def fixed_length_bits(self, indices):
-        """A plain code: log2(prod(levels)) bits per latent position."""
-        return indices[0].numel() * math.log2(self.codebook_size)
 
 
 def validate_fsq_levels(levels):
@@ -111,7 +144,7 @@ def check_index_range(indices, codebook_size):
         raise ValueError(f"indices outside [0, {codebook_size}): min {int(indices.min())}, max {int(indices.max())}")
 
 
-class DDCL_Bottleneck(nn.Module):
+class DDCL_Bottleneck(Bottleneck):
     """Differentiable Discrete Communication Learning.
 
     Freed, Sartoretti, Hu, Choset, "Communication Learning via Backpropagation in Discrete Channels
@@ -135,15 +168,13 @@ class DDCL_Bottleneck(nn.Module):
     send for the same u (free to compute, used only for statistics).
     """
 
-    codebook_size = None  # unbounded signed integers
     rate_label = "surrogate"
 
     def __init__(self, latent_dim, delta, comm_weight):
-        super().__init__()
+        super().__init__(latent_dim)
         self.delta = validate_ddcl(delta, comm_weight)
         self.comm_weight = float(comm_weight)
-        self.in_channels = latent_dim
-        self.num_streams = latent_dim  # one prior per latent channel
+        self.num_streams = latent_dim  # unbounded signed integers, one prior per latent channel
 
     def settings(self):
         return f"delta={self.delta:.4g} w={self.comm_weight:g}"
@@ -187,7 +218,7 @@ def validate_ddcl(delta, comm_weight):
     return float(delta)
 
 
-class VQWrapper(nn.Module):
+class VQWrapper(CodebookBottleneck):
     """Vector quantization with an EMA codebook through `vector_quantize_pytorch.VectorQuantize`.
 
     van den Oord, Vinyals, Kavukcuoglu, "Neural Discrete Representation Learning", NeurIPS 2017
@@ -196,50 +227,35 @@ class VQWrapper(nn.Module):
     `dead_code_threshold`) are re-seeded from the batch by the library.
     """
 
-    num_streams = 1
-    rate_label = "fixed-length"
-
     def __init__(self, latent_dim, codebook_size, decay, commitment_weight, dead_code_threshold):
-        super().__init__()
         if not isinstance(codebook_size, int) or codebook_size < 2:
             raise ConfigError(f"vq_codebook_size must be an integer >= 2; got {codebook_size!r}")
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"vq_decay must be in (0, 1), e.g. 0.99; got {decay!r}")
         if commitment_weight < 0 or dead_code_threshold < 0:
             raise ConfigError("vq_commitment_weight and vq_dead_code_threshold must be >= 0")
+        super().__init__(latent_dim, codebook_size)
         from vector_quantize_pytorch import VectorQuantize
 
         self.vq = VectorQuantize(dim=latent_dim, codebook_size=codebook_size, decay=decay,
                                  commitment_weight=commitment_weight,
                                  threshold_ema_dead_code=dead_code_threshold, accept_image_fmap=True)
-        self.codebook_size = codebook_size
-        self.in_channels = latent_dim
 
     def settings(self):
         return f"K={self.codebook_size}"
 
     def forward(self, z, seed=None):
         z_q, indices, commit = self.vq(z.float())  # (B, C, H, W), (B, H, W), scalar
-        return QuantizerOutput(z_q.to(z.dtype), indices.long(), commit.reshape(()),
-                               _constant_bits(z, _latent_positions(z) * math.log2(self.codebook_size)))
+        return QuantizerOutput(z_q.to(z.dtype), indices.long(), commit.reshape(()), self.code_bits(z))
 
-    def decode_indices(self, indices, seed=None):
-        check_index_range(indices, self.codebook_size)
-        return self.vq.get_output_from_indices(indices)
-
-    fixed_length_bits = FSQWrapper.fixed_length_bits
+    def codes(self, indices):
+        return self.vq.get_output_from_indices(indices)  # (B, C, H, W)
 
 
-class Identity(nn.Module):
+class Identity(Bottleneck):
     """No bottleneck: the distortion floor of this encoder/decoder. Rate: 32-bit floats."""
 
-    codebook_size = None
-    num_streams = 0
     rate_label = "float32"
-
-    def __init__(self, latent_dim):
-        super().__init__()
-        self.in_channels = latent_dim
 
     def settings(self):
         return f"C={self.in_channels}"
@@ -248,7 +264,7 @@ class Identity(nn.Module):
         return QuantizerOutput(z, None, _zero(z), _constant_bits(z, 32 * z[0].numel()))
 
 
-class GaussianBottleneck(nn.Module):
+class GaussianBottleneck(Bottleneck):
     """A Gaussian VAE bottleneck (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014).
 
     The encoder predicts mean and log-variance (2C channels); training samples z = mu + sigma*eps,
@@ -256,16 +272,13 @@ class GaussianBottleneck(nn.Module):
     estimate, not a code length (no indices). aux_loss = kl_weight * KL per latent value (nats).
     """
 
-    codebook_size = None
-    num_streams = 0
     rate_label = "KL"
 
     def __init__(self, latent_dim, kl_weight):
-        super().__init__()
         if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
             raise ConfigError(f"vae_kl_weight must be a number >= 0; got {kl_weight!r}")
+        super().__init__(2 * latent_dim)
         self.kl_weight = float(kl_weight)
-        self.in_channels = 2 * latent_dim
 
     def settings(self):
         return f"kl={self.kl_weight:g}"

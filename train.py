@@ -25,12 +25,16 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from evaluate import evaluate
+from errors import CheckpointError, ConfigError, UserError
+from evaluate import EVAL_BATCH_SIZE, evaluate
+from metrics import psnr_per_image
 from models import build_model, model_args_from_config
-from quantizers import QUANTIZERS, ConfigError, UserError, implied_latent_dim
-from utils import (CheckpointError, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides, pick_device,
-                   read_checkpoint, read_jsonl, save_checkpoint, save_figure, save_grid, save_json, save_jsonl,
-                   seed_everything, set_rng_state, to_float_images)
+from plots import plot_curves, save_grid
+from process import (RunLock, SignalFlag, all_reduce_mean, barrier, gather, setup_distributed,
+                     teardown_distributed)
+from utils import (check_dataset, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides,
+                   read_checkpoint, read_jsonl, run_label, save_checkpoint, save_json, save_jsonl, seed_everything,
+                   set_rng_state, to_float_images)
 
 # ----------------------------------------------------------------------------- config
 quantizer = "ddcl"  # bottleneck: "fsq", "ddcl", "vq", "none" (no bottleneck) or "vae" (Gaussian)
@@ -40,12 +44,16 @@ data_dir = "data"  # where CIFAR-10 lives or is downloaded to, or the image fold
 output_dir = "outputs"  # grids, metrics, curves and the run's config
 checkpoint_dir = "checkpoints"  # {run}_vae_best.pt, {run}_vae_last.pt, {run}_vae_epoch_{n}.pt
 batch_size = 128  # images per optimizer step (per process under torchrun)
-epochs = 50  # total epochs; a resumed run continues up to this number
-lr = 3e-4  # Adam learning rate
+epochs = 50  # total epochs; the learning-rate schedule ends here; a resumed run continues up to it
+lr = 3e-3  # peak Adam learning rate, reached after the warmup (README: "Training recipe" for why not 3e-4)
+lr_schedule = "cosine"  # "cosine" (linear warmup, then cosine decay to min_lr at the last step) or "constant"
+warmup_epochs = 0.25  # linear warmup of the learning rate from ~0 to lr over this many epochs
+min_lr = 0.0  # learning rate at the last step of the cosine schedule
 seed = 1337  # seeds torch, numpy, python and the data order
 device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
 latent_dim = 4  # latent channels C of the 4x4 grid; FSQ sets it to len(fsq_levels)
 channels = [16, 32, 64]  # encoder widths at 16, 8 and 4 px (the decoder mirrors them)
+res_blocks = 0  # residual blocks at each of the 8 and 4 px scales, in the encoder and the decoder
 fsq_levels = [8, 6, 6, 5]  # FSQ levels per channel: prod(levels) codes per position
 ddcl_delta = 1 / 15  # DDCL quantization step (dither width) delta
 ddcl_comm_weight = 1e-3  # weight of DDCL's communication cost log2(2|z|/delta + 1)
@@ -56,10 +64,13 @@ vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
 aux_warmup_epochs = 1.0  # ramp the auxiliary loss (DDCL cost, VQ commitment, KL) from 0 over this many epochs
 max_train_images = 0  # use only the first N training images (0 = all): quick experiments
-eval_batch_size = 500  # images per evaluation batch (also fixes DDCL's per-batch dither seeds)
-rate_prior_images = 10000  # training images that fit the rate prior each epoch (0 = all)
+eval_images = 2000  # validation images evaluated after each epoch (0 = all); the best checkpoint gets the whole split at the end
+eval_batch_size = EVAL_BATCH_SIZE  # images per evaluation batch (also fixes DDCL's per-batch dither seeds)
+rate_prior_images = 5000  # training images that fit the rate prior (0 = all)
 checkpoint_every = 10  # also keep {run}_vae_epoch_{n}.pt every n epochs (0 = never)
-log_interval = 50  # steps between progress-bar updates (each one reads the loss back from the device)
+grid_scale = 4  # nearest-neighbour upscaling of the per-epoch grid PNG (4: 552 px wide)
+curves_every = 5  # redraw {run}_curves.png every n epochs and after the last (a draw costs ~0.5 s on a laptop CPU)
+log_interval = 50  # steps between progress updates (each one reads the loss back from the device)
 resume = ""  # "" (fresh run), a checkpoint path, or "last" (the run's newest checkpoint)
 compile = False  # torch.compile the model (no gain measured on a 2-core CPU; GPUs not yet measured)
 amp = "auto"  # bf16 autocast: "auto" (CUDA, and CPUs with native bf16), "bf16" (everywhere), "off"
@@ -70,6 +81,7 @@ DEFAULT_CONFIG = {k: v for k, v in globals().items() if not k.startswith("_") an
 ARCHITECTURE_KEYS = tuple(model_args_from_config(DEFAULT_CONFIG))
 GRID_IMAGES = 8  # a 4x4 grid: 8 originals on top, their reconstructions below
 AMP_CHOICES = ("auto", "bf16", "off")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class Stop(UserError):
@@ -84,27 +96,24 @@ class Stop(UserError):
 
 def validate_config(config, given=()):
     """Stop with one line on any value that cannot work; fill in derived values."""
-    if config["quantizer"] not in QUANTIZERS:
-        raise ConfigError(f"quantizer={config['quantizer']!r} is unknown; choose one of {', '.join(QUANTIZERS)}")
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size", "log_interval", "curves_every", "grid_scale"):
         if config[key] <= 0:
             raise ConfigError(f"{key}={config[key]} must be > 0")
-    for key in ("epochs", "checkpoint_every", "max_train_images", "rate_prior_images", "aux_warmup_epochs"):
+    for key in ("epochs", "checkpoint_every", "max_train_images", "rate_prior_images", "aux_warmup_epochs",
+                "warmup_epochs", "eval_images"):
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} must be >= 0")
-    if config["log_interval"] <= 0:
-        raise ConfigError(f"log_interval={config['log_interval']} must be > 0")
     if not (config["lr"] > 0 and math.isfinite(config["lr"])):
         raise ConfigError(f"lr={config['lr']} must be a finite number > 0")
+    if not 0 <= config["min_lr"] <= config["lr"]:
+        raise ConfigError(f"min_lr={config['min_lr']} must be between 0 and lr={config['lr']}")
+    if config["lr_schedule"] not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule={config['lr_schedule']!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if config["amp"] not in AMP_CHOICES:
         raise ConfigError(f"amp={config['amp']!r}; choose one of {', '.join(AMP_CHOICES)}")
-    if config["dataset"] not in ("cifar10", "folder"):
-        raise ConfigError(f"dataset={config['dataset']!r} is unknown; use 'cifar10' or 'folder'")
-    implied = implied_latent_dim(config)
-    if implied is not None:
-        if "latent_dim" in given and config["latent_dim"] != implied:
-            raise ConfigError(f"latent_dim={config['latent_dim']} but {config['quantizer']} implies latent_dim = {implied}; drop --latent_dim")
-        config["latent_dim"] = implied
+    check_dataset(config["dataset"])
+    if config["quantizer"] == "fsq" and "latent_dim" not in given and isinstance(config["fsq_levels"], list):
+        config["latent_dim"] = len(config["fsq_levels"])  # FSQ: one channel per level; build_model checks the rest
     build_model(model_args_from_config(config))  # every architecture check, before any data is read
     return config
 
@@ -130,10 +139,6 @@ def resolve_config(argv):
     return validate_config(config, given)
 
 
-def run_label(config):
-    return config["run_name"] or config["quantizer"]
-
-
 def checkpoint_path(config, tag):
     return os.path.join(config["checkpoint_dir"], f"{run_label(config)}_vae_{tag}.pt")
 
@@ -156,65 +161,6 @@ def resume_path(config, given):
     return max(found, key=os.path.getmtime)
 
 
-# ----------------------------------------------------------------------------- distributed
-
-def setup_distributed(config):
-    """(rank, world_size, device). DDP is on when torchrun sets RANK (as in nanoGPT)."""
-    if int(os.environ.get("RANK", -1)) < 0:
-        return 0, 1, pick_device(config["device"])
-    import torch.distributed as dist
-
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(config["device"])
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_mean(value, world):
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(value)
-        value /= world
-    return value
-
-
-def gather(obj, world):
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------- signals
-
-class SignalFlag:
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one
-    falls back to the default behaviour (stop at once)."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 # ----------------------------------------------------------------------------- training
 
 def epoch_order(n, generator, rank, world, batch_size):
@@ -226,57 +172,44 @@ def epoch_order(n, generator, rank, world, batch_size):
     return perm[:per_rank], per_rank // batch, batch
 
 
-def plot_curves(path, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs_ = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs_, [r["train_loss"] for r in rows], label="train loss")
-    axes[0].plot(epochs_, [r["val_loss"] for r in rows], label="val loss")
-    axes[0].plot(epochs_, [r["val_mse"] for r in rows], label="val MSE")
-    axes[0].set_yscale("log")
-    axes[1].plot(epochs_, [r["val_psnr"] for r in rows], label="val PSNR (dB)")
-    axes[2].plot(epochs_, [r["val_bits"] for r in rows], label=f"bits/image ({rows[-1]['val_rate_source']})")
-    axes[2].plot(epochs_, [r["val_bits_estimate"] for r in rows], "--", label="quantizer's estimate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def log_line(epoch, config, train_loss, metrics, seconds):
-    parts = [f"epoch {epoch}/{config['epochs']}", f"train_loss {train_loss:.5f}", f"val_mse {metrics['mse']:.5f}",
+def log_line(epoch, epochs, train_loss, metrics, seconds):
+    parts = [f"epoch {epoch}/{epochs}", f"train_loss {train_loss:.5f}", f"val_mse {metrics['mse']:.5f}",
              f"psnr {metrics['psnr']:.2f} dB", f"ssim {metrics['ssim']:.3f}", f"aux {metrics['aux_loss']:.4f}",
              f"bits/img {metrics['bits']:.1f} ({metrics['rate_source']}; estimate {metrics['bits_estimate']:.1f})"]
     if "codebook_usage" in metrics:
         parts.append(f"usage {metrics['codebook_usage']:.1f}% perplexity {metrics['perplexity']:.1f}")
-    return " | ".join(parts) + f" | {seconds:.1f}s"
+    return " | ".join(parts) + f" | {metrics['images']} val images | {seconds:.1f}s"
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over
+    `warmup_steps`, then a half cosine from 1 to `min_ratio` at the last step (Loshchilov & Hutter,
+    "SGDR", ICLR 2017, without restarts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train(config):
     """Run training with a checked config; returns (the unwrapped model, last validation metrics).
     Under torchrun every rank returns its own model; only rank 0 evaluates (others get {})."""
-    rank, world, dev = setup_distributed(config)
+    rank, world, dev = setup_distributed(config["device"])
     try:
-        return train_loop(config, rank, world, dev)
+        for key in ("output_dir", "checkpoint_dir"):
+            ensure_writable_dir(config[key], key)
+        lock = os.path.join(config["checkpoint_dir"], f".{run_label(config)}.lock")
+        with RunLock(lock, f"run {run_label(config)!r}") if rank == 0 else nullcontext():
+            return train_loop(config, rank, world, dev)
     finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        teardown_distributed(world)
 
 
 def train_loop(config, rank, world, dev):
-    from tqdm import tqdm
-
     master = rank == 0
     run = run_label(config)
-    for key in ("output_dir", "checkpoint_dir"):
-        ensure_writable_dir(config[key], key)
     train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
     if config["max_train_images"]:
         train_u8 = train_u8[:config["max_train_images"]]
@@ -284,12 +217,15 @@ def train_loop(config, rank, world, dev):
         raise UserError(f"{len(train_u8)} training images cannot be shared by {world} processes")
     train_u8, val_u8 = train_u8.to(dev), val_u8.to(dev)  # the whole split lives on the device
     prior_u8 = train_u8[:config["rate_prior_images"]] if config["rate_prior_images"] else train_u8
+    epoch_val_u8 = val_u8[:config["eval_images"]] if config["eval_images"] else val_u8  # fixed subset
     grid = to_float_images(val_u8[:GRID_IMAGES])  # fixed validation images shown every epoch
 
     seed_everything(config["seed"])
     model_args = model_args_from_config(config)
     raw_model, optimizer, memory_format = build_training(model_args, config, dev)
     data_gen = torch.Generator().manual_seed(config["seed"])
+    _, steps, batch = epoch_order(len(train_u8), torch.Generator(), rank, world, config["batch_size"])
+    scheduler = build_scheduler(optimizer, config, steps)
     torch.manual_seed(config["seed"] + rank)  # per-rank noise (dither, VAE sampling); same init above
     start_epoch, best_val, rows = 0, math.inf, []
     metrics_path = os.path.join(config["output_dir"], f"{run}_metrics.jsonl")
@@ -297,7 +233,9 @@ def train_loop(config, rank, world, dev):
         state = read_checkpoint(config["resume"], map_location=dev)
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_val = state["epoch"], state["best_val_loss"]
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val = state["epoch"], state["best_val_mse"]
         data_gen.set_state(state["data_rng"])
         rng = state["rng"]
         if len(rng) == world:
@@ -312,7 +250,7 @@ def train_loop(config, rank, world, dev):
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
         save_json(os.path.join(config["output_dir"], f"{run}_config.json"), config)
 
-    step_fn = make_train_step(wrap_model(raw_model, config, dev, world), optimizer, config, dev)
+    step_fn = make_train_step(wrap_model(raw_model, config, dev, world), optimizer, scheduler, config, dev)
 
     metrics = state["metrics"] if config["resume"] else {}
     if start_epoch >= config["epochs"] and master:
@@ -324,35 +262,62 @@ def train_loop(config, rank, world, dev):
             raw_model.train()
             order, steps, batch = epoch_order(len(train_u8), data_gen, rank, world, config["batch_size"])
             loss_sum, first_bad, done = train_epoch(step_fn, train_u8, order.to(dev), steps, batch, memory_format,
-                                                    epoch, config, stop=lambda: flag.signum is not None, show=master)
+                                                    epoch, config, stop=lambda: flag.signum is not None, show=master,
+                                                    lr=lambda: optimizer.param_groups[0]["lr"])
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch, done, steps, config)
-            check_finite(first_bad, epoch, steps, config)
+            check_finite(first_bad, epoch, steps, checkpoint_path(config, "best"), config["lr"])
             train_loss = all_reduce_mean(loss_sum / steps, world).item()
             rng = gather(get_rng_state(), world)
             if master:
-                metrics = evaluate(raw_model, val_u8, prior_u8, config["eval_batch_size"])
+                metrics = evaluate(raw_model, epoch_val_u8, prior_u8, config["eval_batch_size"])
                 with torch.inference_mode():
                     recon = raw_model.eval()(grid)[0]
-                save_grid(os.path.join(config["output_dir"], f"{run}_epoch_{epoch:03d}.png"), grid, recon)
-                rows.append({"epoch": epoch, "train_loss": train_loss, "seconds": time.time() - t0,
-                             **{f"val_{k}": v for k, v in metrics.items()}})
+                caption = (f"{run} | epoch {epoch} | these 8: {psnr_per_image(recon, grid).mean():.2f} dB | "
+                           f"val: {metrics['psnr']:.2f} dB, {metrics['bits']:.1f} bits/img ({metrics['rate_source']})")
+                save_grid(os.path.join(config["output_dir"], f"{run}_epoch_{epoch:03d}.png"), grid, recon,
+                          config["grid_scale"], caption)
+                rows.append({"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                             "seconds": time.time() - t0, **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(metrics_path, rows)
-                plot_curves(os.path.join(config["output_dir"], f"{run}_curves.png"), rows)
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "best_val_loss": min(best_val, metrics["mse"]), "config": config, "model_args": model_args,
+                if epoch % config["curves_every"] == 0 or epoch == config["epochs"]:
+                    plot_curves(os.path.join(config["output_dir"], f"{run}_curves.png"), rows)
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch,
+                         "best_val_mse": min(best_val, metrics["mse"]), "config": config, "model_args": model_args,
                          "metrics": metrics, "rng": rng, "data_rng": data_gen.get_state()}
                 if metrics["mse"] < best_val:
                     save_checkpoint(checkpoint_path(config, "best"), state)
                 if config["checkpoint_every"] and epoch % config["checkpoint_every"] == 0:
                     save_checkpoint(checkpoint_path(config, f"epoch_{epoch}"), state)
                 save_checkpoint(checkpoint_path(config, "last"), state)
-                tqdm.write(log_line(epoch, config, train_loss, metrics, time.time() - t0))
+                print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0), flush=True)
                 best_val = min(best_val, metrics["mse"])
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, config)
+    if master and len(epoch_val_u8) < len(val_u8) and os.path.isfile(checkpoint_path(config, "best")):
+        metrics = evaluate_best_on_whole_split(config, val_u8, prior_u8, dev)
     return raw_model, metrics
+
+
+def evaluate_best_on_whole_split(config, val_u8, prior_u8, dev):
+    """Per-epoch metrics come from a fixed validation subset (they only rank the epochs); the best
+    checkpoint is scored once on the whole split, and those numbers replace its metrics, go into
+    {run}_final.json and are returned."""
+    path = checkpoint_path(config, "best")
+    state = read_checkpoint(path, map_location=dev)
+    model = build_model(state["model_args"]).to(dev)
+    model.load_state_dict(state["model"])
+    t0 = time.time()
+    metrics = evaluate(model, val_u8, prior_u8, config["eval_batch_size"])
+    save_checkpoint(path, {**state, "metrics": metrics})
+    save_json(os.path.join(config["output_dir"], f"{run_label(config)}_final.json"),
+              {"checkpoint": path, "epoch": state["epoch"], **metrics})
+    print(f"best checkpoint (epoch {state['epoch']}) on all {len(val_u8)} validation images: "
+          f"psnr {metrics['psnr']:.2f} dB | ssim {metrics['ssim']:.3f} | bits/img {metrics['bits']:.1f} "
+          f"({metrics['rate_source']}) | {time.time() - t0:.1f}s", flush=True)
+    return metrics
 
 
 def build_training(model_args, config, dev):
@@ -360,6 +325,17 @@ def build_training(model_args, config, dev):
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = build_model(model_args).to(dev, memory_format=memory_format)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"]), memory_format
+
+
+def build_scheduler(optimizer, config, steps_per_epoch):
+    """Per-step LambdaLR of the schedule in `config` over `epochs` x `steps_per_epoch` steps. Its
+    state (the step count) goes into every checkpoint, so a resumed run continues the same curve;
+    resuming with another `epochs` re-plans the rest of the decay towards the new end."""
+    total = config["epochs"] * steps_per_epoch
+    warmup = round(config["warmup_epochs"] * steps_per_epoch)
+    min_ratio = config["min_lr"] / config["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, config["lr_schedule"], min_ratio))
 
 
 def wrap_model(raw_model, config, dev, world):
@@ -384,8 +360,8 @@ def use_bf16(amp, dev):
     return dev.type == "cuda" or (dev.type == "cpu" and native_cpu_bf16())
 
 
-def make_train_step(model, optimizer, config, dev):
-    """step(x, aux_weight) -> detached loss: forward, backward and update, with no host sync."""
+def make_train_step(model, optimizer, scheduler, config, dev):
+    """step(x, aux_weight) -> detached loss: forward, backward, update and lr step, with no host sync."""
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16(config["amp"], dev) else nullcontext()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -397,62 +373,72 @@ def make_train_step(model, optimizer, config, dev):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         return loss.detach()
 
     return step
 
 
-def train_epoch(step_fn, images_u8, order, steps, batch, memory_format, epoch, config, stop=lambda: False, show=True):
+class Progress:
+    """Progress within an epoch: a tqdm bar on a terminal; plain lines every `log_interval` steps
+    when stdout is a file or a pipe (a bar would fill a log with redraws)."""
+
+    def __init__(self, epoch, steps, show):
+        from tqdm import tqdm
+
+        self.epoch, self.steps, self.show, self.tty = epoch, steps, show, sys.stdout.isatty()
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True) if show and self.tty else None
+
+    def update(self, done, loss, lr):
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.5f}", lr=f"{lr:.2e}")
+        elif self.show and done < self.steps:
+            print(f"epoch {self.epoch} step {done}/{self.steps} | loss {loss:.5f} | lr {lr:.2e}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_epoch(step_fn, images_u8, order, steps, batch, memory_format, epoch, config, stop=lambda: False, show=True,
+                lr=lambda: float("nan")):
     """One pass over `order` (device indices into the uint8 images on the device).
 
     Returns (loss sum, first non-finite step or -1, steps done), all but the last on the device:
-    the host reads the loss back only every `log_interval` steps, for the progress bar."""
-    from tqdm import tqdm
-
+    the host reads the loss back only every `log_interval` steps, for the progress report."""
     loss_sum = torch.zeros((), device=images_u8.device)
     first_bad = torch.full((), -1, device=images_u8.device, dtype=torch.long)
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not show, leave=False, dynamic_ncols=True)
+    progress = Progress(epoch, steps, show)
     done = 0
-    for step in bar:
+    for step in range(steps):
         x = to_float_images(images_u8[order[step * batch:(step + 1) * batch]]).contiguous(memory_format=memory_format)
-        loss = step_fn(x, aux_ramp(epoch, step, steps, config))
+        loss = step_fn(x, aux_ramp(epoch, step, steps, config["aux_warmup_epochs"]))
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         done = step + 1
         if done % config["log_interval"] == 0 or done == steps:
-            check_finite(first_bad, epoch, steps, config)
-            bar.set_postfix(loss=f"{loss_sum.item() / done:.5f}")
+            check_finite(first_bad, epoch, steps, checkpoint_path(config, "best"), config["lr"])
+            progress.update(done, loss_sum.item() / done, lr())
         if stop():
             break
-    bar.close()
+    progress.close()
     return loss_sum, first_bad, done
 
 
-def aux_ramp(epoch, step, steps, config):
-    """Weight of the auxiliary loss: a linear ramp from 0 to 1 over `aux_warmup_epochs`.
-
-    At initialisation the decoder ignores z, so the rate term alone pulls every latent to 0, where
-    log2(2|z|/delta + 1) is steepest, and the latent collapses before the reconstruction can use it
-    (measured here: DDCL at weight 1e-4 ends at 8 bits/image and no better than the mean image).
-    KL annealing does the same for VAEs (Bowman et al., "Generating Sentences from a Continuous
-    Space", CoNLL 2016)."""
-    if config["aux_warmup_epochs"] <= 0:
+def aux_ramp(epoch, step, steps, warmup_epochs):
+    """Weight of the auxiliary loss: a linear ramp from 0 to 1 over `warmup_epochs`, so the rate
+    term cannot collapse the latent before the decoder uses it (README: "The bottlenecks")."""
+    if warmup_epochs <= 0:
         return 1.0
-    return min(1.0, (epoch - 1 + step / steps) / config["aux_warmup_epochs"])
+    return min(1.0, (epoch - 1 + step / steps) / warmup_epochs)
 
 
-def barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def check_finite(first_bad, epoch, steps, config):
+def check_finite(first_bad, epoch, steps, best_path, lr):
     bad = int(first_bad)
     if bad >= 0:
         raise Stop(f"loss became NaN or inf at epoch {epoch}, step {bad + 1}/{steps}; stopped without touching "
-                   f"{checkpoint_path(config, 'best')}. Try a lower --lr (now {config['lr']:g})", code=3)
+                   f"{best_path}. Try a lower --lr (now {lr:g})", code=3)
 
 
 def interrupted(signum, epoch, step, steps, config):

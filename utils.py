@@ -5,6 +5,7 @@ Images leave this module as uint8 tensors (N, 3, 32, 32); batches are turned int
 """
 import ast
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -12,24 +13,20 @@ import random
 import sys
 import tempfile
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantizers import ConfigError, UserError
+from errors import CheckpointError, ConfigError, DataError, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "config", "model_args")
-
-
-class DataError(UserError):
-    pass
-
-
-class CheckpointError(UserError):
-    pass
-
+DATASETS = ("cifar10", "folder")
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "model_args")
+IMAGE_CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
+PARALLEL_DECODE_MIN = 2000  # folders with fewer images decode in this process (no pool start-up)
+DECODE_CHUNK = 256  # images per task handed to a decoding worker
 
 # ----------------------------------------------------------------------------- config
 
@@ -176,19 +173,16 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_grid(path, originals, recons, nrow=4):
-    """Grid PNG: originals on the top rows, their reconstructions below (both (B, 3, H, W) in [0, 1])."""
-    from torchvision.utils import make_grid, save_image
-
-    grid = make_grid(torch.cat([originals, recons]).float().cpu().clamp(0, 1), nrow=nrow, padding=2)
-    atomic_write(path, lambda f: save_image(grid, f, format="png"))
-
-
 def save_figure(path, fig):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def run_label(config):
+    """The name of a run's files: run_name, or the quantizer's name when that is empty."""
+    return config.get("run_name") or config["quantizer"]
+
 
 def unwrap(model):
     """The plain module under torch.compile (_orig_mod) and DDP (module) wrappers."""
@@ -212,7 +206,7 @@ def read_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):  # a real pickle of Python objects: could run code
+        if "global" in str(err).lower():  # "Unsupported global" or "unsupported GLOBAL ... is blocked": could run code
             raise CheckpointError(f"{path} holds pickled Python objects, which can run code; refused (weights_only=True). "
                                   "Only load it with weights_only=False if you trust its author") from None
         raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint") from None
@@ -222,6 +216,8 @@ def read_checkpoint(path, map_location="cpu"):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
+    if "best_val_mse" not in state:  # checkpoints written before the key said what it holds
+        state["best_val_mse"] = state.pop("best_val_loss", float("inf"))
     return state
 
 
@@ -267,40 +263,109 @@ def load_cifar10(data_dir):
     return tuple(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits)
 
 
-def _read_image(path, size):
+def _to_8bit_rgb(img):
+    """A PIL image of any mode -> uint8 RGB array. 16-bit greyscale (modes I;16*, I) is scaled to
+    8 bits: PIL's own convert("RGB") clips it, turning a 16-bit photo white."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        img = Image.fromarray(np.round(wide.clip(0, top) * (255.0 / top)).astype(np.uint8))
+    return np.asarray(img.convert("RGB"))
+
+
+def _read_image(path, size):
+    """(uint8 (size, size, 3) array, None) or (None, why it could not be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            rgb = _to_8bit_rgb(img)
+        return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC)), None
+    except Image.DecompressionBombError:
+        return None, f"larger than PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except (OSError, ValueError, SyntaxError) as err:
+        return None, type(err).__name__
+
+
+def _read_images(paths, size):
+    return [_read_image(p, size) for p in paths]
+
+
+def _decode_all(paths, size):
+    """Decode every path, in parallel worker processes for large folders (PIL holds the GIL)."""
+    if len(paths) < PARALLEL_DECODE_MIN or (os.cpu_count() or 1) < 2:
+        return _read_images(paths, size)
+    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return [r for part in pool.map(_read_images, chunks, [size] * len(chunks)) for r in part]
+
+
+def _folder_key(folder, paths, size):
+    """A digest of what the decoded tensor depends on: file names, sizes, mtimes, size, version."""
+    h = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {size}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"\n{p.relative_to(folder)} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def image_cache_path(folder, size=32):
+    return os.path.join(folder, f".images_{size}px.cache.pt")
+
+
+def _read_cache(path, key):
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return cached if cached.get("key") == key else None
+    except Exception:  # missing, stale, truncated or foreign: decode again
+        return None
 
 
 def load_image_folder(folder, size=32):
     """All png/jpg images under `folder` (any depth), resized to size x size -> uint8 (N, 3, size, size).
 
-    Unreadable files are skipped and counted (a warning names the first one)."""
+    The first load decodes them (in parallel for large folders) and caches the tensor in
+    `folder/.images_{size}px.cache.pt`; later loads read the cache while the file names, sizes and
+    mtimes are unchanged. Unreadable files (and images beyond PIL's decompression-bomb limit) are
+    skipped and counted; a warning names the first one."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder!r} is not a folder; dataset='folder' needs data_dir with train/ and test/ subfolders of images")
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    images, bad = [], []
-    for p in paths:
-        try:
-            images.append(_read_image(p, size))
-        except (OSError, ValueError, SyntaxError):
-            bad.append(p)
+    key = _folder_key(folder, paths, size)
+    cache = image_cache_path(folder, size)
+    cached = _read_cache(cache, key)
+    if cached is None:
+        decoded = _decode_all(paths, size)
+        bad = [(str(p), why) for p, (_, why) in zip(paths, decoded) if why is not None]
+        arrays = [a for a, why in decoded if why is None]
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else None
+        cached = {"key": key, "images": images, "bad": bad}
+        if images is not None:
+            try:
+                save_checkpoint(cache, cached)
+            except UserError:  # a read-only data folder: no cache, decode again next time
+                pass
+    bad = cached["bad"]
     if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s) in {folder} (first: {bad[0]})", file=sys.stderr)
-    if not images:
+        print(f"warning: skipped {len(bad)} unreadable image(s) in {folder} (first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr)
+    if cached["images"] is None:
         raise DataError(f"no readable .png/.jpg images under {folder!r}" + (f" ({len(bad)} unreadable)" if bad else ""))
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return cached["images"]
+
+
+def check_dataset(dataset):
+    if dataset not in DATASETS:
+        raise ConfigError(f"dataset={dataset!r} is unknown; use one of {', '.join(DATASETS)}")
 
 
 def load_dataset(dataset, data_dir):
     """(train, val) uint8 tensors (N, 3, 32, 32) on the CPU."""
+    check_dataset(dataset)
     if dataset == "cifar10":
         return load_cifar10(data_dir)
-    if dataset == "folder":
-        return tuple(load_image_folder(os.path.join(data_dir, split)) for split in ("train", "test"))
-    raise ConfigError(f"dataset={dataset!r} is unknown; use 'cifar10' or 'folder'")
+    return tuple(load_image_folder(os.path.join(data_dir, split)) for split in ("train", "test"))
 
 
 def to_float_images(batch_u8):

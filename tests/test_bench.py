@@ -1,13 +1,34 @@
 """bench.py runs end to end on tiny settings (its numbers are for people, not for asserts on speed)."""
+import pytest
+
 import bench
 
 
 def test_bench_prints_a_row_per_quantizer(capsys):
-    bench.main(["--quantizers=['fsq', 'ddcl']", "--steps=2", "--warmup=1", "--train_images=64", "--eval_images=32",
-                "--batch_size=8", "--eval_batch_size=16", "--channels=[8, 8, 16]", "--device=cpu"])
+    bench.main(["--quantizers=['fsq', 'ddcl']", "--steps=2", "--warmup=1", "--train_images=64", "--val_images=32",
+                "--eval_images=16", "--rate_prior_images=32", "--batch_size=8", "--eval_batch_size=16",
+                "--channels=[8, 8, 16]", "--device=cpu"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("device cpu | torch ") and "threads" in out[0]
     assert out[1].split()[:2] == ["quantizer", "a"]
     for line, name in zip(out[2:], ("fsq", "ddcl")):
         cells = line.split()
         assert cells[0] == name and all(float(c.replace(",", "")) > 0 for c in cells[1:])
+
+
+def test_time_to_quality_trains_each_recipe_within_its_budget(capsys, image_folder):
+    bench.main(["--quality=True", f"--data_dir={image_folder}", "--budgets=[1]", "--quantizers=['fsq']",
+                "--baseline=True", "--device=cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["recipe", "quantizer", "budget"]
+    rows = [line.split() for line in out[1:] if line.split() and line.split()[0] in ("defaults", "seed")]
+    assert [r[:2] for r in rows] == [["defaults", "fsq"], ["seed", "fsq"]]
+    for r in rows:
+        epochs, took, psnr, bits = int(r[3]), float(r[4]), float(r[5]), float(r[6])
+        assert epochs >= 1 and took > 0 and 5 < psnr < 60 and bits > 0 and r[7] == "bitstream"
+
+
+def test_time_to_quality_needs_a_folder():
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quality=True"])
+    assert exit_.value.code == 2

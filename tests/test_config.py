@@ -3,7 +3,7 @@ import pytest
 
 import train
 from conftest import run_script
-from quantizers import ConfigError
+from errors import ConfigError
 from utils import parse_overrides
 
 DEFAULTS = dict(lr=3e-4, epochs=50, quantizer="ddcl", fsq_levels=[8, 6, 6, 5], compile=False, channels=[16, 32, 64])

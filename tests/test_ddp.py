@@ -28,7 +28,7 @@ def test_torchrun_two_cpu_processes_and_resume(tmp_path, image_folder):
     script.write_text(RANK_SCRIPT.format(repo=REPO, out=str(tmp_path)))
     torchrun(script, *tiny_args(tmp_path, image_folder, quantizer="ddcl", epochs=1, batch_size=8, device="cpu"))
     ck = tmp_path / "checkpoints"
-    assert sorted(os.listdir(ck)) == ["ddcl_vae_best.pt", "ddcl_vae_last.pt"]
+    assert sorted(os.listdir(ck)) == [".ddcl.lock", "ddcl_vae_best.pt", "ddcl_vae_last.pt"]
     model, config = load_checkpoint(str(ck / "ddcl_vae_last.pt"))  # a plain, non-distributed process
     state = torch.load(ck / "ddcl_vae_last.pt", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank, for an exact resume under torchrun

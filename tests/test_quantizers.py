@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models import build_model
+from models import build_model, model_args_from_config
 from quantizers import DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
 
 
@@ -90,7 +90,8 @@ def test_ddcl_surrogate_upper_bounds_mid_tread_code_on_average():
 
 @pytest.mark.parametrize("name", ["fsq", "ddcl", "vq", "none", "vae"])
 def test_every_quantizer_plugs_into_the_model(name):
-    model = build_model(dict(quantizer=name, channels=[8, 8, 16]))
+    from train import DEFAULT_CONFIG
+    model = build_model(model_args_from_config({**DEFAULT_CONFIG, "quantizer": name, "channels": [8, 8, 16]}))
     x = torch.rand(5, 3, 32, 32)
     out = model(x)
     assert out.recon.shape == x.shape and 0 <= out.recon.min() and out.recon.max() <= 1

@@ -12,7 +12,7 @@ import torch
 import train
 import utils
 from conftest import REPO, tiny_args
-from quantizers import ConfigError, UserError
+from errors import ConfigError, UserError
 from utils import read_checkpoint
 
 
@@ -20,15 +20,32 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def interrupt_after_first_epoch(monkeypatch):
+    """Deliver a real SIGINT while epoch 1 is being saved: the run stops after that epoch, as a
+    Ctrl-C would stop it."""
+    save_grid = train.save_grid
+
+    def grid_then_sigint(*args):
+        save_grid(*args)
+        monkeypatch.setattr(train, "save_grid", save_grid)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "save_grid", grid_then_sigint)
+
+
 @pytest.mark.parametrize("quantizer", ["ddcl", "vq"])
-def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer):
-    """2 epochs straight == 1 epoch, then --resume for 1 more (DDCL draws noise, VQ re-seeds codes)."""
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, monkeypatch):
+    """2 epochs straight == a 2-epoch run stopped after epoch 1 and resumed (DDCL draws noise, VQ
+    re-seeds codes, and the lr schedule continues from the stored scheduler state)."""
     straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, quantizer=quantizer, epochs=2))
     train.train(straight)
-    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=1))
-    train.train(first)
+    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=2))
+    interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(train.Stop, match="SIGINT"):
+        train.train(first)
     last = str(tmp_path / "b" / "checkpoints" / f"{quantizer}_vae_last.pt")
-    resumed = train.resolve_config(["--resume=" + last, "--epochs=2"])
+    assert read_checkpoint(last)["epoch"] == 1
+    resumed = train.resolve_config(["--resume=" + last])
     assert resumed["output_dir"] == first["output_dir"]  # the rest of the config comes from the checkpoint
     train.train(resumed)
     a, b = weights(tmp_path / "a" / "checkpoints" / f"{quantizer}_vae_last.pt"), weights(last)
@@ -36,6 +53,44 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder,
     rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
     assert read_checkpoint(last)["epoch"] == 2
+
+
+def test_lr_schedule_warms_up_peaks_and_decays_to_min():
+    total, warmup = 100, 10
+    f = [train.lr_factor(s, total, warmup, "cosine", 0.0) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup, never a zero step
+    assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))  # then only down
+    assert f[55] == pytest.approx(0.5, abs=0.02) and train.lr_factor(total, total, warmup, "cosine", 0.0) == 0.0
+    assert train.lr_factor(total, total, warmup, "cosine", 0.1) == pytest.approx(0.1)  # min_lr / lr
+    assert [train.lr_factor(s, total, warmup, "constant", 0.0) for s in (0, 10, 99)] == [0.1, 1.0, 1.0]
+
+
+def test_resume_with_more_epochs_continues_the_step_count(tmp_path, image_folder):
+    """The scheduler's step count comes from the checkpoint; a larger `epochs` re-plans the decay."""
+    config = train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1))
+    train.train(config)
+    last = str(tmp_path / "checkpoints" / "fsq_vae_last.pt")
+    steps = read_checkpoint(last)["scheduler"]["last_epoch"]
+    assert steps == 96 // 16  # one epoch of 16-image batches
+    resumed = train.resolve_config(["--resume=" + last, "--epochs=3"])
+    train.train(resumed)
+    state = read_checkpoint(last)
+    assert state["scheduler"]["last_epoch"] == 3 * steps
+    rows = utils.read_jsonl(os.path.join(config["output_dir"], "fsq_metrics.jsonl"))
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0.0 and rows[2]["lr"] == 0.0
+
+
+def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
+    config = train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1))
+    train.train(config)
+    last = tmp_path / "checkpoints" / "fsq_vae_last.pt"
+    state = torch.load(last, weights_only=True)
+    state["best_val_loss"] = state.pop("best_val_mse")  # as written before the key was renamed
+    del state["scheduler"]  # and before the lr schedule existed
+    torch.save(state, last)
+    assert read_checkpoint(str(last))["best_val_mse"] == state["best_val_loss"]
+    train.train(train.resolve_config([f"--resume={last}", "--epochs=2"]))
+    assert read_checkpoint(str(last))["epoch"] == 2
 
 
 def test_resume_last_finds_the_newest_run(tmp_path, image_folder, monkeypatch):

@@ -9,14 +9,15 @@ import torch
 
 import utils
 from conftest import run_script, tiny_args
-from utils import CheckpointError, DataError, load_checkpoint, read_checkpoint
+from errors import CheckpointError, DataError
+from utils import load_checkpoint, read_checkpoint
 
 
 def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     config, metrics = run_train(quantizer="fsq", checkpoint_every=1)
     out, ck = tmp_path / "outputs", tmp_path / "checkpoints"
     assert (out / "fsq_epoch_001.png").is_file() and (out / "fsq_curves.png").is_file()
-    assert sorted(os.listdir(ck)) == ["fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_last.pt"]
+    assert sorted(os.listdir(ck)) == [".fsq.lock", "fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_last.pt"]
     rows = [json.loads(line) for line in open(out / "fsq_metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["val_mse"] == metrics["mse"]
     for key in ("val_psnr", "val_ssim", "val_codebook_usage", "val_perplexity", "val_bits", "val_bits_entropy",
@@ -24,11 +25,17 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
         assert np.isfinite(rows[0][key]), key
     assert rows[0]["val_roundtrip_exact"] is True
     assert json.load(open(out / "fsq_config.json")) == config
-    # grid: 4x4 images of 32 px with 2 px padding
+    # grid: 4x4 images of 32 px with 2 px padding, upscaled 4x, and a caption strip
     from PIL import Image
-    assert Image.open(out / "fsq_epoch_001.png").size == (4 * 34 + 2, 4 * 34 + 2)
+    from plots import CAPTION_PX
+    grid = Image.open(out / "fsq_epoch_001.png")
+    assert grid.size == (4 * (4 * 34 + 2), 4 * (4 * 34 + 2) + CAPTION_PX) and grid.size[0] >= 512
+    tiles = np.asarray(grid)[:4 * (4 * 34 + 2)]
+    assert (tiles[8:8 + 4 * 32:4, 8:8 + 4 * 32:4] == tiles[8 + 3:8 + 4 * 32:4, 8 + 3:8 + 4 * 32:4]).all()  # nearest
+    caption = np.asarray(grid)[-CAPTION_PX:]
+    assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
     state = torch.load(ck / "fsq_vae_best.pt", weights_only=True)
-    assert {"model", "optimizer", "epoch", "best_val_loss", "config", "model_args"} <= set(state)
+    assert {"model", "optimizer", "epoch", "best_val_mse", "scheduler", "config", "model_args"} <= set(state)
     assert state["config"] == config and state["epoch"] == 1
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
@@ -85,7 +92,7 @@ def test_missing_checkpoint(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_loading_onto_a_missing_gpu_is_one_line(run_train, tmp_path):
-    from quantizers import UserError
+    from errors import UserError
     run_train(quantizer="fsq")
     with pytest.raises(UserError, match="CUDA is not available here"):
         load_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_best.pt"), "cuda")

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Re-derive the README's rate-distortion comparison in one command:
+#
+#   bash scripts/compare.sh DATA_DIR [EPOCHS]      # e.g. DATA_DIR=/tmp/patches from scripts/make_patches.py
+#
+# Trains every bottleneck setting of the README's table with train.py's defaults for EPOCHS epochs
+# (default 30) on DATA_DIR/train, evaluates every run's checkpoint of epoch 10, 20, ... (to show
+# where the ranking settles), then all best checkpoints together on DATA_DIR/test: the tables go
+# to stdout, the plots and JSON to compare/outputs/ (compare/outputs/epoch_N/ for the earlier ones). A run that an earlier
+# call left unfinished is resumed from its last checkpoint, and a finished one is not trained again.
+set -euo pipefail
+data_dir=${1:?usage: bash scripts/compare.sh DATA_DIR [EPOCHS]}
+epochs=${2:-30}
+out=${COMPARE_DIR:-compare}
+cd "$(dirname "$0")/.."
+common=(--dataset=folder --data_dir="$data_dir" --epochs="$epochs" --output_dir="$out/outputs"
+        --checkpoint_dir="$out/checkpoints" --checkpoint_every=10)
+
+run() {  # run NAME ARGS...: train NAME for EPOCHS epochs, resuming what an earlier call left unfinished
+  local name=$1; shift
+  local last="$out/checkpoints/${name}_vae_last.pt" resume=()
+  [ -f "$last" ] && resume=(--resume="$last")
+  python train.py "${common[@]}" --run_name="$name" "$@" "${resume[@]}" > "$out/${name}.log"
+  tail -n 1 "$out/${name}.log"
+}
+
+mkdir -p "$out"
+for levels in "[8,6,5]" "[8,5,5,5]" "[7,5,5,5,5]"; do
+  run "fsq_$(echo "$levels" | tr -d '[] ' | tr , -)" --quantizer=fsq --fsq_levels="$levels"
+done
+for w in 3e-3 1e-3 3e-4; do
+  run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
+done
+run vq_1024 --quantizer=vq
+run none --quantizer=none
+run vae --quantizer=vae
+# how the comparison moves with training: every run again at each 10th epoch (its epoch_N checkpoints)
+for ((n = 10; n < epochs; n += 10)); do
+  echo "== after $n of $epochs epochs"
+  python evaluate.py "$out"/checkpoints/*_vae_epoch_$n.pt --output_dir="$out/outputs/epoch_$n" | cut -c1-140
+done
+echo "== best checkpoints after $epochs epochs"
+python evaluate.py "$out"/checkpoints/*_best.pt --output_dir="$out/outputs"

@@ -1,0 +1,120 @@
+"""Bad and unusual inputs found by trying the repo as a new user would: each loads correctly or
+stops with one line."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import REPO, run_script, tiny_args, write_images
+from errors import CheckpointError, UserError
+
+
+def test_sixteen_bit_greyscale_pngs_are_scaled_not_saturated(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # really a 16-bit image
+    images = utils.load_image_folder(str(tmp_path))
+    expected = np.round(ramp / 257.0)  # 65535 -> 255, as an 8-bit export would
+    assert torch.equal(images[0, 0], images[0, 2])  # grey stays grey
+    assert np.abs(images[0, 0].numpy().astype(float) - expected).max() <= 2  # bicubic resize to the same size
+    assert 120 < images.float().mean() < 135  # a 0..max ramp averages mid-grey, not white
+
+
+def test_decompression_bomb_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path, 2, seed=0)
+    Image.new("RGB", (300, 300)).save(tmp_path / "huge.png")
+    # PIL refuses images above 2 x MAX_IMAGE_PIXELS (a 14,000 x 14,000 PNG by default); lower the
+    # limit so a small file takes the same path
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)
+    images = utils.load_image_folder(str(tmp_path))
+    assert images.shape[0] == 2
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image(s)" in err and "huge.png" in err and "larger than PIL's limit" in err
+
+
+def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
+    write_images(tmp_path, 4, seed=0)
+    first = utils.load_image_folder(str(tmp_path))
+    assert os.path.isfile(utils.image_cache_path(str(tmp_path)))
+    calls = []
+    monkeypatch.setattr(utils, "_decode_all", lambda paths, size: calls.append(len(paths)) or [])
+    assert torch.equal(utils.load_image_folder(str(tmp_path)), first) and calls == []  # served from the cache
+    monkeypatch.undo()
+    write_images(tmp_path / "more", 1, seed=5)  # a new file changes the key
+    assert utils.load_image_folder(str(tmp_path)).shape[0] == 5
+    path = tmp_path / "0000.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(path)  # same name, new content and mtime
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
+    assert utils.load_image_folder(str(tmp_path))[0, 0].float().mean() == 255
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    write_images(tmp_path, 3, seed=0)
+    first = utils.load_image_folder(str(tmp_path))
+    with open(utils.image_cache_path(str(tmp_path)), "wb") as f:
+        f.write(b"garbage")
+    assert torch.equal(utils.load_image_folder(str(tmp_path)), first)
+
+
+def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
+    write_images(tmp_path, 12, seed=3)
+    serial = utils.load_image_folder(str(tmp_path))
+    os.remove(utils.image_cache_path(str(tmp_path)))
+    monkeypatch.setattr(utils, "PARALLEL_DECODE_MIN", 1)
+    monkeypatch.setattr(utils, "DECODE_CHUNK", 5)
+    assert torch.equal(utils.load_image_folder(str(tmp_path)), serial)
+
+
+def test_checkpoint_calling_os_system_is_refused_for_safety(tmp_path):
+    code = ("import os, torch\n"
+            "class Evil:\n"
+            "    def __reduce__(self):\n"
+            "        return (os.system, ('echo pwned',))\n"
+            f"torch.save({{'model': {{}}, 'config': Evil()}}, {str(tmp_path / 'evil.pt')!r})\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    with pytest.raises(CheckpointError) as err:
+        utils.read_checkpoint(str(tmp_path / "evil.pt"))
+    assert "holds pickled Python objects" in str(err.value) and "refused" in str(err.value)
+    assert "corrupt" not in str(err.value)
+
+
+def test_a_second_run_of_the_same_name_stops_while_the_first_lives(tmp_path, image_folder):
+    from process import RunLock
+
+    lock = tmp_path / "checkpoints" / ".fsq.lock"
+    lock.parent.mkdir()
+    with RunLock(str(lock), "run 'fsq'"):
+        result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq"))
+        assert result.returncode == 2
+        line = result.stderr.strip()
+        assert line.startswith("error: run 'fsq' is already being trained by pid ") and "\n" not in line
+        assert not os.path.exists(tmp_path / "checkpoints" / "fsq_vae_last.pt")
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    lock = tmp_path / "r.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from process import RunLock\nwith RunLock(sys.argv[2], 'r'):\n print('held', flush=True); time.sleep(60)",
+                               REPO, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    from process import RunLock
+    with pytest.raises(UserError, match="already being trained"):
+        RunLock(str(lock), "r").__enter__()
+    holder.kill()
+    holder.wait()
+    with RunLock(str(lock), "r"):  # the kernel released the dead process's lock
+        assert open(lock).read().strip() == f"pid {os.getpid()}"
+
+
+def test_output_to_a_file_has_plain_progress_lines(tmp_path, image_folder):
+    result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=2, log_interval=2))
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout + result.stderr  # no progress-bar redraws in a log
+    steps = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 step ")]
+    assert steps and all("| loss " in line and "| lr " in line for line in steps)
