@@ -8,12 +8,13 @@
 
 Time-to-quality (--quality=True), on a folder of images (DIR/train, DIR/test): for each budget in
 seconds and each quantizer, train.py's defaults are trained for as many epochs as fit the budget
-(estimated from a short timing of the step and of one evaluation), by train.py's own `train`, and
+(estimated from a short timing of the step and of one evaluation), by train.py's own `train` (with
+any train.py knob given here, such as --channels or --res_blocks, to time another candidate), and
 the table gives the epochs, the seconds the run really took (data from the folder's cache, every
 per-epoch evaluation and the final whole-split evaluation included), held-out PSNR and the measured
 bits per image of the best checkpoint on the whole test split. --baseline=True adds the seed's recipe
-(constant lr 3e-4, every epoch evaluated on the whole split with a 10,000-image prior) for the same
-budgets. This is how speed is judged: quality reached per second, not images/s alone.
+(constant lr 3e-4, no flips, every epoch evaluated on the whole split with a 10,000-image prior) for
+the same budgets. This is how speed is judged: quality reached per second, not images/s alone.
 
 Throughput (the default):
 For each quantizer, on synthetic uint8 data of CIFAR-10's shape held on the device:
@@ -39,9 +40,9 @@ import torch
 from errors import ConfigError, UserError
 from evaluate import evaluate
 from models import model_args_from_config
-from train import (DEFAULT_CONFIG, build_scheduler, build_training, make_train_step, train, train_epoch, use_bf16,
+from train import (DEFAULT_CONFIG, build_scheduler, build_training, make_train_step, train, train_epoch,
                    validate_config, wrap_model)
-from utils import load_dataset, parse_overrides, pick_device, seed_everything, to_float_images
+from utils import load_dataset, parse_overrides, pick_device, seed_everything, to_float_images, use_bf16
 
 BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_images=10000, train_images=50000,
                       quality=False, data_dir="", budgets=[30, 120], baseline=False,
@@ -49,7 +50,7 @@ BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_imag
                                                         "channels_last", "fsq_levels", "eval_batch_size",
                                                         "eval_images", "rate_prior_images")})
 # The seed's training recipe, for --baseline: what these knobs were before the recipe was measured.
-SEED_RECIPE = dict(lr=3e-4, lr_schedule="constant", warmup_epochs=0.0, channels=[16, 32, 64], res_blocks=0,
+SEED_RECIPE = dict(lr=3e-4, lr_schedule="constant", warmup_epochs=0.0, hflip=False, channels=[16, 32, 64], res_blocks=0,
                    eval_images=0, rate_prior_images=10000)
 CALIBRATION_STEPS = 20  # timed training steps that estimate how many epochs fit a budget
 
@@ -131,12 +132,13 @@ def time_to_quality(opts, dev):
         raise ConfigError("--quality=True needs --data_dir=DIR (an image folder with train/ and test/)")
     train_u8, val_u8 = load_dataset("folder", opts["data_dir"])  # fills the folder's cache before any timing
     recipes = {"defaults": {}, **({"seed": SEED_RECIPE} if opts["baseline"] else {})}
+    knobs_given = {k: v for k, v in opts.items() if k in DEFAULT_CONFIG}  # e.g. --channels: another candidate
     print(f"{'recipe':9} {'quantizer':9} {'budget s':>8} {'epochs':>6} {'took s':>7} {'psnr dB':>8} {'bits/img':>8}  rate source")
     for budget in opts["budgets"]:
         for recipe, knobs in recipes.items():
             for q in opts["quantizers"]:
                 with tempfile.TemporaryDirectory() as tmp:
-                    config = validate_config({**DEFAULT_CONFIG, "quantizer": q, "dataset": "folder",
+                    config = validate_config({**DEFAULT_CONFIG, **knobs_given, "quantizer": q, "dataset": "folder",
                                               "data_dir": opts["data_dir"], "device": opts["device"],
                                               "output_dir": tmp, "checkpoint_dir": tmp, "checkpoint_every": 0,
                                               "log_interval": 10 ** 9, **knobs})

@@ -43,7 +43,7 @@ def save_grid(path, originals, recons, scale=4, caption="", nrow=4):
     grid = make_grid(torch.cat([originals, recons]).float().cpu().clamp(0, 1), nrow=nrow, padding=GRID_PADDING)
     pixels = to_uint8_hwc(grid).repeat(scale, axis=0).repeat(scale, axis=1)  # (H*scale, W*scale, 3)
     image = with_caption(pixels, caption)
-    atomic_write(path, lambda f: image.save(f, format="png"))
+    atomic_write(path, lambda f: image.save(f, format="png", compress_level=1))  # fast; the grid is small anyway
 
 
 def plot_curves(path, rows):

@@ -29,12 +29,13 @@ from errors import CheckpointError, ConfigError, UserError
 from evaluate import EVAL_BATCH_SIZE, evaluate
 from metrics import psnr_per_image
 from models import build_model, model_args_from_config
+from quantizers import implied_latent_dim
 from plots import plot_curves, save_grid
 from process import (RunLock, SignalFlag, all_reduce_mean, barrier, gather, setup_distributed,
                      teardown_distributed)
 from utils import (check_dataset, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides,
                    read_checkpoint, read_jsonl, run_label, save_checkpoint, save_json, save_jsonl, seed_everything,
-                   set_rng_state, to_float_images)
+                   set_rng_state, to_float_images, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 quantizer = "ddcl"  # bottleneck: "fsq", "ddcl", "vq", "none" (no bottleneck) or "vae" (Gaussian)
@@ -63,6 +64,7 @@ vq_commitment_weight = 0.25  # VQ commitment loss weight
 vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this (0 = never)
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
 aux_warmup_epochs = 1.0  # ramp the auxiliary loss (DDCL cost, VQ commitment, KL) from 0 over this many epochs
+hflip = True  # flip a random half of each training batch left-right (augmentation; README: Training recipe)
 max_train_images = 0  # use only the first N training images (0 = all): quick experiments
 eval_images = 2000  # validation images evaluated after each epoch (0 = all); the best checkpoint gets the whole split at the end
 eval_batch_size = EVAL_BATCH_SIZE  # images per evaluation batch (also fixes DDCL's per-batch dither seeds)
@@ -112,8 +114,9 @@ def validate_config(config, given=()):
     if config["amp"] not in AMP_CHOICES:
         raise ConfigError(f"amp={config['amp']!r}; choose one of {', '.join(AMP_CHOICES)}")
     check_dataset(config["dataset"])
-    if config["quantizer"] == "fsq" and "latent_dim" not in given and isinstance(config["fsq_levels"], list):
-        config["latent_dim"] = len(config["fsq_levels"])  # FSQ: one channel per level; build_model checks the rest
+    implied = implied_latent_dim(config)  # FSQ: one channel per level
+    if implied is not None and "latent_dim" not in given:
+        config["latent_dim"] = implied  # a contradicting --latent_dim is refused by build_model
     build_model(model_args_from_config(config))  # every architecture check, before any data is read
     return config
 
@@ -163,13 +166,18 @@ def resume_path(config, given):
 
 # ----------------------------------------------------------------------------- training
 
-def epoch_order(n, generator, rank, world, batch_size):
-    """This rank's shuffled indices for one epoch, and the number of full batches. Every rank
-    draws the same permutation (same generator state) and takes every world-th index."""
-    perm = torch.randperm(n, generator=generator)[rank::world]
+def batches_per_epoch(n, world, batch_size):
+    """(full batches per epoch, batch size) for one rank: each rank gets n // world images."""
     per_rank = n // world
     batch = min(batch_size, per_rank)
-    return perm[:per_rank], per_rank // batch, batch
+    return per_rank // batch, batch
+
+
+def epoch_order(n, generator, rank, world, batch_size):
+    """This rank's shuffled indices for one epoch, the number of full batches and the batch size.
+    Every rank draws the same permutation (same generator state) and takes every world-th index."""
+    perm = torch.randperm(n, generator=generator)[rank::world]
+    return (perm[:n // world], *batches_per_epoch(n, world, batch_size))
 
 
 def log_line(epoch, epochs, train_loss, metrics, seconds):
@@ -224,8 +232,7 @@ def train_loop(config, rank, world, dev):
     model_args = model_args_from_config(config)
     raw_model, optimizer, memory_format = build_training(model_args, config, dev)
     data_gen = torch.Generator().manual_seed(config["seed"])
-    _, steps, batch = epoch_order(len(train_u8), torch.Generator(), rank, world, config["batch_size"])
-    scheduler = build_scheduler(optimizer, config, steps)
+    scheduler = build_scheduler(optimizer, config, batches_per_epoch(len(train_u8), world, config["batch_size"])[0])
     torch.manual_seed(config["seed"] + rank)  # per-rank noise (dither, VAE sampling); same init above
     start_epoch, best_val, rows = 0, math.inf, []
     metrics_path = os.path.join(config["output_dir"], f"{run}_metrics.jsonl")
@@ -348,18 +355,6 @@ def wrap_model(raw_model, config, dev, world):
     return model
 
 
-def native_cpu_bf16():
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def use_bf16(amp, dev):
-    """amp="auto": bf16 autocast on CUDA and on CPUs with native bf16 (measured: same PSNR, see README)."""
-    if amp != "auto":
-        return amp == "bf16"
-    return dev.type == "cuda" or (dev.type == "cpu" and native_cpu_bf16())
-
-
 def make_train_step(model, optimizer, scheduler, config, dev):
     """step(x, aux_weight) -> detached loss: forward, backward, update and lr step, with no host sync."""
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16(config["amp"], dev) else nullcontext()
@@ -412,7 +407,10 @@ def train_epoch(step_fn, images_u8, order, steps, batch, memory_format, epoch, c
     progress = Progress(epoch, steps, show)
     done = 0
     for step in range(steps):
-        x = to_float_images(images_u8[order[step * batch:(step + 1) * batch]]).contiguous(memory_format=memory_format)
+        x = to_float_images(images_u8[order[step * batch:(step + 1) * batch]])
+        if config["hflip"]:
+            x = random_hflip(x)
+        x = x.contiguous(memory_format=memory_format)
         loss = step_fn(x, aux_ramp(epoch, step, steps, config["aux_warmup_epochs"]))
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
@@ -424,6 +422,13 @@ def train_epoch(step_fn, images_u8, order, steps, batch, memory_format, epoch, c
             break
     progress.close()
     return loss_sum, first_bad, done
+
+
+def random_hflip(x):
+    """(B, 3, H, W) -> the same batch with a random half of the images mirrored left-right. Draws
+    from the global RNG of x's device, whose state every checkpoint stores (resume stays exact)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def aux_ramp(epoch, step, steps, warmup_epochs):

@@ -33,13 +33,14 @@ def interrupt_after_first_epoch(monkeypatch):
     monkeypatch.setattr(train, "save_grid", grid_then_sigint)
 
 
-@pytest.mark.parametrize("quantizer", ["ddcl", "vq"])
-def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, monkeypatch):
+@pytest.mark.parametrize("quantizer, hflip", [("ddcl", True), ("vq", False)])
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, monkeypatch):
     """2 epochs straight == a 2-epoch run stopped after epoch 1 and resumed (DDCL draws noise, VQ
-    re-seeds codes, and the lr schedule continues from the stored scheduler state)."""
-    straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, quantizer=quantizer, epochs=2))
+    re-seeds codes, flips draw from the RNG, and the lr schedule continues from the stored
+    scheduler state)."""
+    straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, quantizer=quantizer, epochs=2, hflip=hflip))
     train.train(straight)
-    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=2))
+    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=2, hflip=hflip))
     interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(train.Stop, match="SIGINT"):
         train.train(first)
@@ -53,6 +54,15 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder,
     rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
     assert read_checkpoint(last)["epoch"] == 2
+
+
+def test_random_hflip_mirrors_about_half_the_batch_left_right():
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 8, 8)
+    y = train.random_hflip(x)
+    mirrored = torch.tensor([torch.equal(a.flip(2), b) for a, b in zip(x, y)])
+    unchanged = torch.tensor([torch.equal(a, b) for a, b in zip(x, y)])
+    assert (mirrored | unchanged).all() and 150 < int(mirrored.sum()) < 250
 
 
 def test_lr_schedule_warms_up_peaks_and_decays_to_min():
