@@ -30,6 +30,8 @@ For each quantizer, on synthetic uint8 data of CIFAR-10's shape held on the devi
 It warms up, times `steps` steps (or whole evaluations), and prints images/s, the ratio b/a, and
 the seconds of each evaluation.
 """
+import contextlib
+import io
 import math
 import sys
 import tempfile
@@ -144,7 +146,8 @@ def time_to_quality(opts, dev):
                                               "log_interval": 10 ** 9, **knobs})
                     config["epochs"] = fitting_epochs(config, budget, train_u8.to(dev), val_u8.to(dev), dev)
                     t0 = time.perf_counter()
-                    _, metrics = train(config)
+                    with contextlib.redirect_stdout(io.StringIO()):  # the table, not train.py's epoch lines
+                        _, metrics = train(config)
                     took = time.perf_counter() - t0
                 print(f"{recipe:9} {q:9} {budget:8.0f} {config['epochs']:6d} {took:7.1f} {metrics['psnr']:8.2f} "
                       f"{metrics['bits']:8.1f}  {metrics['rate_source']}", flush=True)
