@@ -44,7 +44,7 @@ from evaluate import evaluate
 from models import model_args_from_config
 from train import (DEFAULT_CONFIG, build_scheduler, build_training, make_train_step, train, train_epoch,
                    validate_config, wrap_model)
-from utils import load_dataset, parse_overrides, pick_device, seed_everything, to_float_images, use_bf16
+from utils import head, load_dataset, parse_overrides, pick_device, seed_everything, to_float_images, use_bf16
 
 BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_images=10000, train_images=50000,
                       quality=False, data_dir="", budgets=[30, 120], baseline=False,
@@ -72,17 +72,23 @@ def timed(fn, dev):
     return time.perf_counter() - t0
 
 
+def training_step(config, dev):
+    """(model, step function, memory format): train.py's own training step for `config`, seeded."""
+    seed_everything(config["seed"])
+    model, optimizer, memory_format = build_training(model_args_from_config(config), config, dev)
+    step_fn = make_train_step(wrap_model(model, config, dev, 1), optimizer, build_scheduler(optimizer, config, 1),
+                              config, dev)
+    return model, step_fn, memory_format
+
+
 def bench_quantizer(name, opts, dev):
     config = validate_config({**DEFAULT_CONFIG, **{k: v for k, v in opts.items() if k in DEFAULT_CONFIG},
                               "quantizer": name, "log_interval": opts["steps"]})
-    seed_everything(config["seed"])
-    raw_model, optimizer, memory_format = build_training(model_args_from_config(config), config, dev)
-    step_fn = make_train_step(wrap_model(raw_model, config, dev, 1), optimizer, build_scheduler(optimizer, config, 1),
-                              config, dev)
+    raw_model, step_fn, memory_format = training_step(config, dev)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (opts["train_images"], 3, 32, 32), dtype=torch.uint8, generator=gen).to(dev)
     val = images[:opts["val_images"]]
-    per_epoch = (val[:config["eval_images"]] if config["eval_images"] else val,
+    per_epoch = (head(val, config["eval_images"]),  # the prior from the other end: not the validation images
                  images[-config["rate_prior_images"]:] if config["rate_prior_images"] else images)
     batch = config["batch_size"]
     x = to_float_images(images[:batch]).contiguous(memory_format=memory_format)
@@ -113,17 +119,14 @@ def bench_quantizer(name, opts, dev):
 def fitting_epochs(config, budget, train_u8, val_u8, dev):
     """How many epochs of `config` fit in `budget` seconds on this machine, from CALIBRATION_STEPS
     timed steps and one timed per-epoch evaluation (at least 1)."""
-    seed_everything(config["seed"])
-    model, optimizer, memory_format = build_training(model_args_from_config(config), config, dev)
-    step_fn = make_train_step(model, optimizer, build_scheduler(optimizer, config, 1), config, dev)
+    model, step_fn, memory_format = training_step(config, dev)
     order = torch.randint(0, len(train_u8), (CALIBRATION_STEPS * config["batch_size"],)).to(dev)
     run = lambda steps: train_epoch(step_fn, train_u8, order, steps, config["batch_size"], memory_format, 2,
                                     config, show=False)[0].item()
     run(2)
     step_s = timed(lambda: run(CALIBRATION_STEPS), dev) / CALIBRATION_STEPS
-    val = val_u8[:config["eval_images"]] if config["eval_images"] else val_u8
-    prior = train_u8[:config["rate_prior_images"]] if config["rate_prior_images"] else train_u8
-    eval_s = timed(lambda: evaluate(model, val, prior, config["eval_batch_size"]), dev)
+    eval_s = timed(lambda: evaluate(model, head(val_u8, config["eval_images"]), head(train_u8, config["rate_prior_images"]),
+                                    config["eval_batch_size"]), dev)
     epoch_s = (len(train_u8) // config["batch_size"]) * step_s + eval_s
     return max(1, math.floor(budget / epoch_s))
 

@@ -22,7 +22,8 @@ from errors import ConfigError, UserError
 from metrics import (PIXELS_PER_IMAGE, codebook_stats, cross_entropy_bits, entropy_code, fit_prior,
                      psnr_per_image, ssim_per_image)
 from plots import plot_rate_distortion, plot_samples
-from utils import load_checkpoint, load_dataset, parse_overrides, pick_device, run_label, save_json, to_float_images, unwrap
+from utils import (head, load_checkpoint, load_dataset, parse_overrides, pick_device, run_label, save_json,
+                   to_float_images, unwrap)
 
 EVAL_BATCH_SIZE = 500
 
@@ -186,7 +187,7 @@ def evaluate_checkpoint(path, opts, device, datasets):
     if key not in datasets:
         datasets[key] = load_dataset(*key)
     train, val = datasets[key]
-    prior = train[:opts["prior_images"]] if opts["prior_images"] > 0 else train
+    prior = head(train, opts["prior_images"])
     batch_size = config.get("eval_batch_size", EVAL_BATCH_SIZE)
     metrics = evaluate(model, val.to(device), prior.to(device), batch_size)
     if metrics.get("roundtrip_exact") is False:

@@ -33,7 +33,7 @@ from quantizers import implied_latent_dim
 from plots import plot_curves, save_grid
 from process import (RunLock, SignalFlag, all_reduce_mean, barrier, gather, setup_distributed,
                      teardown_distributed)
-from utils import (check_dataset, coerce, ensure_writable_dir, get_rng_state, load_dataset, parse_overrides,
+from utils import (check_dataset, coerce, ensure_writable_dir, get_rng_state, head, load_dataset, parse_overrides,
                    read_checkpoint, read_jsonl, run_label, save_checkpoint, save_json, save_jsonl, seed_everything,
                    set_rng_state, to_float_images, use_bf16)
 
@@ -219,13 +219,12 @@ def train_loop(config, rank, world, dev):
     master = rank == 0
     run = run_label(config)
     train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
-    if config["max_train_images"]:
-        train_u8 = train_u8[:config["max_train_images"]]
+    train_u8 = head(train_u8, config["max_train_images"])
     if len(train_u8) < world:
         raise UserError(f"{len(train_u8)} training images cannot be shared by {world} processes")
     train_u8, val_u8 = train_u8.to(dev), val_u8.to(dev)  # the whole split lives on the device
-    prior_u8 = train_u8[:config["rate_prior_images"]] if config["rate_prior_images"] else train_u8
-    epoch_val_u8 = val_u8[:config["eval_images"]] if config["eval_images"] else val_u8  # fixed subset
+    prior_u8 = head(train_u8, config["rate_prior_images"])
+    epoch_val_u8 = head(val_u8, config["eval_images"])  # a fixed subset
     grid = to_float_images(val_u8[:GRID_IMAGES])  # fixed validation images shown every epoch
 
     seed_everything(config["seed"])

@@ -380,6 +380,11 @@ def load_dataset(dataset, data_dir):
     return tuple(load_image_folder(os.path.join(data_dir, split)) for split in ("train", "test"))
 
 
+def head(images, n):
+    """The first `n` images, or all of them when n is 0 (the convention of every "*_images" knob)."""
+    return images[:n] if n > 0 else images
+
+
 def to_float_images(batch_u8):
     """uint8 (B, 3, H, W) -> float in [0, 1] on the same device."""
     return batch_u8.float().div_(255.0)
