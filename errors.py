@@ -18,3 +18,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, foreign or refused."""
+
+
+class BitstreamError(UserError, ValueError):
+    """A byte string that is not what model.compress wrote (truncated, corrupted or foreign)."""

@@ -1,14 +1,18 @@
 """Evaluate checkpoints at measured rates and compare them.
 
     python evaluate.py checkpoints/*_best.pt [--data_dir=DIR] [--device=auto] [--output_dir=outputs] [--prior_images=0]
+                                            [--save_prior=False]
 
 --data_dir overrides the data folder stored in the checkpoints; --prior_images limits the training
-images that fit the rate prior (0 = the whole training split).
+images that fit the rate prior (0 = the whole training split); --save_prior=True writes the fitted
+prior into each checkpoint (atomically), so `model.compress` works on it alone.
 
 For each checkpoint, on its dataset's validation split: MSE, PSNR and SSIM on [0, 1] images, and
-the rate in bits per image three ways (fixed-length code, empirical entropy under a prior fitted on
-the training split, an actual range-coded bitstream that is decoded back to check it), beside the
-quantizer's own estimate (for DDCL the log2(2|z|/delta + 1) surrogate). Prints one table, writes
+the rate in bits per image four ways: a fixed-length code, the ideal code length under the prior
+(one fitted on the training split, or the learned one: entropy_model), one range-coded bitstream
+over the split that is decoded back to check it (`bits_coded`), and the mean length of one byte
+string per image, header and padding included (`bits_per_image_coded`); beside the quantizer's own
+estimate (for DDCL the log2(2|z|/delta + 1) surrogate). Prints one table, writes
 outputs/rate_distortion.json (CompressAI's results layout) and outputs/rate_distortion.png.
 
 `evaluate(model, images)` is the one evaluation loop: train.py calls it every epoch.
@@ -16,14 +20,16 @@ outputs/rate_distortion.json (CompressAI's results layout) and outputs/rate_dist
 import os
 import sys
 
+import numpy as np
 import torch
 
 from errors import ConfigError, UserError
-from metrics import (PIXELS_PER_IMAGE, codebook_stats, cross_entropy_bits, entropy_code, fit_prior,
-                     psnr_per_image, ssim_per_image)
+import entropy
+from metrics import PIXELS_PER_IMAGE, codebook_stats, psnr_per_image, ssim_per_image
+from models import LATENT_HW
 from plots import plot_rate_distortion, plot_samples
-from utils import (head, load_checkpoint, load_dataset, parse_overrides, pick_device, run_label, save_json,
-                   to_float_images, unwrap)
+from utils import (head, load_checkpoint, load_dataset, parse_overrides, pick_device, read_checkpoint, run_label,
+                   save_checkpoint, save_json, to_float_images, unwrap)
 
 EVAL_BATCH_SIZE = 500
 
@@ -39,21 +45,32 @@ def model_outputs(model, images, batch_size=EVAL_BATCH_SIZE):
         yield x, model(x, seed=b)
 
 
-def stream_indices(quantizer, indices):
-    """(B, ...) indices -> (B, S, P): S independent streams (quantizer.num_streams) of P symbols."""
-    return indices.reshape(indices.shape[0], quantizer.num_streams, -1)
-
-
 def collect_indices(model, images, batch_size=EVAL_BATCH_SIZE):
+    """(N, G, P) integers the coder sends for `images` (quantizer.coding_values), on the CPU."""
     q = unwrap(model).quantizer
-    return torch.cat([stream_indices(q, out.indices) for _, out in model_outputs(model, images, batch_size)]).cpu()
+    return torch.cat([q.coding_values(out.indices).cpu() for _, out in model_outputs(model, images, batch_size)])
+
+
+def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE):
+    """Fit the histogram prior of a fitted-prior model on uint8 `train_images` and store it in the
+    model (its state_dict keeps it), so that `model.compress` can use it."""
+    model = unwrap(model)
+    q = model.quantizer
+    if q.prior is not None:
+        raise ConfigError("this model has a learned prior (entropy_model='learned'); it needs no fitted one")
+    was_training = model.training
+    q.fitted_prior = entropy.fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
+    model.train(was_training)
+    return q.fitted_prior
 
 
 def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True):
     """Metrics of `model` on uint8 `images` (N, 3, 32, 32) -> dict of floats.
 
-    With `train_images`, the rate prior is fitted on them and the validation indices are scored
-    (bits_entropy) and range-coded (bits_coded). `bits` is the best measured rate available:
+    The validation indices are scored (bits_entropy), range-coded as one stream (bits_coded) and as
+    one byte string per image (bits_per_image_coded) under the model's prior: the learned one, or
+    for entropy_model="fitted" a prior fitted on `train_images` (without them: no measured rate),
+    which is stored in the model (`fit_rate_prior`). `bits` is the best measured rate available:
     bitstream, else entropy, else fixed-length, else the quantizer's estimate (`rate_source`).
     Sums stay on the device until the end: one read-back per evaluation, not per batch."""
     model = unwrap(model)
@@ -63,7 +80,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     device = next(model.parameters()).device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
     sums = dict.fromkeys(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), torch.zeros((), dtype=dtype, device=device))
-    indices = []
+    indices = []  # (indices of batch b, whose dither seed is b)
     for x, out in model_outputs(model, images, batch_size):
         recon = out.recon.float()
         batch_sums = {"mse": (recon - x).square().flatten(1).mean(1).sum(), "psnr": psnr_per_image(recon, x).sum(),
@@ -71,7 +88,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
                       "bits_estimate": out.bits.sum()}
         sums = {k: sums[k] + v.to(dtype) for k, v in batch_sums.items()}
         if out.indices is not None:
-            indices.append(stream_indices(q, out.indices))
+            indices.append(out.indices.cpu())
     n = len(images)
     means = (torch.stack(list(sums.values())) / n).tolist()  # one read-back for all of them
     metrics = dict(zip(sums, means))
@@ -87,30 +104,48 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     return metrics
 
 
-def rate_metrics(model, indices, train_images, batch_size, entropy_coding):
-    """Fixed-length, entropy and bitstream rates (bits per image) of the collected indices."""
+def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
+    """Fixed-length, ideal, one-stream and per-image rates (bits per image) of the indices of each
+    evaluation batch (batch b was quantized with dither seed b)."""
     q = model.quantizer
-    if not indices:
+    if not batches:
         return {}
-    indices = torch.cat(indices).cpu()  # (N, S, P)
+    indices = torch.cat(batches)
     out = {"bits_fixed": float(q.fixed_length_bits(indices))}
     if q.codebook_size is not None:
         out.update(codebook_stats(indices, q.codebook_size))
-    if train_images is not None and len(train_images):
-        priors = fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
-        out["bits_entropy"] = cross_entropy_bits(priors, indices)
+    if q.prior is None:
+        if train_images is None or not len(train_images):
+            return out
+        fit_rate_prior(model, train_images, batch_size)
+    positions = LATENT_HW[0] * LATENT_HW[1]
+
+    def tables(seed, ind):  # DDCL's learned tables depend on the batch's dither seed
+        return q.coding_tables(len(ind), positions, seed)
+
+    stream, ideal, lengths = entropy.Stream(), 0.0, []
+    for seed, ind in enumerate(batches):
+        values, t = q.coding_values(ind).numpy(), tables(seed, ind)
+        ideal += entropy.ideal_bits(values, t).sum()
         if entropy_coding:
-            out["bits_coded"], out["roundtrip_exact"] = entropy_code(priors, indices)
+            stream.add(values, t)
+            lengths += [len(s) for s in entropy.compress(values, t, b"")]
+    out["bits_entropy"] = float(ideal / len(indices))
+    if entropy_coding:
+        out["bits_coded"] = stream.bits_per_image()
+        out["roundtrip_exact"] = stream.decodes_back(tables(seed, ind) for seed, ind in enumerate(batches))
+        out["bits_per_image_coded"] = 8.0 * sum(lengths) / len(lengths)
     return out
 
 
 # ----------------------------------------------------------------------------- comparison CLI
 
-CLI_DEFAULTS = dict(data_dir="", device="auto", output_dir="outputs", prior_images=0)
+CLI_DEFAULTS = dict(data_dir="", device="auto", output_dir="outputs", prior_images=0, save_prior=False)
 SAMPLE_FIXED = 4  # the samples sheet shows the first validation images...
 SAMPLE_HARDEST = 4  # ...and those with the largest MSE averaged over the runs
 TABLE = (("run", "{}"), ("quantizer", "{}"), ("settings", "{}"), ("bits_fixed", "{:.1f}"),
-         ("bits_entropy", "{:.1f}"), ("bits_coded", "{:.1f}"), ("bits_estimate", "{:.1f}"), ("bpp", "{:.4f}"),
+         ("bits_entropy", "{:.1f}"), ("bits_coded", "{:.1f}"), ("bits_per_image_coded", "{:.1f}"),
+         ("bits_estimate", "{:.1f}"), ("bpp", "{:.4f}"),
          ("psnr", "{:.2f}"), ("ssim", "{:.4f}"), ("codebook_usage", "{:.1f}"), ("perplexity", "{:.1f}"))
 
 
@@ -131,21 +166,54 @@ def compressai_results(rows):
             "psnr-rgb": [r["psnr"] for r in rows], "ssim-rgb": [r["ssim"] for r in rows],
             "bpp": [r["bpp"] for r in rows], "bits": [r["bits"] for r in rows],
             "rate_source": [r["rate_source"] for r in rows], "mse": [r["mse"] for r in rows],
-            "quantizer": [r["quantizer"] for r in rows], "settings": [r["settings"] for r in rows],
+            "quantizer": [r["quantizer"] for r in rows], "entropy_model": [r["entropy_model"] for r in rows],
+            "settings": [r["settings"] for r in rows],
             "checkpoint": [r["checkpoint"] for r in rows],
         },
     }
 
 
 def per_bottleneck_results(rows):
-    """{quantizer: CompressAI results dict}, one curve per bottleneck with its points ordered by
-    rate, so CompressAI's plotting client (`python -m compressai.utils.plot -f FILE...`), which
-    draws each file as one named line, overlays them with its published curves."""
+    """{curve: CompressAI results dict}, one curve per bottleneck and prior ("ddcl", "ddcl_learned")
+    with its points ordered by rate, so CompressAI's plotting client
+    (`python -m compressai.utils.plot -f FILE...`), which draws each file as one named line,
+    overlays them with its published curves."""
     files = {}
-    for name in sorted({r["quantizer"] for r in rows}):
-        pts = sorted((r for r in rows if r["quantizer"] == name), key=lambda r: r["bits"])
+    for name in sorted({r["curve"] for r in rows}):
+        pts = sorted((r for r in rows if r["curve"] == name), key=lambda r: r["bits"])
         files[name] = {**compressai_results(pts), "name": name}
     return files
+
+
+def psnr_gain_at_equal_bits(a, b):
+    """Mean PSNR of curve `a` minus curve `b` (lists of rows) over the rates both cover, each
+    interpolated linearly in log(bits): Bjontegaard's delta-PSNR with piecewise-linear instead of
+    cubic interpolation (robust with 2-4 points). None when the rates do not overlap."""
+    def curve(rows):
+        pts = sorted((r["bits"], r["psnr"]) for r in rows)
+        return np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+    (ra, pa), (rb, pb) = curve(a), curve(b)
+    lo, hi = max(ra[0], rb[0]), min(ra[-1], rb[-1])
+    if len(ra) < 2 or len(rb) < 2 or lo >= hi:
+        return None
+    grid = np.linspace(lo, hi, 200)
+    return float(np.mean(np.interp(grid, ra, pa) - np.interp(grid, rb, pb))), float(np.exp(lo)), float(np.exp(hi))
+
+
+def equal_bits_lines(rows):
+    """One line per pair of curves whose rates overlap: the PSNR gain at equal bits."""
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["curve"], []).append(r)
+    lines = []
+    names = sorted(curves)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            gain = psnr_gain_at_equal_bits(curves[a], curves[b])
+            if gain is not None:
+                lines.append(f"{a} vs {b} at equal bits ({gain[1]:.0f}-{gain[2]:.0f} bits/img): {gain[0]:+.2f} dB PSNR")
+    return lines
 
 
 def per_image_mse(model, images, batch_size):
@@ -192,8 +260,14 @@ def evaluate_checkpoint(path, opts, device, datasets):
     metrics = evaluate(model, val.to(device), prior.to(device), batch_size)
     if metrics.get("roundtrip_exact") is False:
         raise RuntimeError(f"{path}: entropy-coded indices did not decode back exactly")
-    row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"],
-           "settings": model.quantizer.settings(), **metrics}
+    if opts["save_prior"] and model.quantizer.fitted_prior is not None:
+        save_checkpoint(path, {**read_checkpoint(path), "model": model.state_dict()})
+        print(f"stored the fitted prior in {path}", file=sys.stderr)
+    q = model.quantizer
+    entropy_model = q.entropy_model if q.has_indices else "-"
+    row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"], "entropy_model": entropy_model,
+           "curve": config["quantizer"] + ("_learned" if entropy_model == "learned" else ""),
+           "settings": q.settings(), **metrics}
     return row, (model, key, batch_size)
 
 
@@ -228,12 +302,14 @@ def main(argv=None):
         out = opts["output_dir"]
         os.makedirs(out, exist_ok=True)
         print(format_table(rows))
+        for line in equal_bits_lines(rows):
+            print(line)
         save_json(os.path.join(out, "rate_distortion.json"), compressai_results(rows))
-        for name, results in per_bottleneck_results(rows).items():
+        for name, results in per_bottleneck_results(rows).items():  # e.g. rate_distortion_ddcl_learned.json
             save_json(os.path.join(out, f"rate_distortion_{name}.json"), results)
         plot_rate_distortion(os.path.join(out, "rate_distortion.png"), rows)
         write_samples_sheet(os.path.join(out, "rate_distortion_samples.png"), rows, runs, datasets)
-        print(f"wrote {out}/rate_distortion.json (and one rate_distortion_QUANTIZER.json per bottleneck), "
+        print(f"wrote {out}/rate_distortion.json (and one rate_distortion_CURVE.json per bottleneck and prior), "
               f"rate_distortion.png and rate_distortion_samples.png")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

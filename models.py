@@ -15,8 +15,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from errors import ConfigError
+import entropy
+from errors import BitstreamError, ConfigError
 from quantizers import build_quantizer, implied_latent_dim
+
+LATENT_HW = (4, 4)  # 32 px after three stride-2 stages
 
 
 class ModelOutput(NamedTuple):
@@ -25,6 +28,7 @@ class ModelOutput(NamedTuple):
     indices: Optional[torch.Tensor]
     aux_loss: torch.Tensor
     bits: torch.Tensor  # (B,)
+    prior_loss: torch.Tensor  # trains the learned prior only (quantizers.QuantizerOutput)
 
 
 def _act():
@@ -121,12 +125,53 @@ class QuantizedVAE(nn.Module):
         """Indices (from `encode` with the same seed) -> images in [0, 1]."""
         return self.decoder(self.quantizer.decode_indices(indices, seed=seed))
 
+    def _stream_key(self, seed):
+        return entropy.fingerprint(self) + int(seed).to_bytes(8, "big", signed=True)
+
+    @torch.no_grad()
+    def compress(self, x, seed=0):
+        """Images (B, 3, 32, 32) in [0, 1] -> B byte strings, one per image, holding everything the
+        decoder needs besides this model and `seed` (entropy.py: format). Uses the learned prior,
+        or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
+        decode(encode(x, s), s) bit for bit on the CPU."""
+        q = self.quantizer
+        if not q.has_indices:
+            raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to compress")
+        was_training = self.training
+        self.eval()
+        try:
+            indices = self.encode(x, seed=seed)
+        finally:
+            self.train(was_training)
+        tables = q.coding_tables(len(x), LATENT_HW[0] * LATENT_HW[1], seed)
+        return entropy.compress(q.coding_values(indices).cpu().numpy(), tables, self._stream_key(seed))
+
+    @torch.no_grad()
+    def decompress(self, strings, seed=0):
+        """The byte strings of `compress` (the same list, the same seed) -> images (B, 3, 32, 32) in [0, 1].
+        A truncated, corrupted or foreign string raises errors.BitstreamError."""
+        q = self.quantizer
+        if not q.has_indices:
+            raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to decompress")
+        if isinstance(strings, (bytes, bytearray)):
+            raise BitstreamError("decompress takes a list of byte strings (one per image); wrap one string: [data]")
+        tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
+        values = torch.from_numpy(entropy.decompress(strings, tables, self._stream_key(seed)))
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)
+        finally:
+            self.train(was_training)
+
 
 MODEL_ARG_KEYS = ("quantizer", "latent_dim", "channels", "res_blocks", "fsq_levels", "ddcl_delta", "ddcl_comm_weight",
-                  "vq_codebook_size", "vq_decay", "vq_commitment_weight", "vq_dead_code_threshold", "vae_kl_weight")
+                  "vq_codebook_size", "vq_decay", "vq_commitment_weight", "vq_dead_code_threshold", "vae_kl_weight",
+                  "entropy_model", "rate_weight")
 # What a checkpoint written before a key existed meant by its absence (not a default: the defaults
 # live in train.py's config block).
-ABSENT_KEY_MEANS = {"res_blocks": 0}
+ABSENT_KEY_MEANS = {"res_blocks": 0, "entropy_model": "fitted", "rate_weight": 0.0}
 
 
 def model_args_from_config(config):

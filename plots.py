@@ -67,11 +67,12 @@ def plot_curves(path, rows):
 
 
 def plot_rate_distortion(path, rows):
-    """PSNR against measured bits per image, one line per quantizer, each point labelled."""
+    """PSNR against measured bits per image, one line per curve (quantizer, and "_learned" when it
+    was trained with a learned prior), each point labelled with its run."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in sorted({r["quantizer"] for r in rows}):
-        pts = sorted((r for r in rows if r["quantizer"] == name), key=lambda r: r["bits"])
+    for name in sorted({r.get("curve", r["quantizer"]) for r in rows}):
+        pts = sorted((r for r in rows if r.get("curve", r["quantizer"]) == name), key=lambda r: r["bits"])
         sources = "/".join(sorted({r["rate_source"] for r in pts}))
         ax.plot([r["bits"] for r in pts], [r["psnr"] for r in pts], marker="o", label=f"{name} ({sources})")
         for r in pts:

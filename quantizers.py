@@ -11,11 +11,17 @@ quantizer's name:
     aux_loss scalar tensor, already weighted, added to the reconstruction loss
     bits     (B,) float tensor, the quantizer's own estimate of bits per image (detached):
              FSQ / VQ: fixed-length code, DDCL: the communication-cost surrogate,
-             none: 32-bit floats, vae: the KL divergence in bits
+             none: 32-bit floats, vae: the KL divergence in bits;
+             with entropy_model="learned": -log2 p(indices) under the learned prior
+    prior_loss scalar tensor: trains the learned prior alone (mean bits per value, the encoder
+             held fixed); 0 without one. Added to the loss unweighted: only the prior's parameters
+             receive its gradient, and Adam does not care about their gradient's scale.
 
-Measured rates (entropy under a fitted prior, an actual entropy-coded bitstream) are computed from
-`indices` by evaluate.py; a quantizer only says how its indices split into independent streams
-(`num_streams`) and how big its alphabet is (`codebook_size`, None when unbounded).
+The rate the indices cost is measured by evaluate.py with entropy.py: under a prior fitted on the
+training split (entropy_model="fitted", stored in the bottleneck's state_dict once evaluated), or
+under the learned prior trained with the model ("learned"). A bottleneck only describes its
+integers to the coder: `coding_values` (which integers, grouped into streams) and `coding_tables`
+(their probabilities).
 
 Choices: fsq, ddcl, vq, none, vae (see `build_quantizer`).
 """
@@ -25,7 +31,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from errors import ConfigError
+from entropy import CategoricalPrior, LogisticMixturePrior, priors_from_state, priors_to_state
+from errors import CheckpointError, ConfigError
+from metrics import PIXELS_PER_IMAGE
+
+ENTROPY_MODELS = ("fitted", "learned")
+NO_PRIOR = ("this model holds no fitted rate prior (its checkpoint predates stored priors, or it was never evaluated); "
+            "fit one in Python with evaluate.fit_rate_prior(model, train_images), or store one in the checkpoint with "
+            "python evaluate.py CHECKPOINT --save_prior=True")
 
 
 class QuantizerOutput(NamedTuple):
@@ -33,6 +46,7 @@ class QuantizerOutput(NamedTuple):
     indices: Optional[torch.Tensor]
     aux_loss: torch.Tensor
     bits: torch.Tensor
+    prior_loss: torch.Tensor
 
 
 class Bottleneck(nn.Module):
@@ -40,21 +54,36 @@ class Bottleneck(nn.Module):
 
     in_channels    channels the encoder must emit
     codebook_size  size of the index alphabet; None when unbounded (DDCL) or without indices
-    num_streams    independent index streams, each with its own rate prior (0 without indices)
+    num_streams    independent index streams of the fitted prior (0 without indices)
     rate_label     what the `bits` of its output are when nothing was measured
+    entropy_model  "fitted" or "learned" (see entropy.py); `prior` is the learned prior module
+    rate_weight    loss per bit per pixel of the learned bits (loss = MSE + rate_weight * bits / 1024)
+    fitted_prior   list of entropy.StreamPrior fitted by evaluate.py, or None; kept in the
+                   state_dict (its extra state), so a loaded checkpoint compresses on its own
     """
 
     codebook_size = None
     num_streams = 0
     rate_label = "estimate"
+    has_indices = False
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, entropy_model="fitted", rate_weight=0.0):
         super().__init__()
         self.in_channels = in_channels
+        self.entropy_model, self.rate_weight = validate_entropy_model(entropy_model, rate_weight, self)
+        self.fitted_prior = None
+        self.prior = None
+        if self.entropy_model == "learned":
+            self.rate_label = "learned prior"
 
     def settings(self):
         """A short label of the settings that change the rate (shown in tables and plots)."""
         raise NotImplementedError
+
+    def prior_label(self):
+        if not self.has_indices:
+            return ""
+        return f" | learned prior rw={self.rate_weight:g}" if self.prior is not None else " | fitted prior"
 
     def decode_indices(self, indices, seed=0):
         raise TypeError(f"{type(self).__name__} has no indices to decode")
@@ -62,16 +91,68 @@ class Bottleneck(nn.Module):
     def fixed_length_bits(self, indices):
         raise TypeError(f"{type(self).__name__} has no indices")
 
+    def learned_rate(self, encoder_bits, prior_bits):
+        """(aux_loss, bits per image, prior_loss) from per-value bits (B, S, P) under the learned prior."""
+        per_image = encoder_bits.flatten(1).sum(1)  # (B,)
+        return self.rate_weight * per_image.mean() / PIXELS_PER_IMAGE, per_image.detach(), prior_bits.mean()
+
+    # the coder's view (entropy.py) ------------------------------------------------------------
+
+    def coding_values(self, indices):
+        """indices -> (B, G, P) integers in G streams of P positions: the fitted prior's streams."""
+        return indices.reshape(indices.shape[0], self.num_streams, -1)
+
+    def indices_from_values(self, values, latent_hw):
+        raise NotImplementedError
+
+    def coding_tables(self, batch, positions, seed):
+        """The entropy.Table of each stream for `batch` images of `positions` latent positions;
+        `seed` is the dither seed of that batch (DDCL's learned prior conditions on the dither)."""
+        if self.prior is not None:
+            return self.learned_tables(batch, positions, seed)
+        if self.fitted_prior is None:
+            raise CheckpointError(NO_PRIOR)
+        return [p.table(positions) for p in self.fitted_prior]
+
+    def get_extra_state(self):
+        return {"fitted_prior": priors_to_state(self.fitted_prior)}
+
+    def set_extra_state(self, state):
+        self.fitted_prior = priors_from_state(state.get("fitted_prior", []))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before fitted priors were stored have no extra state: no prior
+        state_dict.setdefault(prefix + "_extra_state", {"fitted_prior": []})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def validate_entropy_model(entropy_model, rate_weight, bottleneck):
+    if entropy_model not in ENTROPY_MODELS:
+        raise ConfigError(f"entropy_model={entropy_model!r}; choose one of {', '.join(ENTROPY_MODELS)}")
+    if entropy_model == "learned" and not bottleneck.has_indices:
+        raise ConfigError(f"entropy_model='learned' needs a bottleneck that sends integers (fsq, vq, ddcl); "
+                          f"{type(bottleneck).__name__} sends none: use entropy_model='fitted'")
+    if not isinstance(rate_weight, (int, float)) or isinstance(rate_weight, bool) or not math.isfinite(rate_weight) or rate_weight < 0:
+        raise ConfigError(f"rate_weight must be a finite number >= 0 (loss per bit per pixel), e.g. 0.01; got {rate_weight!r}")
+    return entropy_model, float(rate_weight)
+
 
 class CodebookBottleneck(Bottleneck):
     """A bottleneck that sends one code in [0, codebook_size) per latent position (FSQ, VQ)."""
 
     num_streams = 1  # one code per position, all positions share one prior
     rate_label = "fixed-length"
+    has_indices = True
 
-    def __init__(self, in_channels, codebook_size):
-        super().__init__(in_channels)
+    def __init__(self, in_channels, codebook_size, entropy_model="fitted", rate_weight=0.0):
+        super().__init__(in_channels, entropy_model, rate_weight)
         self.codebook_size = codebook_size
+
+    def indices_from_values(self, values, latent_hw):
+        return values.reshape(values.shape[0], *latent_hw)
+
+    def learned_tables(self, batch, positions, seed):
+        return self.prior.tables(positions)
 
     def fixed_length_bits(self, indices):
         """A plain code: log2(codebook_size) bits per latent position."""
@@ -95,7 +176,7 @@ def _constant_bits(z, bits_per_image):
 
 
 def _zero(z):
-    return z.new_zeros(())
+    return z.new_zeros((), dtype=torch.float32)
 
 
 class FSQWrapper(CodebookBottleneck):
@@ -105,11 +186,14 @@ class FSQWrapper(CodebookBottleneck):
     ICLR 2024 (arXiv 2309.15505). Channel i is bounded and rounded to levels[i] values; the
     implicit codebook has prod(levels) codes. The encoder emits exactly len(levels) channels, so
     the library adds no projections (its `dim` equals len(levels)).
+
+    Learned prior: a categorical per channel over its levels, shared by the 16 positions. The per-channel level ids are the library's codes scaled back, (code + 1) * (L // 2), which
+    carry its straight-through gradient, so the rate reaches the encoder.
     """
 
-    def __init__(self, levels):
+    def __init__(self, levels, entropy_model="fitted", rate_weight=0.0):
         levels = validate_fsq_levels(levels)
-        super().__init__(len(levels), math.prod(levels))
+        super().__init__(len(levels), math.prod(levels), entropy_model, rate_weight)
         from vector_quantize_pytorch import FSQ
 
         try:
@@ -117,14 +201,33 @@ class FSQWrapper(CodebookBottleneck):
         except AssertionError as err:  # the library refuses some level sets (e.g. a level of 2)
             raise ConfigError(f"fsq_levels={levels} refused by vector_quantize_pytorch.FSQ: {err}") from None
         self.levels = levels
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]  # the library's mixed radix
+        self.register_buffer("radix", torch.tensor(levels)[:, None], persistent=False)  # (C, 1)
+        self.register_buffer("basis", torch.tensor(basis)[:, None], persistent=False)  # (C, 1)
+        if self.entropy_model == "learned":
+            self.prior = CategoricalPrior(levels)
 
     def settings(self):
-        return f"levels={self.levels}"
+        return f"levels={self.levels}" + self.prior_label()
 
     def forward(self, z, seed=None):
         # z: (B, C, H, W) with C == len(levels); FSQ treats 4-D input as channel-first.
-        z_q, indices = self.fsq(z)
-        return QuantizerOutput(z_q, indices.long(), _zero(z), self.code_bits(z))  # indices (B, H, W)
+        z_q, indices = self.fsq(z)  # (B, C, H, W) codes in [-1, 1], (B, H, W)
+        if self.prior is None:
+            return QuantizerOutput(z_q, indices.long(), _zero(z), self.code_bits(z), _zero(z))
+        half = (self.radix // 2).to(torch.float32)[None]  # (1, C, 1)
+        level_ids = z_q.float().flatten(2) * half + half  # (B, C, H*W), exact integers, straight-through
+        return QuantizerOutput(z_q, indices.long(), *self.learned_rate(*self.prior.bits(level_ids)))
+
+    def coding_values(self, indices):
+        """(B, H, W) codes -> fitted prior: the code itself (B, 1, H*W); learned prior: each channel's
+        level id (B, C, H*W), the symbols its per-channel categoricals model."""
+        flat = indices.reshape(indices.shape[0], 1, -1)
+        return flat if self.prior is None else (flat // self.basis) % self.radix
+
+    def indices_from_values(self, values, latent_hw):
+        codes = values[:, 0] if self.prior is None else (values * self.basis).sum(1)
+        return codes.reshape(values.shape[0], *latent_hw)
 
     def codes(self, indices):
         return self.fsq.indices_to_codes(indices)  # (B, C, H, W)
@@ -166,18 +269,27 @@ class DDCL_Bottleneck(Bottleneck):
 
     In training mode `indices` are round(z_tilde/delta): the integers the dithered quantizer would
     send for the same u (free to compute, used only for statistics).
+
+    With entropy_model="learned" the surrogate is replaced by a learned density per channel
+    (entropy.LogisticMixturePrior): training pays -log2 of the prior's mass in the delta-wide bin
+    around z + u, evaluation codes m under P(m | u), the same quantity for the dithered latent
+    (`ddcl_comm_weight` is then unused; `rate_weight` weighs the bits).
     """
 
     rate_label = "surrogate"
+    has_indices = True
 
-    def __init__(self, latent_dim, delta, comm_weight):
-        super().__init__(latent_dim)
+    def __init__(self, latent_dim, delta, comm_weight, entropy_model="fitted", rate_weight=0.0):
+        super().__init__(latent_dim, entropy_model, rate_weight)
         self.delta = validate_ddcl(delta, comm_weight)
         self.comm_weight = float(comm_weight)
         self.num_streams = latent_dim  # unbounded signed integers, one prior per latent channel
+        if self.entropy_model == "learned":
+            self.prior = LogisticMixturePrior(latent_dim)
 
     def settings(self):
-        return f"delta={self.delta:.4g} w={self.comm_weight:g}"
+        weight = "" if self.prior is not None else f" w={self.comm_weight:g}"
+        return f"delta={self.delta:.4g}{weight}" + self.prior_label()
 
     def dither(self, shape, seed, device):
         """u ~ U(-delta/2, delta/2) of `shape`, reproducible from `seed` on any device."""
@@ -190,19 +302,28 @@ class DDCL_Bottleneck(Bottleneck):
 
     def forward(self, z, seed=0):
         z = z.float()  # (B, C, H, W); fp32 even under bf16 autocast, so the noise is not rounded away
-        cost = self.comm_bits(z)  # (B, C, H, W) bits per value
-        aux = self.comm_weight * cost.mean()
-        bits = cost.detach().flatten(1).sum(1)
         if self.training:
-            z_tilde = z + (torch.rand_like(z) - 0.5) * self.delta
-            return QuantizerOutput(z_tilde, torch.round(z_tilde.detach() / self.delta).long(), aux, bits)
-        u = self.dither(z.shape, seed, z.device)
-        m = torch.round((z + u) / self.delta)
-        return QuantizerOutput(m * self.delta - u, m.long(), aux, bits)
+            z_hat = z + (torch.rand_like(z) - 0.5) * self.delta
+            m = torch.round(z_hat.detach() / self.delta)
+        else:
+            u = self.dither(z.shape, seed, z.device)
+            m = torch.round((z + u) / self.delta)
+            z_hat = m * self.delta - u
+        if self.prior is not None:  # bits of z_hat's delta-wide bin; the exact code length at evaluation
+            return QuantizerOutput(z_hat, m.long(), *self.learned_rate(*self.prior.bits(z_hat.flatten(2), self.delta)))
+        cost = self.comm_bits(z)  # (B, C, H, W) bits per value
+        return QuantizerOutput(z_hat, m.long(), self.comm_weight * cost.mean(), cost.detach().flatten(1).sum(1), _zero(z))
 
     def decode_indices(self, indices, seed=0):
         u = self.dither(indices.shape, seed, indices.device)
         return indices.float() * self.delta - u
+
+    def indices_from_values(self, values, latent_hw):
+        return values.reshape(*values.shape[:2], *latent_hw)
+
+    def learned_tables(self, batch, positions, seed):
+        """P(m | u) for the dither u that `forward(z, seed)` draws for a batch of this size."""
+        return self.prior.tables(self.dither((batch, self.in_channels, positions), seed, "cpu"), self.delta)
 
     def fixed_length_bits(self, indices):
         """The naive code: every value gets ceil(log2(number of distinct values seen)) bits."""
@@ -227,26 +348,35 @@ class VQWrapper(CodebookBottleneck):
     `dead_code_threshold`) are re-seeded from the batch by the library.
     """
 
-    def __init__(self, latent_dim, codebook_size, decay, commitment_weight, dead_code_threshold):
+    def __init__(self, latent_dim, codebook_size, decay, commitment_weight, dead_code_threshold,
+                 entropy_model="fitted", rate_weight=0.0):
         if not isinstance(codebook_size, int) or codebook_size < 2:
             raise ConfigError(f"vq_codebook_size must be an integer >= 2; got {codebook_size!r}")
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"vq_decay must be in (0, 1), e.g. 0.99; got {decay!r}")
         if commitment_weight < 0 or dead_code_threshold < 0:
             raise ConfigError("vq_commitment_weight and vq_dead_code_threshold must be >= 0")
-        super().__init__(latent_dim, codebook_size)
+        super().__init__(latent_dim, codebook_size, entropy_model, rate_weight)
         from vector_quantize_pytorch import VectorQuantize
 
         self.vq = VectorQuantize(dim=latent_dim, codebook_size=codebook_size, decay=decay,
                                  commitment_weight=commitment_weight,
                                  threshold_ema_dead_code=dead_code_threshold, accept_image_fmap=True)
+        if self.entropy_model == "learned":
+            # a categorical over the codes; the nearest-code choice has no gradient, so the rate
+            # trains this prior but does not move the encoder
+            self.prior = CategoricalPrior([codebook_size])
 
     def settings(self):
-        return f"K={self.codebook_size}"
+        return f"K={self.codebook_size}" + self.prior_label()
 
     def forward(self, z, seed=None):
         z_q, indices, commit = self.vq(z.float())  # (B, C, H, W), (B, H, W), scalar
-        return QuantizerOutput(z_q.to(z.dtype), indices.long(), commit.reshape(()), self.code_bits(z))
+        z_q, indices, commit = z_q.to(z.dtype), indices.long(), commit.reshape(())
+        if self.prior is None:
+            return QuantizerOutput(z_q, indices, commit, self.code_bits(z), _zero(z))
+        aux, bits, prior_loss = self.learned_rate(*self.prior.bits(self.coding_values(indices).float()))
+        return QuantizerOutput(z_q, indices, commit + aux, bits, prior_loss)
 
     def codes(self, indices):
         return self.vq.get_output_from_indices(indices)  # (B, C, H, W)
@@ -261,7 +391,7 @@ class Identity(Bottleneck):
         return f"C={self.in_channels}"
 
     def forward(self, z, seed=None):
-        return QuantizerOutput(z, None, _zero(z), _constant_bits(z, 32 * z[0].numel()))
+        return QuantizerOutput(z, None, _zero(z), _constant_bits(z, 32 * z[0].numel()), _zero(z))
 
 
 class GaussianBottleneck(Bottleneck):
@@ -274,10 +404,10 @@ class GaussianBottleneck(Bottleneck):
 
     rate_label = "KL"
 
-    def __init__(self, latent_dim, kl_weight):
+    def __init__(self, latent_dim, kl_weight, entropy_model="fitted", rate_weight=0.0):
         if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
             raise ConfigError(f"vae_kl_weight must be a number >= 0; got {kl_weight!r}")
-        super().__init__(2 * latent_dim)
+        super().__init__(2 * latent_dim, entropy_model, rate_weight)
         self.kl_weight = float(kl_weight)
 
     def settings(self):
@@ -288,7 +418,8 @@ class GaussianBottleneck(Bottleneck):
         logvar = logvar.clamp(-30.0, 20.0)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)  # nats per latent value
         z_q = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        return QuantizerOutput(z_q.to(z.dtype), None, self.kl_weight * kl.mean(), kl.detach().flatten(1).sum(1) / math.log(2))
+        return QuantizerOutput(z_q.to(z.dtype), None, self.kl_weight * kl.mean(), kl.detach().flatten(1).sum(1) / math.log(2),
+                               _zero(z))
 
 
 QUANTIZERS = ("fsq", "ddcl", "vq", "none", "vae")
@@ -302,15 +433,16 @@ def implied_latent_dim(args):
 def build_quantizer(args):
     """The one place that maps a quantizer name to a module; `args` is the model_args dict."""
     name = args["quantizer"]
+    rate = dict(entropy_model=args["entropy_model"], rate_weight=args["rate_weight"])
     if name == "fsq":
-        return FSQWrapper(args["fsq_levels"])
+        return FSQWrapper(args["fsq_levels"], **rate)
     if name == "ddcl":
-        return DDCL_Bottleneck(args["latent_dim"], args["ddcl_delta"], args["ddcl_comm_weight"])
+        return DDCL_Bottleneck(args["latent_dim"], args["ddcl_delta"], args["ddcl_comm_weight"], **rate)
     if name == "vq":
         return VQWrapper(args["latent_dim"], args["vq_codebook_size"], args["vq_decay"],
-                         args["vq_commitment_weight"], args["vq_dead_code_threshold"])
+                         args["vq_commitment_weight"], args["vq_dead_code_threshold"], **rate)
     if name == "none":
-        return Identity(args["latent_dim"])
+        return Identity(args["latent_dim"], **rate)
     if name == "vae":
-        return GaussianBottleneck(args["latent_dim"], args["vae_kl_weight"])
+        return GaussianBottleneck(args["latent_dim"], args["vae_kl_weight"], **rate)
     raise ConfigError(f"quantizer={name!r} is unknown; choose one of {', '.join(QUANTIZERS)}")

@@ -63,6 +63,8 @@ vq_decay = 0.99  # VQ EMA decay of the codebook
 vq_commitment_weight = 0.25  # VQ commitment loss weight
 vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this (0 = never)
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
+entropy_model = "fitted"  # "fitted" (a histogram prior fitted after training) or "learned" (a prior trained with the model; fsq, vq, ddcl)
+rate_weight = 0.01  # "learned": loss per bit per pixel, loss = MSE + rate_weight * bits / 1024 (= 1 / (255^2 lambda) in CompressAI's terms)
 aux_warmup_epochs = 1.0  # ramp the auxiliary loss (DDCL cost, VQ commitment, KL) from 0 over this many epochs
 hflip = True  # flip a random half of each training batch left-right (augmentation; README: Training recipe)
 max_train_images = 0  # use only the first N training images (0 = all): quick experiments
@@ -365,7 +367,7 @@ def make_train_step(model, optimizer, scheduler, config, dev):
             out = model(x)
         loss = F.mse_loss(out.recon.float(), x) + aux_weight * out.aux_loss.float()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + out.prior_loss).backward()  # the prior's own loss reaches only the prior (quantizers.py)
         optimizer.step()
         scheduler.step()
         return loss.detach()

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Re-derive the README's rate-distortion comparison in one command:
 #
-#   bash scripts/compare.sh DATA_DIR [EPOCHS]      # e.g. DATA_DIR=/tmp/patches from scripts/make_patches.py
+#   bash scripts/compare.sh DATA_DIR [EPOCHS] [SET]      # e.g. DATA_DIR=/tmp/patches from scripts/make_patches.py
 #
-# Trains every bottleneck setting of the README's table with train.py's defaults for EPOCHS epochs
+# SET "bottlenecks" (the default): every bottleneck setting of the README's table. SET "priors":
+# the learned entropy model against the fitted prior and DDCL's surrogate (README, "Learned
+# entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned, DDCL's
+# comm-weight sweep with the surrogate, VQ with a learned prior.
+#
+# Trains every setting of the set with train.py's defaults for EPOCHS epochs
 # (default 30) on DATA_DIR/train, evaluates every run's checkpoint of epoch 10, 20, ... (to show
 # where the ranking settles), then all best checkpoints together on DATA_DIR/test: the tables go
 # to stdout, the plots and JSON to compare/outputs/ (compare/outputs/epoch_N/ for the earlier ones). A run that an earlier
 # call left unfinished is resumed from its last checkpoint, and a finished one is not trained again.
 set -euo pipefail
-data_dir=${1:?usage: bash scripts/compare.sh DATA_DIR [EPOCHS]}
+data_dir=${1:?usage: bash scripts/compare.sh DATA_DIR [EPOCHS] [bottlenecks|priors]}
 epochs=${2:-30}
+set_name=${3:-bottlenecks}
 out=${COMPARE_DIR:-compare}
 cd "$(dirname "$0")/.."
 common=(--dataset=folder --data_dir="$data_dir" --epochs="$epochs" --output_dir="$out/outputs"
@@ -25,15 +31,30 @@ run() {  # run NAME ARGS...: train NAME for EPOCHS epochs, resuming what an earl
 }
 
 mkdir -p "$out"
-for levels in "[8,6,5]" "[8,5,5,5]" "[7,5,5,5,5]"; do
-  run "fsq_$(echo "$levels" | tr -d '[] ' | tr , -)" --quantizer=fsq --fsq_levels="$levels"
-done
-for w in 3e-3 1e-3 3e-4; do
-  run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
-done
-run vq_1024 --quantizer=vq
-run none --quantizer=none
-run vae --quantizer=vae
+case "$set_name" in
+  bottlenecks)
+    for levels in "[8,6,5]" "[8,5,5,5]" "[7,5,5,5,5]"; do
+      run "fsq_$(echo "$levels" | tr -d '[] ' | tr , -)" --quantizer=fsq --fsq_levels="$levels"
+    done
+    for w in 3e-3 1e-3 3e-4; do
+      run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
+    done
+    run vq_1024 --quantizer=vq
+    run none --quantizer=none
+    run vae --quantizer=vae ;;
+  priors)
+    for w in 1e-2 3e-3 1e-3 3e-4; do
+      run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
+    done
+    for rw in 0.3 0.1 0.03 0.01; do
+      run "ddcl_learned_rw$rw" --quantizer=ddcl --entropy_model=learned --rate_weight="$rw"
+    done
+    for rw in 0.3 0.1 0.03 0; do
+      run "fsq_learned_rw$rw" --quantizer=fsq --entropy_model=learned --rate_weight="$rw"
+    done
+    run vq_learned_rw0.01 --quantizer=vq --entropy_model=learned --rate_weight=0.01 ;;
+  *) echo "unknown set $set_name: use bottlenecks or priors" >&2; exit 2 ;;
+esac
 # how the comparison moves with training: every run again at each 10th epoch (its epoch_N checkpoints)
 for ((n = 10; n < epochs; n += 10)); do
   echo "== after $n of $epochs epochs"

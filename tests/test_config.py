@@ -57,6 +57,10 @@ def test_no_exec_of_override_values():
     (["--amp=fp8"], "amp='fp8'"),
     (["--dataset=imagenet"], "dataset='imagenet' is unknown"),
     (["--quantizer=vq", "--vq_codebook_size=1"], "vq_codebook_size must be an integer >= 2"),
+    (["--entropy_model=trained"], "entropy_model='trained'; choose one of fitted, learned"),
+    (["--quantizer=none", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
+    (["--quantizer=vae", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
+    (["--entropy_model=learned", "--rate_weight=-0.1"], "rate_weight must be a finite number >= 0"),
 ])
 def test_invalid_settings_are_refused(args, message):
     with pytest.raises(ConfigError) as err:

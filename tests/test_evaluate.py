@@ -68,3 +68,15 @@ def test_cli_refuses_non_checkpoints_and_foreign_configs(run_train, tmp_path, ca
             evaluate_main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_psnr_gain_at_equal_bits_interpolates_in_log_rate():
+    from evaluate import equal_bits_lines, psnr_gain_at_equal_bits
+
+    a = [{"bits": 100.0, "psnr": 22.0, "curve": "a"}, {"bits": 400.0, "psnr": 26.0, "curve": "a"}]
+    b = [{"bits": 200.0, "psnr": 23.0, "curve": "b"}, {"bits": 800.0, "psnr": 25.0, "curve": "b"}]
+    gain, lo, hi = psnr_gain_at_equal_bits(a, b)
+    # over log-bits [200, 400]: a goes 24 -> 26, b goes 23 -> 24; the mean difference is 1.5 dB
+    assert (lo, hi) == pytest.approx((200.0, 400.0)) and gain == pytest.approx(1.5, abs=1e-3)
+    assert psnr_gain_at_equal_bits(a, [{"bits": 900.0, "psnr": 1.0}, {"bits": 999.0, "psnr": 2.0}]) is None
+    assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img): +1.50 dB PSNR"]

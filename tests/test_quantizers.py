@@ -7,6 +7,8 @@ import torch
 from models import build_model, model_args_from_config
 from quantizers import DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
 
+FITTED = dict(entropy_model="fitted", rate_weight=0.0)
+
 
 def test_fsq_indices_in_range_and_decode_exactly():
     q = FSQWrapper([8, 6, 6, 5]).eval()
@@ -106,7 +108,7 @@ def test_every_quantizer_plugs_into_the_model(name):
 
 
 def test_vq_indices_in_range_and_usage_settings():
-    q = build_quantizer(dict(quantizer="vq", latent_dim=4, vq_codebook_size=32, vq_decay=0.9,
+    q = build_quantizer(dict(quantizer="vq", latent_dim=4, vq_codebook_size=32, vq_decay=0.9, **FITTED,
                              vq_commitment_weight=0.5, vq_dead_code_threshold=1))
     out = q(torch.randn(6, 4, 4, 4))
     assert out.indices.shape == (6, 4, 4) and 0 <= out.indices.min() and out.indices.max() < 32
@@ -114,7 +116,7 @@ def test_vq_indices_in_range_and_usage_settings():
 
 
 def test_vae_bits_are_the_kl_in_bits():
-    q = build_quantizer(dict(quantizer="vae", latent_dim=2, vae_kl_weight=1.0)).eval()
+    q = build_quantizer(dict(quantizer="vae", latent_dim=2, vae_kl_weight=1.0, **FITTED)).eval()
     mu, logvar = torch.full((1, 2, 4, 4), 1.0), torch.zeros(1, 2, 4, 4)
     out = q(torch.cat([mu, logvar], 1))
     assert out.bits.item() == pytest.approx(32 * 0.5 / math.log(2))  # 32 values of KL = mu^2/2 nats

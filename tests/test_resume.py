@@ -11,7 +11,7 @@ import torch
 
 import train
 import utils
-from conftest import REPO, tiny_args
+from conftest import REPO, same_state, tiny_args
 from errors import ConfigError, UserError
 from utils import read_checkpoint
 
@@ -33,14 +33,15 @@ def interrupt_after_first_epoch(monkeypatch):
     monkeypatch.setattr(train, "save_grid", grid_then_sigint)
 
 
-@pytest.mark.parametrize("quantizer, hflip", [("ddcl", True), ("vq", False)])
-def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, monkeypatch):
+@pytest.mark.parametrize("quantizer, hflip, entropy_model", [("ddcl", True, "learned"), ("vq", False, "fitted")])
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, entropy_model, monkeypatch):
     """2 epochs straight == a 2-epoch run stopped after epoch 1 and resumed (DDCL draws noise, VQ
-    re-seeds codes, flips draw from the RNG, and the lr schedule continues from the stored
-    scheduler state)."""
-    straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, quantizer=quantizer, epochs=2, hflip=hflip))
+    re-seeds codes, flips draw from the RNG, the lr schedule continues from the stored scheduler
+    state, and a learned prior's parameters and Adam moments come back with the weights)."""
+    args = dict(quantizer=quantizer, epochs=2, hflip=hflip, entropy_model=entropy_model)
+    straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, **args))
     train.train(straight)
-    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, quantizer=quantizer, epochs=2, hflip=hflip))
+    first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, **args))
     interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(train.Stop, match="SIGINT"):
         train.train(first)
@@ -50,7 +51,7 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder,
     assert resumed["output_dir"] == first["output_dir"]  # the rest of the config comes from the checkpoint
     train.train(resumed)
     a, b = weights(tmp_path / "a" / "checkpoints" / f"{quantizer}_vae_last.pt"), weights(last)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_state(a, b)
     rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
     assert read_checkpoint(last)["epoch"] == 2

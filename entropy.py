@@ -1,0 +1,497 @@
+"""Entropy models and real bitstreams: what the indices cost, and the bytes themselves.
+
+Two kinds of prior give each transmitted integer a probability (train.py's `entropy_model`):
+
+  fitted   `fit_prior`: a histogram of the training split's indices per stream, Krichevsky-Trofimov
+           add-1/2 counts, fitted by evaluate.py after (or during) training. Stored in the
+           bottleneck's state_dict, so a loaded checkpoint can compress on its own.
+  learned  `CategoricalPrior` (FSQ: one per channel over its levels; VQ: one over the codebook) and
+           `LogisticMixturePrior` (DDCL: a density per channel), trained jointly with the
+           autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
+           Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
+
+Either way a bottleneck describes its integers to the coder as a list of `Table`s, one per group of
+symbols (a stream): the values' offset, their probabilities and whether an escape is needed. The
+same tables give the ideal code length (`ideal_bits`), one range-coded stream over a whole split
+(`stream_bits`) and one byte string per image (`compress` / `decompress`), so the three rates
+can never disagree about the model. The range coder is constriction's (Bamler, "Understanding
+Entropy Coding With Asymmetric Numeral Systems (ANS): a Statistician's Perspective", 2022).
+
+Per-image byte string, format version 1 (a 3-byte header, then the payload):
+
+    byte  0     MAGIC (high 4 bits) and FORMAT_VERSION (low 4 bits)
+    bytes 1-2   CRC-16/CCITT of (the model's fingerprint, the seed, the decoded integers)
+    bytes 3-    the range coder's 32-bit words, big-endian, cut after the last byte the decoder
+                needs (it reads missing bytes as zeros; the cut is checked by decoding)
+
+The checksum covers what the decoder produces, not the bytes it read: a truncated or corrupted
+string, one written by another model or prior, or one decoded with another seed fails it and raises
+`BitstreamError` instead of returning a wrong image.
+"""
+import binascii
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import BitstreamError
+
+PRIOR_PSEUDOCOUNT = 0.5  # Krichevsky-Trofimov add-1/2: no symbol of the support gets probability 0
+ESCAPE_BITS = 16  # a value outside an open alphabet's support is sent raw in 16 bits
+ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)  # raw values are sent as value + offset in [0, 2^16)
+LIKELIHOOD_BOUND = 1e-9  # no bin is given less probability (CompressAI's bound): <= ~30 bits a value
+TAIL_MASS = 1e-9  # a learned density's support for coding leaves out this much probability
+MAX_SUPPORT = 4096  # values per coding table at most; the rest goes through the escape
+DITHER_LEVELS = 256  # DDCL's coding tables condition on the dither rounded to this many cells per bin
+MAGIC = 0xD  # 4 bits: a random string passes this test 1 time in 16 and then the checksum 1 in 65,536
+FORMAT_VERSION = 1  # 4 bits
+HEADER_BYTES = 3
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- tables
+
+class Table(NamedTuple):
+    """How one group (stream) of `count` symbols per image is coded.
+
+    The values lo .. lo + K - 1 (lo .. lo + K - 2 when `open`) have probabilities `probs`, a float64
+    array (B or 1, count or 1, K) whose rows sum to 1 and hold no zero: one row for every image and
+    position, or one shared row. With `open`, the last column is an escape symbol, after which the
+    value itself follows in ESCAPE_BITS raw bits."""
+    lo: int
+    probs: np.ndarray
+    open: bool
+    count: int
+
+    def row(self, i):
+        """The table of image i alone."""
+        return self._replace(probs=self.probs[i:i + 1] if self.probs.shape[0] > 1 else self.probs)
+
+
+def _symbols(values, table):
+    """values (B, n) int64 -> (symbol ids (B, n) int32, the escaped values in order)."""
+    size = table.probs.shape[-1] - table.open
+    ids = values - table.lo
+    outside = (ids < 0) | (ids >= size)
+    if outside.any():
+        if not table.open:
+            raise ValueError(f"value outside the closed alphabet [{table.lo}, {table.lo + size})")
+        if np.abs(values[outside]).max() >= ESCAPE_OFFSET:
+            raise ValueError(f"value too large for the {ESCAPE_BITS}-bit escape code")
+    return np.where(outside, size, ids).astype(np.int32), values[outside]
+
+
+def ideal_bits(values, tables):
+    """(B,) ideal code length of `values` (B, G, n) under `tables` (one per group): -log2 p plus
+    ESCAPE_BITS per escaped value."""
+    values = np.asarray(values, dtype=np.int64)
+    bits = np.zeros(values.shape[0])
+    for g, table in enumerate(tables):
+        ids, _ = _symbols(values[:, g], table)
+        probs = np.broadcast_to(table.probs, (len(values), table.count, table.probs.shape[-1]))
+        p = np.take_along_axis(probs, ids[..., None].astype(np.int64), axis=-1)[..., 0]
+        bits += -np.log2(p).sum(1) + ESCAPE_BITS * (ids == table.probs.shape[-1] - 1).sum(1) * table.open
+    return bits
+
+
+class _Coder:
+    """constriction models for `tables` over `batch` images, prepared once and reused by every
+    encode and decode: a fixed categorical where a table is one shared row, the categorical family
+    with one contiguous row per symbol otherwise."""
+
+    def __init__(self, tables, batch):
+        import constriction
+
+        model = constriction.stream.model
+        self.queue = constriction.stream.queue
+        self.tables, self.batch = tables, batch
+        self.escape = model.Uniform(2 ** ESCAPE_BITS)
+        family = model.Categorical(perfect=False)
+        self.models = []  # (model, () or (rows (batch * count, K),)) per table
+        for t in tables:
+            if t.probs.shape[:2] == (1, 1):
+                self.models.append((model.Categorical(t.probs[0, 0], perfect=False), ()))
+            else:
+                rows = np.broadcast_to(t.probs, (batch, t.count, t.probs.shape[-1])).reshape(-1, t.probs.shape[-1])
+                self.models.append((family, (np.ascontiguousarray(rows),)))
+
+    def row(self, i):
+        """The coder of image i alone (fixed models shared, per-symbol rows sliced)."""
+        one = object.__new__(_Coder)
+        one.queue, one.escape, one.batch = self.queue, self.escape, 1
+        one.tables = [t.row(i) for t in self.tables]
+        one.models = [(m, tuple(r[i * t.count:(i + 1) * t.count] for r in rows))
+                      for (m, rows), t in zip(self.models, self.tables)]
+        return one
+
+    def encode(self, encoder, values):
+        """Append `values` (batch, G, n) to `encoder`, group by group, escaped values after their group."""
+        for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
+            ids, escaped = _symbols(values[:, g], table)
+            encoder.encode(ids.ravel(), model, *rows)
+            if len(escaped):
+                encoder.encode((escaped + ESCAPE_OFFSET).astype(np.int32), self.escape)
+
+    def decode(self, decoder):
+        """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
+        out = np.empty((self.batch, len(self.tables), self.tables[0].count if self.tables else 0), dtype=np.int64)
+        for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
+            ids = (decoder.decode(model, *rows) if rows else decoder.decode(model, self.batch * table.count)).astype(np.int64)
+            values = ids + table.lo
+            if table.open:
+                escaped = ids == table.probs.shape[-1] - 1
+                if escaped.any():
+                    values[escaped] = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64) - ESCAPE_OFFSET
+            out[:, g] = values.reshape(self.batch, table.count)
+        return out
+
+
+class Stream:
+    """One range-coded stream over many batches (a whole split): `add` each batch's values (B, G, n)
+    with their tables, read `bits_per_image`, then `decodes_back` with the same tables in the same
+    order. The tables are passed again rather than kept: per-symbol tables of a whole split would
+    not fit in memory."""
+
+    def __init__(self):
+        import constriction
+
+        self.encoder = constriction.stream.queue.RangeEncoder()
+        self.decoder_type = constriction.stream.queue.RangeDecoder
+        self.values = []
+
+    def add(self, values, tables):
+        values = np.asarray(values, dtype=np.int64)
+        _Coder(tables, len(values)).encode(self.encoder, values)
+        self.values.append(values)
+
+    def bits_per_image(self):
+        return self.encoder.get_compressed().size * 32.0 / max(1, sum(len(v) for v in self.values))
+
+    def decodes_back(self, tables_per_batch):
+        decoder = self.decoder_type(self.encoder.get_compressed())
+        return all(np.array_equal(_Coder(tables, len(want)).decode(decoder), want)
+                   for tables, want in zip(tables_per_batch, self.values))
+
+
+def stream_bits(values, tables):
+    """(bits per image of one range-coded stream of `values` (B, G, n), whether it decodes back)."""
+    stream = Stream()
+    stream.add(values, tables)
+    return stream.bits_per_image(), stream.decodes_back([tables])
+
+
+# ----------------------------------------------------------------------------- per-image byte strings
+
+def _checksum(key, values):
+    """CRC-16/CCITT of the stream key (model fingerprint and seed) and one image's values."""
+    return binascii.crc_hqx(np.ascontiguousarray(values, dtype="<i8").tobytes(), binascii.crc_hqx(key, 0))
+
+
+def _words(payload):
+    """Big-endian bytes, zero-padded to whole words -> uint32 words."""
+    padded = payload + b"\0" * (-len(payload) % 4)
+    return np.frombuffer(padded, dtype=">u4").astype(np.uint32)
+
+
+def _decodes_to(coder, payload, values):
+    try:
+        got = coder.decode(coder.queue.RangeDecoder(_words(payload)))
+    except Exception:  # constriction refuses data it cannot decode
+        return False
+    return np.array_equal(got, values)
+
+
+def _shortest_payload(coder, words, values):
+    """The coder's words as bytes, cut after the last byte the decoder needs. A range coder's final
+    word carries more precision than the message needs (a measured ~15 bits per image here);
+    dropping the last byte, or dropping it and rounding the one before up, keeps the decoded
+    values when the remaining number still lies in the final interval: checked by decoding."""
+    payload = words.astype(">u4").tobytes().rstrip(b"\0")
+    while payload:
+        shorter = payload[:-1]
+        rounded = (int.from_bytes(shorter, "big") + 1).to_bytes(len(shorter), "big") if shorter and shorter != b"\xff" * len(shorter) else None
+        for candidate in (shorter, rounded):
+            if candidate is not None and _decodes_to(coder, candidate, values):
+                payload = candidate
+                break
+        else:
+            break
+    return payload
+
+
+def compress(values, tables, key):
+    """(B, G, n) integer values -> B byte strings (header + payload), one per image.
+
+    key: bytes both sides know (the model's fingerprint and the seed); it enters the checksum."""
+    import constriction
+
+    values = np.asarray(values, dtype=np.int64)
+    coder, strings = _Coder(tables, len(values)), []
+    for i in range(len(values)):
+        one = coder.row(i)
+        encoder = constriction.stream.queue.RangeEncoder()
+        one.encode(encoder, values[i:i + 1])
+        payload = _shortest_payload(one, encoder.get_compressed(), values[i:i + 1])
+        header = bytes([MAGIC << 4 | FORMAT_VERSION]) + _checksum(key, values[i]).to_bytes(2, "big")
+        strings.append(header + payload)
+    return strings
+
+
+def decompress(strings, tables, key):
+    """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
+    Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
+    coder, out = _Coder(tables, len(strings)), []
+    for i, s in enumerate(strings):
+        if not isinstance(s, (bytes, bytearray)):
+            raise BitstreamError(f"string {i} is a {type(s).__name__}, not bytes")
+        if len(s) < HEADER_BYTES:
+            raise BitstreamError(f"string {i} has {len(s)} bytes, fewer than the {HEADER_BYTES}-byte header: truncated")
+        if s[0] >> 4 != MAGIC:
+            raise BitstreamError(f"string {i} does not start with this repo's magic 0x{MAGIC:X} "
+                                 f"(got 0x{s[0] >> 4:X}): not written by model.compress")
+        if s[0] & 0xF != FORMAT_VERSION:
+            raise BitstreamError(f"string {i} is bitstream format version {s[0] & 0xF}; this code reads version "
+                                 f"{FORMAT_VERSION}: decode it with the version of this repo that wrote it")
+        try:
+            values = coder.row(i).decode(coder.queue.RangeDecoder(_words(bytes(s[HEADER_BYTES:]))))
+        except Exception:
+            values = None
+        if values is None or _checksum(key, values[0]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
+            raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
+                                 "another model (or prior), or with another seed than the one passed to decompress")
+        out.append(values[0])
+    return np.stack(out) if out else np.zeros((0, len(tables), 0), dtype=np.int64)
+
+
+def fingerprint(module):
+    """8 bytes that change with any tensor or setting in `module`'s state_dict (fitted prior included)."""
+    h = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            h.update(str((obj.dtype, tuple(obj.shape))).encode())
+            h.update(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if obj.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v)
+        else:
+            h.update(repr(obj).encode())
+
+    feed(module.state_dict())
+    return h.digest()[:8]
+
+
+# ----------------------------------------------------------------------------- fitted priors
+
+@dataclass
+class StreamPrior:
+    """p over the integers lo .. lo + len(probs) - 2, and an escape symbol last (probability 0
+    when the alphabet is closed, as for FSQ/VQ codes)."""
+    lo: int
+    probs: np.ndarray
+
+    @property
+    def escape(self):
+        return len(self.probs) - 1
+
+    def table(self, count):
+        """The coder's table for `count` symbols per image (a closed alphabet drops the escape)."""
+        is_open = bool(self.probs[self.escape] > 0)
+        probs = self.probs if is_open else self.probs[:-1] / self.probs[:-1].sum()
+        return Table(self.lo, probs[None, None], is_open, count)
+
+
+def fit_prior(values, alphabet_size=None):
+    """One StreamPrior per stream from training values (N, S, P).
+
+    alphabet_size: K for a closed alphabet [0, K); None for unbounded integers (DDCL), whose
+    support is the training range plus an escape symbol for values outside it."""
+    values = values.cpu().long()
+    priors = []
+    for s in range(values.shape[1]):
+        stream = values[:, s].flatten()
+        if alphabet_size is None:
+            lo, hi = int(stream.min()), int(stream.max())
+            escape_count = PRIOR_PSEUDOCOUNT
+        else:
+            lo, hi, escape_count = 0, alphabet_size - 1, 0.0
+        counts = torch.bincount(stream - lo, minlength=hi - lo + 1).double().numpy() + PRIOR_PSEUDOCOUNT
+        counts = np.append(counts, escape_count)
+        priors.append(StreamPrior(lo, counts / counts.sum()))
+    return priors
+
+
+def priors_to_state(priors):
+    """Fitted priors as plain tensors and ints (a state_dict entry loadable with weights_only)."""
+    return [{"lo": p.lo, "probs": torch.from_numpy(p.probs)} for p in priors or []]
+
+
+def priors_from_state(state):
+    return [StreamPrior(int(p["lo"]), p["probs"].double().numpy()) for p in state] or None
+
+
+# ----------------------------------------------------------------------------- learned priors
+
+def _normalised(probs):
+    """Clamp every entry to LIKELIHOOD_BOUND and renormalise the last axis (float64 numpy)."""
+    probs = np.maximum(probs, LIKELIHOOD_BOUND)
+    return probs / probs.sum(-1, keepdims=True)
+
+
+class CategoricalPrior(nn.Module):
+    """Learned p(symbol) for S streams with alphabets of `sizes[s]` symbols, shared by all positions
+    (FSQ: one stream per latent channel over its levels; VQ: one stream over the codebook).
+
+    Logits (S, max(sizes)); entries beyond a stream's size are masked to -inf."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(len(sizes), max(sizes)))
+        self.register_buffer("sizes", torch.tensor(sizes), persistent=False)
+        self.register_buffer("mask", torch.where(torch.arange(max(sizes)) < self.sizes[:, None], 0.0, -math.inf),
+                             persistent=False)
+
+    def log2_probs(self):
+        return F.log_softmax(self.logits + self.mask, dim=-1) / LN2  # (S, K)
+
+    def bits(self, symbols):
+        """symbols (B, S, P): float values that are exact integers, optionally carrying a
+        straight-through gradient -> (bits for the encoder, bits for the prior), each (B, S, P).
+
+        Both have the value -log2 p(symbol). The encoder's gradient is the slope of -log2 p between
+        the neighbouring symbols (a central difference; one-sided at the ends), so it feels which
+        neighbour is cheaper; the prior's gradient is the cross-entropy, with the symbols fixed."""
+        logp = self.log2_probs()
+        k = symbols.detach().round().long()  # (B, S, P)
+        flat = k.transpose(0, 1).reshape(k.shape[1], -1)  # (S, B*P)
+        exact = -logp.gather(1, flat)
+        top = self.sizes[:, None] - 1
+        lo, hi = (flat - 1).clamp(min=0), torch.minimum(flat + 1, top)
+        slope = (logp.gather(1, lo) - logp.gather(1, hi)) / (hi - lo).clamp(min=1)
+
+        def unflat(t):
+            return t.reshape(k.shape[1], k.shape[0], k.shape[2]).transpose(0, 1)
+
+        encoder_bits = unflat(exact.detach()) + unflat(slope.detach()) * (symbols - symbols.detach())
+        return encoder_bits, unflat(exact)
+
+    def tables(self, count):
+        """One shared Table per stream for `count` symbols per image."""
+        probs = self.log2_probs().detach().double().cpu().mul(LN2).exp().numpy()
+        return [Table(0, _normalised(probs[s, :int(size)])[None, None], False, count)
+                for s, size in enumerate(self.sizes.tolist())]
+
+
+def _bin_probability(x, delta, loc, log_scale, weight_logits):
+    """P(value in [x - delta/2, x + delta/2]) under a mixture of logistics per channel.
+
+    x (B, C, P); loc, log_scale, weight_logits (C, K) -> (B, C, P). Each component's difference of
+    sigmoids is taken in the tail where it is accurate (CompressAI's sign trick): both arguments
+    large and positive would otherwise cancel to 0 in floating point."""
+    x = x.unsqueeze(-1)  # (B, C, P, 1)
+    inv_scale = torch.exp(-log_scale)[:, None, :]  # (C, 1, K)
+    upper = (x + delta / 2 - loc[:, None, :]) * inv_scale
+    lower = (x - delta / 2 - loc[:, None, :]) * inv_scale
+    sign = torch.where(upper + lower > 0, -1.0, 1.0).to(x.dtype)
+    per_component = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs()
+    return (per_component * torch.softmax(weight_logits, -1)[:, None, :]).sum(-1)
+
+
+class LogisticMixturePrior(nn.Module):
+    """Learned density of each DDCL latent channel: a mixture of `components` logistics, whose CDF
+    is closed-form.
+
+    Training sees z_tilde = z + u, u ~ U(-delta/2, delta/2); its density is the prior convolved
+    with the noise, p(z_tilde) = F(z_tilde + delta/2) - F(z_tilde - delta/2) per unit delta (Balle
+    et al. 2017, section 2: the uniform-noise proxy). Evaluation sends m = round((z + u)/delta)
+    with the dither u known to both sides, and P(m | u) = F(m delta - u + delta/2) - F(m delta - u - delta/2)
+    is the same expression at z_hat = m delta - u = z + (noise uniform and independent of z), so the
+    bits the loss pays and the bits the coder writes agree in distribution (Agustsson & Theis,
+    "Universally Quantized Neural Compression", NeurIPS 2020, section 3)."""
+
+    INIT_SCALES = (0.05, 0.2, 1.0)  # components start at several widths around 0
+
+    def __init__(self, channels, components=3):
+        super().__init__()
+        scales = torch.tensor(self.INIT_SCALES[:components] + (1.0,) * max(0, components - len(self.INIT_SCALES)))
+        self.loc = nn.Parameter(torch.zeros(channels, components))
+        self.log_scale = nn.Parameter(scales.log().repeat(channels, 1))
+        self.weight_logits = nn.Parameter(torch.zeros(channels, components))
+
+    def _params(self, detach=False):
+        params = (self.loc, self.log_scale, self.weight_logits)
+        return tuple(p.detach() for p in params) if detach else params
+
+    def bits(self, x, delta):
+        """x (B, C, P) noisy or dithered latent values -> (bits for the encoder, bits for the prior):
+        -log2 of each value's delta-wide bin; the first has the prior's parameters held fixed, the
+        second the values."""
+        def cost(values, detach):
+            p = _bin_probability(values.float(), delta, *self._params(detach))
+            return -torch.log2(p.clamp_min(LIKELIHOOD_BOUND))
+
+        return cost(x, True), cost(x.detach(), False)
+
+    @torch.no_grad()
+    def support(self, delta):
+        """(lo, hi) integer bins per channel holding all but TAIL_MASS of the density (bisection on
+        the CDF), at most MAX_SUPPORT bins; values outside go through the escape."""
+        params = tuple(p.detach().double().cpu() for p in self._params())
+        loc, scale = params[0], params[1].exp()
+        span = (loc.abs() + 40 * scale).max(1).values  # (C,), beyond the tails
+        bounds = []
+        for target in (TAIL_MASS / 2, 1 - TAIL_MASS / 2):
+            a, b = -span.clone(), span.clone()
+            for _ in range(64):
+                mid = (a + b) / 2
+                below = torch.stack([_mixture_cdf(mid[c], *(t[c] for t in params)) for c in range(len(mid))]) < target
+                a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+            bounds.append(b)
+        out = []
+        for lo, hi in zip(*bounds):
+            lo, hi = math.floor(lo / delta) - 1, math.ceil(hi / delta) + 1
+            if hi - lo + 1 > MAX_SUPPORT - 1:
+                centre = (lo + hi) // 2
+                lo, hi = centre - (MAX_SUPPORT - 1) // 2, centre + (MAX_SUPPORT - 1) // 2 - 1
+            lo, hi = max(lo, 1 - ESCAPE_OFFSET), min(hi, ESCAPE_OFFSET - 1)
+            out.append((lo, hi))
+        return out
+
+    @torch.no_grad()
+    def tables(self, dither, delta):
+        """dither u (B, C, P) -> one Table per channel with P(m | u) for every image and position:
+        (B, P, K_c + 1) rows over m = lo .. hi and an escape column with the tail mass.
+
+        The rows condition on u rounded to the centre of one of DITHER_LEVELS cells per bin: both
+        sides round the same u the same way, so decoding stays exact, the rows are computed once
+        per cell instead of once per value, and the cost of the rounding is negligible (a cell is
+        delta / 256 wide, against a density that changes over many deltas)."""
+        u = dither.detach().double().cpu()
+        cell = ((u / delta + 0.5) * DITHER_LEVELS).floor().clamp(0, DITHER_LEVELS - 1).long().numpy()  # (B, C, P)
+        centres = ((torch.arange(DITHER_LEVELS, dtype=torch.float64) + 0.5) / DITHER_LEVELS - 0.5) * delta  # (L,)
+        params = tuple(p.detach().double().cpu() for p in self._params())
+        tables = []
+        for c, (lo, hi) in enumerate(self.support(delta)):
+            edges = (torch.arange(lo, hi + 2, dtype=torch.float64) - 0.5) * delta  # (K + 1,)
+            # CDF of z at the bin edges of z_hat = m delta - u for each cell centre u and every m;
+            # float64 keeps the differences accurate down to LIKELIHOOD_BOUND without the sign trick
+            cdf = _mixture_cdf(edges - centres[:, None], *(t[c] for t in params))  # (L, K + 1)
+            p = cdf[:, 1:] - cdf[:, :-1]
+            escape = (1.0 - p.sum(-1, keepdim=True)).clamp(min=0.0)
+            rows = _normalised(torch.cat([p, escape], -1).numpy())  # (L, K + 1)
+            tables.append(Table(lo, rows[cell[:, c]], True, u.shape[-1]))
+        return tables
+
+
+def _mixture_cdf(x, loc, log_scale, weight_logits):
+    """CDF of one channel's logistic mixture at x (any shape); parameters (K,)."""
+    return (torch.sigmoid((x[..., None] - loc) * torch.exp(-log_scale)) * torch.softmax(weight_logits, -1)).sum(-1)

@@ -1,0 +1,137 @@
+"""Per-image byte strings: model.compress / model.decompress for every bottleneck with indices,
+under the fitted and the learned prior; exact round trips and one clear error for bad strings."""
+import pytest
+import torch
+
+from conftest import run_script
+from entropy import HEADER_BYTES
+from errors import BitstreamError, CheckpointError, ConfigError
+from evaluate import evaluate, fit_rate_prior
+from models import build_model
+from utils import load_checkpoint, read_checkpoint, save_checkpoint
+
+ARGS = dict(latent_dim=4, channels=[8, 8, 16], res_blocks=0, fsq_levels=[8, 6, 6, 5], ddcl_delta=1 / 15,
+            ddcl_comm_weight=1e-3, vq_codebook_size=64, vq_decay=0.99, vq_commitment_weight=0.25,
+            vq_dead_code_threshold=2, vae_kl_weight=1e-3, rate_weight=0.01)
+
+
+def images(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=gen), size=32, mode="bilinear")
+
+
+def model_with_prior(quantizer, entropy_model):
+    torch.manual_seed(0)
+    model = build_model({**ARGS, "quantizer": quantizer, "entropy_model": entropy_model}).eval()
+    if entropy_model == "fitted":
+        fit_rate_prior(model, (images(64, seed=1) * 255).to(torch.uint8), batch_size=32)
+    return model
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "ddcl"])
+@pytest.mark.parametrize("entropy_model", ["fitted", "learned"])
+def test_decompress_of_compress_equals_decode_of_encode(quantizer, entropy_model):
+    model = model_with_prior(quantizer, entropy_model)
+    x = images(40)
+    strings = model.compress(x, seed=3)
+    assert len(strings) == 40 and all(isinstance(s, bytes) and len(s) > HEADER_BYTES for s in strings)
+    assert torch.equal(model.decompress(strings, seed=3), model.decode(model.encode(x, seed=3), seed=3))
+
+
+def test_evaluate_reports_per_image_strings_beside_the_one_stream_rate():
+    model = model_with_prior("ddcl", "learned")
+    x_u8 = (images(50) * 255).to(torch.uint8)
+    metrics = evaluate(model, x_u8, batch_size=25)
+    assert metrics["roundtrip_exact"] and metrics["rate_source"] == "bitstream"
+    lengths = [8 * len(s) for b in range(2) for s in model.compress(x_u8[25 * b:25 * (b + 1)].float() / 255, seed=b)]
+    assert metrics["bits_per_image_coded"] == pytest.approx(sum(lengths) / len(lengths))
+    # per image: the 24-bit header and the coder's last partial byte on top of the ideal length
+    assert metrics["bits_entropy"] < metrics["bits_per_image_coded"] < metrics["bits_entropy"] + 8 * HEADER_BYTES + 40
+    assert metrics["bits_estimate"] == pytest.approx(metrics["bits_entropy"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def fsq_strings():
+    model = model_with_prior("fsq", "learned")
+    return model, model.compress(images(4), seed=0)
+
+
+def flip(s, i):
+    b = bytearray(s)
+    b[i] ^= 0x10
+    return bytes(b)
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda s: s[:2], "fewer than the 3-byte header: truncated"),
+    (lambda s: b"", "fewer than the 3-byte header"),
+    (lambda s: s[:-1], "fails its checksum"),
+    (lambda s: flip(s, HEADER_BYTES), "fails its checksum"),
+    (lambda s: flip(s, 1), "fails its checksum"),
+    (lambda s: b"PK\x03\x04" + s, "does not start with this repo's magic"),
+    (lambda s: bytes([s[0] + 1]) + s[1:], "format version 2"),
+])
+def test_bad_strings_raise_one_clear_error(fsq_strings, mangle, message):
+    model, strings = fsq_strings
+    bad = [strings[0], mangle(strings[1]), strings[2], strings[3]]
+    with pytest.raises(BitstreamError, match=message) as err:
+        model.decompress(bad)
+    assert "string 1" in str(err.value)
+
+
+def test_foreign_strings_and_a_wrong_seed_are_refused(fsq_strings):
+    model, strings = fsq_strings
+    other = model_with_prior("fsq", "learned")
+    with torch.no_grad():
+        other.decoder.net[0].bias.add_(0.1)  # another model: same prior, other weights
+    with pytest.raises(BitstreamError, match="another model"):
+        other.decompress(strings)
+    ddcl = model_with_prior("ddcl", "learned")
+    ddcl_strings = ddcl.compress(images(4), seed=1)
+    with pytest.raises(BitstreamError, match="another seed"):
+        ddcl.decompress(ddcl_strings, seed=2)
+    with pytest.raises(BitstreamError, match="list of byte strings"):
+        model.decompress(strings[0])
+
+
+def test_a_corrupted_string_never_decodes_to_a_wrong_image(fsq_strings):
+    """Every single-bit flip either raises or (a bit the decoder does not need) gives the exact image."""
+    model, strings = fsq_strings
+    want = model.decompress(strings)[0]
+    raised = 0
+    for byte in range(len(strings[0])):
+        for bit in range(8):
+            b = bytearray(strings[0])
+            b[byte] ^= 1 << bit
+            try:
+                got = model.decompress([bytes(b)] + strings[1:])[0]
+            except BitstreamError:
+                raised += 1
+                continue
+            assert torch.equal(got, want)
+    assert raised >= 8 * len(strings[0]) - 8
+
+
+def test_without_indices_there_is_nothing_to_compress():
+    model = build_model({**ARGS, "quantizer": "none", "entropy_model": "fitted"})
+    with pytest.raises(ConfigError, match="nothing to compress"):
+        model.compress(images(1))
+
+
+def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_path):
+    run_train(quantizer="fsq", vq_codebook_size=64)
+    path = str(tmp_path / "checkpoints" / "fsq_vae_best.pt")
+    model, _ = load_checkpoint(path)
+    x = images(3)
+    strings = model.compress(x)  # training stored the prior that evaluation fitted
+    assert torch.equal(model.decompress(strings), model.decode(model.encode(x)))
+    state = read_checkpoint(path)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}  # an older checkpoint
+    save_checkpoint(path, state)
+    old, _ = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"evaluate.py CHECKPOINT --save_prior=True"):
+        old.compress(x)
+    result = run_script("evaluate.py", path, "--save_prior=True", f"--output_dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr
+    restored, _ = load_checkpoint(path)
+    assert restored.compress(x) == strings
