@@ -65,6 +65,7 @@ vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
 entropy_model = "fitted"  # "fitted" (a histogram prior fitted after training) or "learned" (a prior trained with the model; fsq, vq, ddcl)
 rate_weight = 0.01  # "learned": loss per bit per pixel, loss = MSE + rate_weight * bits / 1024 (= 1 / (255^2 lambda) in CompressAI's terms)
+prior_lr_scale = 10.0  # "learned": the prior's learning rate is this times lr, so it keeps up with the encoder (README: Learned entropy model)
 aux_warmup_epochs = 1.0  # ramp the auxiliary loss (DDCL cost, VQ commitment, KL) from 0 over this many epochs
 hflip = True  # flip a random half of each training batch left-right (augmentation; README: Training recipe)
 max_train_images = 0  # use only the first N training images (0 = all): quick experiments
@@ -107,6 +108,8 @@ def validate_config(config, given=()):
                 "warmup_epochs", "eval_images"):
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} must be >= 0")
+    if not (config["prior_lr_scale"] > 0 and math.isfinite(config["prior_lr_scale"])):
+        raise ConfigError(f"prior_lr_scale={config['prior_lr_scale']} must be a finite number > 0")
     if not (config["lr"] > 0 and math.isfinite(config["lr"])):
         raise ConfigError(f"lr={config['lr']} must be a finite number > 0")
     if not 0 <= config["min_lr"] <= config["lr"]:
@@ -243,7 +246,7 @@ def train_loop(config, rank, world, dev):
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val = state["epoch"], state["best_val_mse"]
+        start_epoch, best_val = state["epoch"], state["best_val_objective"]
         data_gen.set_state(state["data_rng"])
         rng = state["rng"]
         if len(rng) == world:
@@ -253,7 +256,7 @@ def train_loop(config, rank, world, dev):
                   "random streams restart from the seed (resume is not bitwise exact)", file=sys.stderr)
         rows = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
         if master:
-            print(f"resumed {config['resume']} at epoch {start_epoch} (best val MSE {best_val:.5f})")
+            print(f"resumed {config['resume']} at epoch {start_epoch} (best val objective {best_val:.5f})")
     if master:
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
         save_json(os.path.join(config["output_dir"], f"{run}_config.json"), config)
@@ -292,15 +295,15 @@ def train_loop(config, rank, world, dev):
                     plot_curves(os.path.join(config["output_dir"], f"{run}_curves.png"), rows)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch,
-                         "best_val_mse": min(best_val, metrics["mse"]), "config": config, "model_args": model_args,
+                         "best_val_objective": min(best_val, metrics["loss"]), "config": config, "model_args": model_args,
                          "metrics": metrics, "rng": rng, "data_rng": data_gen.get_state()}
-                if metrics["mse"] < best_val:
+                if metrics["loss"] < best_val:  # the objective, MSE + rate term: MSE alone favours high-rate epochs
                     save_checkpoint(checkpoint_path(config, "best"), state)
                 if config["checkpoint_every"] and epoch % config["checkpoint_every"] == 0:
                     save_checkpoint(checkpoint_path(config, f"epoch_{epoch}"), state)
                 save_checkpoint(checkpoint_path(config, "last"), state)
                 print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0), flush=True)
-                best_val = min(best_val, metrics["mse"])
+                best_val = min(best_val, metrics["loss"])
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, config)
@@ -329,10 +332,15 @@ def evaluate_best_on_whole_split(config, val_u8, prior_u8, dev):
 
 
 def build_training(model_args, config, dev):
-    """(model, Adam optimizer, memory format) on `dev`, as every training run builds them."""
+    """(model, Adam optimizer, memory format) on `dev`, as every training run builds them. A learned
+    prior's parameters form a second group at prior_lr_scale x lr (the schedule scales both)."""
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = build_model(model_args).to(dev, memory_format=memory_format)
-    return model, torch.optim.Adam(model.parameters(), lr=config["lr"]), memory_format
+    prior = model.quantizer.prior
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("quantizer.prior.")]}]
+    if prior is not None:
+        groups.append({"params": list(prior.parameters()), "lr": config["lr"] * config["prior_lr_scale"]})
+    return model, torch.optim.Adam(groups, lr=config["lr"]), memory_format
 
 
 def build_scheduler(optimizer, config, steps_per_epoch):

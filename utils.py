@@ -228,8 +228,10 @@ def read_checkpoint(path, map_location="cpu"):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
-    if "best_val_mse" not in state:  # checkpoints written before the key said what it holds
-        state["best_val_mse"] = state.pop("best_val_loss", float("inf"))
+    if "best_val_objective" not in state:  # older checkpoints ranked epochs by MSE alone: rank again from here
+        state["best_val_objective"] = float("inf")
+        state.pop("best_val_mse", None)
+        state.pop("best_val_loss", None)
     return state
 
 

@@ -6,7 +6,7 @@
 # SET "bottlenecks" (the default): every bottleneck setting of the README's table. SET "priors":
 # the learned entropy model against the fitted prior and DDCL's surrogate (README, "Learned
 # entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned, DDCL's
-# comm-weight sweep with the surrogate, VQ with a learned prior.
+# comm-weight sweep with the surrogate, VQ with a learned prior, FSQ and VQ with the fitted one.
 #
 # Trains every setting of the set with train.py's defaults for EPOCHS epochs
 # (default 30) on DATA_DIR/train, evaluates every run's checkpoint of epoch 10, 20, ... (to show
@@ -43,6 +43,8 @@ case "$set_name" in
     run none --quantizer=none
     run vae --quantizer=vae ;;
   priors)
+    run fsq_8-6-6-5 --quantizer=fsq  # the fitted-prior references
+    run vq_1024 --quantizer=vq
     for w in 1e-2 3e-3 1e-3 3e-4; do
       run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
     done

@@ -61,6 +61,7 @@ def test_no_exec_of_override_values():
     (["--quantizer=none", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
     (["--quantizer=vae", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
     (["--entropy_model=learned", "--rate_weight=-0.1"], "rate_weight must be a finite number >= 0"),
+    (["--prior_lr_scale=0"], "prior_lr_scale=0.0 must be a finite number > 0"),
 ])
 def test_invalid_settings_are_refused(args, message):
     with pytest.raises(ConfigError) as err:

@@ -154,3 +154,16 @@ def test_learned_tables_hold_no_zero_and_escape_far_values():
     values[0, 0, 3] = 20000  # far outside the support: escaped, still exact
     bits, exact = entropy.stream_bits(values, tables)
     assert exact and entropy.ideal_bits(values, tables)[0] > ESCAPE_BITS
+
+
+def test_the_learned_prior_trains_at_its_own_learning_rate():
+    import train
+    from models import model_args_from_config
+
+    config = train.validate_config({**train.DEFAULT_CONFIG, "quantizer": "ddcl", "entropy_model": "learned",
+                                    "prior_lr_scale": 10.0})
+    model, optimizer, _ = train.build_training(model_args_from_config(config), config, torch.device("cpu"))
+    main, prior = optimizer.param_groups
+    assert prior["lr"] == pytest.approx(10 * main["lr"])
+    assert {id(p) for p in prior["params"]} == {id(p) for p in model.quantizer.prior.parameters()}
+    assert len(main["params"]) + len(prior["params"]) == len(list(model.parameters()))

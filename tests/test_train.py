@@ -35,7 +35,7 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     caption = np.asarray(grid)[-CAPTION_PX:]
     assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
     state = torch.load(ck / "fsq_vae_best.pt", weights_only=True)
-    assert {"model", "optimizer", "epoch", "best_val_mse", "scheduler", "config", "model_args"} <= set(state)
+    assert {"model", "optimizer", "epoch", "best_val_objective", "scheduler", "config", "model_args"} <= set(state)
     assert state["config"] == config and state["epoch"] == 1
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
