@@ -222,11 +222,11 @@ class FSQWrapper(CodebookBottleneck):
     def coding_values(self, indices):
         """(B, H, W) codes -> fitted prior: the code itself (B, 1, H*W); learned prior: each channel's
         level id (B, C, H*W), the symbols its per-channel categoricals model."""
-        flat = indices.reshape(indices.shape[0], 1, -1)
-        return flat if self.prior is None else (flat // self.basis) % self.radix
+        flat = indices.reshape(indices.shape[0], 1, -1)  # on the CPU in evaluate, where the model may not be
+        return flat if self.prior is None else (flat // self.basis.to(flat.device)) % self.radix.to(flat.device)
 
     def indices_from_values(self, values, latent_hw):
-        codes = values[:, 0] if self.prior is None else (values * self.basis).sum(1)
+        codes = values[:, 0] if self.prior is None else (values * self.basis.to(values.device)).sum(1)
         return codes.reshape(values.shape[0], *latent_hw)
 
     def codes(self, indices):

@@ -2,6 +2,7 @@
 
     python train.py                                   # DDCL on CIFAR-10 with the defaults below
     python train.py --quantizer=fsq --epochs=5 --fsq_levels="[8,5,5,5]"
+    python train.py --quantizer=fsq --entropy_model=learned --rate_weight=0.1   # train against learned bits
     python train.py --resume=last                     # continue the newest interrupted run
     torchrun --standalone --nproc_per_node=2 train.py # data-parallel on 2 GPUs (or CPU processes)
 
