@@ -59,6 +59,7 @@ def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE):
     if q.prior is not None:
         raise ConfigError("this model has a learned prior (entropy_model='learned'); it needs no fitted one")
     was_training = model.training
+    model.eval()  # the integers evaluation sends: DDCL's dithered ones, VQ without codebook updates
     q.fitted_prior = entropy.fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
     model.train(was_training)
     return q.fitted_prior

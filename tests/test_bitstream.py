@@ -135,3 +135,13 @@ def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_
     assert result.returncode == 0, result.stderr
     restored, _ = load_checkpoint(path)
     assert restored.compress(x) == strings
+
+
+def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_train, tmp_path):
+    run_train(quantizer="ddcl", entropy_model="learned", run_name="learned")
+    result = run_script("scripts/check_rates.py", str(tmp_path / "checkpoints" / "learned_vae_best.pt"), "--images=20")
+    assert result.returncode == 0, result.stderr
+    assert "training charges" in result.stdout and "on 20 images: True" in result.stdout
+    assert "stream and strings decode back: True" in result.stdout
+    bad = run_script("scripts/check_rates.py", str(tmp_path / "missing.pt"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no checkpoint at")

@@ -109,7 +109,7 @@ def test_categorical_prior_bits_and_their_two_gradients():
     assert prior.logits.grad is not None and prior.logits.grad[1, 3] == 0  # masked entry beyond size 3
 
 
-def fitted_mixture(z, delta, steps=300):
+def fitted_mixture(z, delta, steps=100):
     """A LogisticMixturePrior trained by its own loss on z + uniform noise (as in training)."""
     torch.manual_seed(0)
     prior = entropy.LogisticMixturePrior(z.shape[1])
@@ -127,15 +127,16 @@ def test_ddcl_learned_bits_in_training_match_the_range_coded_dithered_integers()
     m = round((z + u)/delta) under P(m | u) (Agustsson & Theis 2020): measured within 2%."""
     delta = 0.1
     gen = torch.Generator().manual_seed(1)
-    z = torch.cat([torch.randn(4000, 1, 16, generator=gen) * 0.4,
-                   torch.distributions.Laplace(0.2, 0.1).sample((4000, 1, 16))], 1)  # (N, C=2, P=16)
+    n = 1000
+    z = torch.cat([torch.randn(n, 1, 16, generator=gen) * 0.4,
+                   torch.distributions.Laplace(0.2, 0.1).sample((n, 1, 16))], 1)  # (N, C=2, P=16)
     prior = fitted_mixture(z, delta)
     with torch.no_grad():
         train_bits = prior.bits(z + (torch.rand(z.shape, generator=gen) - 0.5) * delta, delta)[0].sum((1, 2)).mean().item()
     q = DDCL_Bottleneck(latent_dim=2, delta=delta, comm_weight=0.0, entropy_model="learned").eval()
     q.prior = prior
-    m = q(z.reshape(4000, 2, 4, 4), seed=5).indices  # dithered integers, (N, 2, 4, 4)
-    tables = q.coding_tables(4000, 16, seed=5)
+    m = q(z.reshape(n, 2, 4, 4), seed=5).indices  # dithered integers, (N, 2, 4, 4)
+    tables = q.coding_tables(n, 16, seed=5)
     values = q.coding_values(m).numpy()
     coded, exact = entropy.stream_bits(values, tables)
     ideal = entropy.ideal_bits(values, tables).mean()

@@ -1,0 +1,78 @@
+"""Check trained checkpoints' rates and bitstreams on their validation split.
+
+    python scripts/check_rates.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--images=1000] [--seed=0]
+
+For each checkpoint of a bottleneck that sends integers, one line:
+  - the one-stream rate (bits_coded) beside the ideal code length and the bottleneck's own estimate;
+  - with a learned prior, the bits the training loss charges on the validation images, computed as
+    in training (DDCL: fresh uniform noise instead of the dither), and their gap to the coded bits;
+  - the mean per-image string length and its overhead over the one stream (header and padding);
+  - whether model.decompress(model.compress(x)) equals model.decode(model.encode(x)) bit for bit on
+    the first --images validation images.
+The README's "Learned entropy model" numbers come from this script.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from errors import ConfigError, UserError  # noqa: E402
+from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
+from utils import head, load_checkpoint, load_dataset, parse_overrides, to_float_images  # noqa: E402
+
+DEFAULTS = dict(data_dir="", images=1000, seed=0)
+
+
+@torch.no_grad()
+def training_bits(model, images, batch_size=EVAL_BATCH_SIZE):
+    """Mean bits per image the training loss charges on uint8 `images`: the quantizer in training
+    mode (DDCL adds fresh noise; FSQ and VQ quantize as in evaluation, so VQ's codebook is not
+    touched: only its evaluation-mode bits are taken)."""
+    q = model.quantizer
+    mode = hasattr(q, "delta")  # only DDCL's training-mode rate differs from its evaluation-mode one
+    q.train(mode)
+    try:
+        bits = [model(to_float_images(images[i:i + batch_size])).bits for i in range(0, len(images), batch_size)]
+    finally:
+        q.eval()
+    return torch.cat(bits).mean().item()
+
+
+def check(path, opts):
+    model, config = load_checkpoint(path)
+    q = model.quantizer
+    if not q.has_indices:
+        return f"{path}: {config['quantizer']} sends no integers; nothing to check"
+    train_u8, val_u8 = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
+    m = evaluate(model, val_u8, train_u8, config.get("eval_batch_size", EVAL_BATCH_SIZE))
+    line = (f"{os.path.basename(path)} ({q.settings()}): psnr {m['psnr']:.2f} dB | coded {m['bits_coded']:.1f} "
+            f"ideal {m['bits_entropy']:.1f} estimate {m['bits_estimate']:.1f} bits/img")
+    if q.prior is not None:
+        charged = training_bits(model, val_u8)
+        line += f" | training charges {charged:.1f} ({100 * (charged / m['bits_coded'] - 1):+.2f}% of coded)"
+    line += (f" | per-image strings {m['bits_per_image_coded']:.1f} (+{m['bits_per_image_coded'] - m['bits_coded']:.1f})"
+             f" | stream and strings decode back: {m['roundtrip_exact']}")
+    x = to_float_images(head(val_u8, opts["images"]))
+    strings = model.compress(x, seed=opts["seed"])
+    same = torch.equal(model.decompress(strings, seed=opts["seed"]), model.decode(model.encode(x, seed=opts["seed"]), seed=opts["seed"]))
+    return line + f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    paths = [a for a in argv if not a.startswith("--")]
+    try:
+        opts, _ = parse_overrides([a for a in argv if a.startswith("--")], DEFAULTS)
+        if not paths:
+            raise ConfigError("usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] [--images=1000] [--seed=0]")
+        for path in paths:
+            print(check(path, opts), flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
