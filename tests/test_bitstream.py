@@ -1,12 +1,16 @@
 """Per-image byte strings: model.compress / model.decompress for every bottleneck with indices,
 under the fitted and the learned prior; exact round trips and one clear error for bad strings."""
+import os
+import sys
+
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO
 from entropy import HEADER_BYTES
 from errors import BitstreamError, CheckpointError, ConfigError
 from evaluate import evaluate, fit_rate_prior
+from evaluate import main as evaluate_main
 from models import build_model
 from utils import load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -131,17 +135,21 @@ def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_
     old, _ = load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"evaluate.py CHECKPOINT --save_prior=True"):
         old.compress(x)
-    result = run_script("evaluate.py", path, "--save_prior=True", f"--output_dir={tmp_path / 'eval'}")
-    assert result.returncode == 0, result.stderr
+    evaluate_main([path, "--save_prior=True", f"--output_dir={tmp_path / 'eval'}"])
     restored, _ = load_checkpoint(path)
     assert restored.compress(x) == strings
 
 
-def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_train, tmp_path):
+def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_train, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import check_rates
+
     run_train(quantizer="ddcl", entropy_model="learned", run_name="learned")
-    result = run_script("scripts/check_rates.py", str(tmp_path / "checkpoints" / "learned_vae_best.pt"), "--images=20")
-    assert result.returncode == 0, result.stderr
-    assert "training charges" in result.stdout and "on 20 images: True" in result.stdout
-    assert "stream and strings decode back: True" in result.stdout
-    bad = run_script("scripts/check_rates.py", str(tmp_path / "missing.pt"))
-    assert bad.returncode == 2 and bad.stderr.startswith("error: no checkpoint at")
+    capsys.readouterr()
+    check_rates.main([str(tmp_path / "checkpoints" / "learned_vae_best.pt"), "--images=20"])
+    out = capsys.readouterr().out
+    assert "training charges" in out and "on 20 images: True" in out
+    assert "stream and strings decode back: True" in out
+    with pytest.raises(SystemExit) as code:
+        check_rates.main([str(tmp_path / "missing.pt")])
+    assert code.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint at")
