@@ -13,6 +13,7 @@ The README's "Learned entropy model" numbers come from this script.
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,9 +56,14 @@ def check(path, opts):
     line += (f" | per-image strings {m['bits_per_image_coded']:.1f} (+{m['bits_per_image_coded'] - m['bits_coded']:.1f})"
              f" | stream and strings decode back: {m['roundtrip_exact']}")
     x = to_float_images(head(val_u8, opts["images"]))
+    t0 = time.perf_counter()
     strings = model.compress(x, seed=opts["seed"])
-    same = torch.equal(model.decompress(strings, seed=opts["seed"]), model.decode(model.encode(x, seed=opts["seed"]), seed=opts["seed"]))
-    return line + f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
+    t1 = time.perf_counter()
+    back = model.decompress(strings, seed=opts["seed"])
+    t2 = time.perf_counter()
+    same = torch.equal(back, model.decode(model.encode(x, seed=opts["seed"]), seed=opts["seed"]))
+    return line + (f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
+                   f" (compress {t1 - t0:.2f} s, decompress {t2 - t1:.2f} s)")
 
 
 def main(argv=None):
