@@ -80,3 +80,18 @@ def test_psnr_gain_at_equal_bits_interpolates_in_log_rate():
     assert (lo, hi) == pytest.approx((200.0, 400.0)) and gain == pytest.approx(1.5, abs=1e-3)
     assert psnr_gain_at_equal_bits(a, [{"bits": 900.0, "psnr": 1.0}, {"bits": 999.0, "psnr": 2.0}]) is None
     assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img): +1.50 dB PSNR"]
+
+
+def test_learned_and_fitted_runs_of_one_bottleneck_are_separate_curves():
+    from evaluate import per_bottleneck_results
+
+    def row(run, curve, bits, entropy_model):
+        return {"run": run, "curve": curve, "quantizer": "ddcl", "entropy_model": entropy_model, "bits": bits,
+                "psnr": 20.0 + bits / 100, "ssim": 0.5, "bpp": bits / 1024, "rate_source": "bitstream", "mse": 0.01,
+                "settings": "s", "checkpoint": run + ".pt"}
+
+    files = per_bottleneck_results([row("b", "ddcl_learned", 120.0, "learned"), row("a", "ddcl", 100.0, "fitted"),
+                                    row("c", "ddcl_learned", 60.0, "learned")])
+    assert sorted(files) == ["ddcl", "ddcl_learned"]
+    assert files["ddcl_learned"]["results"]["checkpoint"] == ["c.pt", "b.pt"]  # ordered by rate
+    assert files["ddcl_learned"]["results"]["entropy_model"] == ["learned", "learned"]
