@@ -137,6 +137,11 @@ class QuantizedVAE(nn.Module):
         q = self.quantizer
         if not q.has_indices:
             raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to compress")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or not x.is_floating_point():
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(f"compress takes float images (B, 3, 32, 32) in [0, 1]; got {got}")
+        if not len(x):
+            return []
         was_training = self.training
         self.eval()
         try:
@@ -155,9 +160,11 @@ class QuantizedVAE(nn.Module):
             raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to decompress")
         if isinstance(strings, (bytes, bytearray)):
             raise BitstreamError("decompress takes a list of byte strings (one per image); wrap one string: [data]")
+        device = next(self.parameters()).device
+        if not len(strings):
+            return torch.empty(0, 3, 32, 32, device=device)
         tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
         values = torch.from_numpy(entropy.decompress(strings, tables, self._stream_key(seed)))
-        device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         try:

@@ -116,6 +116,17 @@ def test_a_corrupted_string_never_decodes_to_a_wrong_image(fsq_strings):
     assert raised >= 8 * len(strings[0]) - 8
 
 
+def test_empty_batches_and_bad_image_shapes(fsq_strings):
+    model, _ = fsq_strings
+    assert model.compress(images(0)) == [] and model.decompress([]).shape == (0, 3, 32, 32)
+    one = model.compress(images(1))
+    assert torch.equal(model.decompress([bytearray(one[0])]), model.decode(model.encode(images(1))))
+    with pytest.raises(ConfigError, match=r"compress takes float images \(B, 3, 32, 32\)"):
+        model.compress(images(1)[0])
+    with pytest.raises(ConfigError, match="compress takes float images"):
+        model.compress((images(1) * 255).to(torch.uint8))
+
+
 def test_without_indices_there_is_nothing_to_compress():
     model = build_model({**ARGS, "quantizer": "none", "entropy_model": "fitted"})
     with pytest.raises(ConfigError, match="nothing to compress"):
