@@ -28,8 +28,8 @@ import entropy
 from metrics import PIXELS_PER_IMAGE, codebook_stats, psnr_per_image, ssim_per_image
 from models import LATENT_HW
 from plots import plot_rate_distortion, plot_samples
-from utils import (head, load_checkpoint, load_dataset, parse_overrides, pick_device, read_checkpoint, run_label,
-                   save_checkpoint, save_json, to_float_images, unwrap)
+from utils import (head, load_checkpoint, load_dataset, parse_paths_and_options, pick_device, read_checkpoint,
+                   run_label, save_checkpoint, save_json, to_float_images, unwrap)
 
 EVAL_BATCH_SIZE = 500
 
@@ -290,12 +290,10 @@ def write_samples_sheet(path, rows, runs, datasets):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    paths = [a for a in argv if not a.startswith("--")]
     try:
-        opts, _ = parse_overrides([a for a in argv if a.startswith("--")], CLI_DEFAULTS)
-        if not paths:
-            raise ConfigError("usage: python evaluate.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--device=auto] [--output_dir=outputs]")
+        paths, opts = parse_paths_and_options(
+            sys.argv[1:] if argv is None else argv, CLI_DEFAULTS,
+            "usage: python evaluate.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--device=auto] [--output_dir=outputs]")
         device = pick_device(opts["device"])
         datasets, rows, runs = {}, [], []
         for path in paths:

@@ -165,12 +165,8 @@ class QuantizedVAE(nn.Module):
             return torch.empty(0, 3, 32, 32, device=device)
         tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
         values = torch.from_numpy(entropy.decompress(strings, tables, self._stream_key(seed)))
-        was_training = self.training
-        self.eval()
-        try:
-            return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)
-        finally:
-            self.train(was_training)
+        # decoding does not depend on the mode (no noise, no batch statistics): no mode switch
+        return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)
 
 
 MODEL_ARG_KEYS = ("quantizer", "latent_dim", "channels", "res_blocks", "fsq_levels", "ddcl_delta", "ddcl_comm_weight",

@@ -66,6 +66,7 @@ class Bottleneck(nn.Module):
     num_streams = 0
     rate_label = "estimate"
     has_indices = False
+    noise_in_training = False  # training mode draws noise, so its rate differs from evaluation's
 
     def __init__(self, in_channels, entropy_model="fitted", rate_weight=0.0):
         super().__init__()
@@ -278,6 +279,7 @@ class DDCL_Bottleneck(Bottleneck):
 
     rate_label = "surrogate"
     has_indices = True
+    noise_in_training = True
 
     def __init__(self, latent_dim, delta, comm_weight, entropy_model="fitted", rate_weight=0.0):
         super().__init__(latent_dim, entropy_model, rate_weight)

@@ -71,6 +71,16 @@ def parse_overrides(argv, defaults):
     return config, given
 
 
+def parse_paths_and_options(argv, defaults, usage):
+    """A command line of file paths and --key=value options (checked against `defaults`) ->
+    (paths, options); no path stops with `usage`."""
+    paths = [a for a in argv if not a.startswith("--")]
+    options, _ = parse_overrides([a for a in argv if a.startswith("--")], defaults)
+    if not paths:
+        raise ConfigError(usage)
+    return paths, options
+
+
 # ----------------------------------------------------------------------------- devices and RNG
 
 def pick_device(name):

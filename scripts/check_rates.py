@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from errors import ConfigError, UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
-from utils import head, load_checkpoint, load_dataset, parse_overrides, to_float_images  # noqa: E402
+from utils import head, load_checkpoint, load_dataset, parse_paths_and_options, to_float_images  # noqa: E402
 
 DEFAULTS = dict(data_dir="", images=1000, seed=0)
 
@@ -29,11 +29,10 @@ DEFAULTS = dict(data_dir="", images=1000, seed=0)
 @torch.no_grad()
 def training_bits(model, images, batch_size=EVAL_BATCH_SIZE):
     """Mean bits per image the training loss charges on uint8 `images`: the quantizer in training
-    mode (DDCL adds fresh noise; FSQ and VQ quantize as in evaluation, so VQ's codebook is not
-    touched: only its evaluation-mode bits are taken)."""
+    mode where its training draws noise (DDCL); the others quantize in training as in evaluation,
+    so they stay in evaluation mode (VQ's codebook is not touched)."""
     q = model.quantizer
-    mode = hasattr(q, "delta")  # only DDCL's training-mode rate differs from its evaluation-mode one
-    q.train(mode)
+    q.train(q.noise_in_training)
     try:
         bits = [model(to_float_images(images[i:i + batch_size])).bits for i in range(0, len(images), batch_size)]
     finally:
@@ -67,12 +66,10 @@ def check(path, opts):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    paths = [a for a in argv if not a.startswith("--")]
     try:
-        opts, _ = parse_overrides([a for a in argv if a.startswith("--")], DEFAULTS)
-        if not paths:
-            raise ConfigError("usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] [--images=1000] [--seed=0]")
+        paths, opts = parse_paths_and_options(
+            sys.argv[1:] if argv is None else argv, DEFAULTS,
+            "usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] [--images=1000] [--seed=0]")
         for path in paths:
             print(check(path, opts), flush=True)
     except UserError as err:

@@ -39,7 +39,9 @@ def test_decompress_of_compress_equals_decode_of_encode(quantizer, entropy_model
     x = images(40)
     strings = model.compress(x, seed=3)
     assert len(strings) == 40 and all(isinstance(s, bytes) and len(s) > HEADER_BYTES for s in strings)
-    assert torch.equal(model.decompress(strings, seed=3), model.decode(model.encode(x, seed=3), seed=3))
+    expected = model.decode(model.encode(x, seed=3), seed=3)
+    assert torch.equal(model.decompress(strings, seed=3), expected)
+    assert torch.equal(model.train().decompress(strings, seed=3), expected)  # decoding does not depend on the mode
 
 
 def test_evaluate_reports_per_image_strings_beside_the_one_stream_rate():
