@@ -45,10 +45,10 @@ case "$set_name" in
   priors)
     run fsq_8-6-6-5 --quantizer=fsq  # the fitted-prior references
     run vq_1024 --quantizer=vq
-    for w in 1e-2 3e-3 1e-3 3e-4; do
+    for w in 1e-2 7e-3 5e-3 3e-3 2e-3 1.5e-3 1e-3 3e-4; do
       run "ddcl_w$w" --quantizer=ddcl --ddcl_comm_weight="$w"
     done
-    for rw in 0.3 0.1 0.03 0.01; do
+    for rw in 0.3 0.1 0.07 0.05 0.03 0.02 0.015 0.01; do
       run "ddcl_learned_rw$rw" --quantizer=ddcl --entropy_model=learned --rate_weight="$rw"
     done
     for rw in 0.3 0.1 0.03 0; do
