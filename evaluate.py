@@ -205,6 +205,12 @@ def psnr_gain_at_equal_bits(a, b):
     return float(np.mean(np.interp(grid, ra, pa) - np.interp(grid, rb, pb))), float(np.exp(lo)), float(np.exp(hi))
 
 
+def points_within(rows, lo, hi):
+    """How many measured points of a curve lie in [lo, hi] bits: the fewer, the more of an
+    equal-bits gain is interpolation (sparse points under-read a concave curve between them)."""
+    return sum(lo * (1 - 1e-9) <= r["bits"] <= hi * (1 + 1e-9) for r in rows)
+
+
 def equal_bits_lines(rows):
     """One line per pair of curves whose rates overlap: the PSNR gain at equal bits."""
     curves = {}
@@ -216,7 +222,9 @@ def equal_bits_lines(rows):
         for b in names[i + 1:]:
             gain = psnr_gain_at_equal_bits(curves[a], curves[b])
             if gain is not None:
-                lines.append(f"{a} vs {b} at equal bits ({gain[1]:.0f}-{gain[2]:.0f} bits/img): {gain[0]:+.2f} dB PSNR")
+                inside = [points_within(curves[name], gain[1], gain[2]) for name in (a, b)]
+                lines.append(f"{a} vs {b} at equal bits ({gain[1]:.0f}-{gain[2]:.0f} bits/img, "
+                             f"{inside[0]} + {inside[1]} measured points): {gain[0]:+.2f} dB PSNR")
     return lines
 
 

@@ -79,7 +79,10 @@ def test_psnr_gain_at_equal_bits_interpolates_in_log_rate():
     # over log-bits [200, 400]: a goes 24 -> 26, b goes 23 -> 24; the mean difference is 1.5 dB
     assert (lo, hi) == pytest.approx((200.0, 400.0)) and gain == pytest.approx(1.5, abs=1e-3)
     assert psnr_gain_at_equal_bits(a, [{"bits": 900.0, "psnr": 1.0}, {"bits": 999.0, "psnr": 2.0}]) is None
-    assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img): +1.50 dB PSNR"]
+    # the line says how many measured points of each curve lie in the compared range
+    assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img, 1 + 1 measured points): +1.50 dB PSNR"]
+    denser = a + [{"bits": 300.0, "psnr": 25.5, "curve": "a"}]
+    assert equal_bits_lines(denser + b)[0].startswith("a vs b at equal bits (200-400 bits/img, 2 + 1 measured points)")
 
 
 def test_learned_and_fitted_runs_of_one_bottleneck_are_separate_curves():
