@@ -7,8 +7,9 @@
     python bench.py --quantizers="['fsq']" --channels_last=False --amp=off
 
 Time-to-quality (--quality=True), on a folder of images (DIR/train, DIR/test): for each budget in
-seconds and each quantizer, train.py's defaults are trained for as many epochs as fit the budget
-(estimated from a short timing of the step and of one evaluation), by train.py's own `train` (with
+seconds and each quantizer, train.py's defaults are trained for the whole number of epochs nearest
+to filling the budget (estimated from a timing of up to 100 steps, of one per-epoch evaluation and
+of the final whole-split evaluation), by train.py's own `train` (with
 any train.py knob given here, such as --channels or --res_blocks, to time another candidate), and
 the table gives the epochs, the seconds the run really took (data from the folder's cache, every
 per-epoch evaluation and the final whole-split evaluation included), held-out PSNR and the measured
@@ -32,7 +33,6 @@ the seconds of each evaluation.
 """
 import contextlib
 import io
-import math
 import sys
 import tempfile
 import time
@@ -54,7 +54,7 @@ BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_imag
 # The seed's training recipe, for --baseline: what these knobs were before the recipe was measured.
 SEED_RECIPE = dict(lr=3e-4, lr_schedule="constant", warmup_epochs=0.0, hflip=False, channels=[16, 32, 64], res_blocks=0,
                    eval_images=0, rate_prior_images=10000)
-CALIBRATION_STEPS = 20  # timed training steps that estimate how many epochs fit a budget
+CALIBRATION_STEPS = 100  # timed training steps (at most) that estimate how many epochs fit a budget
 
 
 def sync(dev):
@@ -117,18 +117,21 @@ def bench_quantizer(name, opts, dev):
 
 
 def fitting_epochs(config, budget, train_u8, val_u8, dev):
-    """How many epochs of `config` fit in `budget` seconds on this machine, from CALIBRATION_STEPS
-    timed steps and one timed per-epoch evaluation (at least 1)."""
+    """The whole number of epochs of `config` nearest to filling `budget` seconds on this machine (at
+    least 1): per epoch, the steps (timed over up to CALIBRATION_STEPS of them) and one per-epoch
+    evaluation; once per run, the final whole-split evaluation of the best checkpoint."""
     model, step_fn, memory_format = training_step(config, dev)
-    order = torch.randint(0, len(train_u8), (CALIBRATION_STEPS * config["batch_size"],)).to(dev)
-    run = lambda steps: train_epoch(step_fn, train_u8, order, steps, config["batch_size"], memory_format, 2,
-                                    config, show=False)[0].item()
+    steps = min(CALIBRATION_STEPS, max(1, len(train_u8) // config["batch_size"]))
+    order = torch.randint(0, len(train_u8), (max(steps, 2) * config["batch_size"],)).to(dev)  # 2: the warm-up
+    run = lambda n: train_epoch(step_fn, train_u8, order, n, config["batch_size"], memory_format, 2,
+                                config, show=False)[0].item()
     run(2)
-    step_s = timed(lambda: run(CALIBRATION_STEPS), dev) / CALIBRATION_STEPS
-    eval_s = timed(lambda: evaluate(model, head(val_u8, config["eval_images"]), head(train_u8, config["rate_prior_images"]),
-                                    config["eval_batch_size"]), dev)
+    step_s = timed(lambda: run(steps), dev) / steps
+    prior = head(train_u8, config["rate_prior_images"])
+    eval_s = timed(lambda: evaluate(model, head(val_u8, config["eval_images"]), prior, config["eval_batch_size"]), dev)
+    final_s = timed(lambda: evaluate(model, val_u8, prior, config["eval_batch_size"]), dev)
     epoch_s = (len(train_u8) // config["batch_size"]) * step_s + eval_s
-    return max(1, math.floor(budget / epoch_s))
+    return max(1, round((budget - final_s) / epoch_s))
 
 
 def time_to_quality(opts, dev):
