@@ -121,7 +121,8 @@ def fitting_epochs(config, budget, train_u8, val_u8, dev):
     least 1): per epoch, the steps (timed over up to CALIBRATION_STEPS of them) and one per-epoch
     evaluation; once per run, the final whole-split evaluation of the best checkpoint."""
     model, step_fn, memory_format = training_step(config, dev)
-    steps = min(CALIBRATION_STEPS, max(1, len(train_u8) // config["batch_size"]))
+    steps_per_epoch = len(train_u8) // config["batch_size"]
+    steps = min(CALIBRATION_STEPS, max(1, steps_per_epoch))
     order = torch.randint(0, len(train_u8), (max(steps, 2) * config["batch_size"],)).to(dev)  # 2: the warm-up
     run = lambda n: train_epoch(step_fn, train_u8, order, n, config["batch_size"], memory_format, 2,
                                 config, show=False)[0].item()
@@ -130,7 +131,7 @@ def fitting_epochs(config, budget, train_u8, val_u8, dev):
     prior = head(train_u8, config["rate_prior_images"])
     eval_s = timed(lambda: evaluate(model, head(val_u8, config["eval_images"]), prior, config["eval_batch_size"]), dev)
     final_s = timed(lambda: evaluate(model, val_u8, prior, config["eval_batch_size"]), dev)
-    epoch_s = (len(train_u8) // config["batch_size"]) * step_s + eval_s
+    epoch_s = steps_per_epoch * step_s + eval_s
     return max(1, round((budget - final_s) / epoch_s))
 
 

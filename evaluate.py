@@ -192,7 +192,10 @@ def per_bottleneck_results(rows):
 def psnr_gain_at_equal_bits(a, b):
     """Mean PSNR of curve `a` minus curve `b` (lists of rows) over the rates both cover, each
     interpolated linearly in log(bits): Bjontegaard's delta-PSNR with piecewise-linear instead of
-    cubic interpolation (robust with 2-4 points). None when the rates do not overlap."""
+    cubic interpolation (robust with 2-4 points). Returns (gain dB, lowest bits, highest bits,
+    measured points of a in that range, of b): the fewer points, the more of the gain is
+    interpolation (sparse points under-read a concave curve between them). None when the rates do
+    not overlap."""
     def curve(rows):
         pts = sorted((r["bits"], r["psnr"]) for r in rows)
         return np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
@@ -202,13 +205,9 @@ def psnr_gain_at_equal_bits(a, b):
     if len(ra) < 2 or len(rb) < 2 or lo >= hi:
         return None
     grid = np.linspace(lo, hi, 200)
-    return float(np.mean(np.interp(grid, ra, pa) - np.interp(grid, rb, pb))), float(np.exp(lo)), float(np.exp(hi))
-
-
-def points_within(rows, lo, hi):
-    """How many measured points of a curve lie in [lo, hi] bits: the fewer, the more of an
-    equal-bits gain is interpolation (sparse points under-read a concave curve between them)."""
-    return sum(lo * (1 - 1e-9) <= r["bits"] <= hi * (1 + 1e-9) for r in rows)
+    inside = [int(((r >= lo) & (r <= hi)).sum()) for r in (ra, rb)]
+    return (float(np.mean(np.interp(grid, ra, pa) - np.interp(grid, rb, pb))), float(np.exp(lo)), float(np.exp(hi)),
+            *inside)
 
 
 def equal_bits_lines(rows):
@@ -222,9 +221,8 @@ def equal_bits_lines(rows):
         for b in names[i + 1:]:
             gain = psnr_gain_at_equal_bits(curves[a], curves[b])
             if gain is not None:
-                inside = [points_within(curves[name], gain[1], gain[2]) for name in (a, b)]
                 lines.append(f"{a} vs {b} at equal bits ({gain[1]:.0f}-{gain[2]:.0f} bits/img, "
-                             f"{inside[0]} + {inside[1]} measured points): {gain[0]:+.2f} dB PSNR")
+                             f"{gain[3]} + {gain[4]} measured points): {gain[0]:+.2f} dB PSNR")
     return lines
 
 

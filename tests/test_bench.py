@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import bench
+from conftest import tiny_args
 
 
 def test_bench_prints_a_row_per_quantizer(capsys):
@@ -35,13 +36,12 @@ def test_time_to_quality_needs_a_folder():
     assert exit_.value.code == 2
 
 
-def test_fitting_epochs_grows_with_the_budget_and_is_at_least_one(image_folder):
-    from train import DEFAULT_CONFIG, validate_config
+def test_fitting_epochs_grows_with_the_budget_and_is_at_least_one(tmp_path, image_folder):
+    from train import resolve_config
     from utils import load_dataset
 
-    train_u8, val_u8 = load_dataset("folder", str(image_folder))
-    config = validate_config({**DEFAULT_CONFIG, "quantizer": "fsq", "dataset": "folder", "data_dir": str(image_folder),
-                              "device": "cpu", "batch_size": 8, "channels": [8, 8, 16], "eval_batch_size": 16})
+    train_u8, val_u8 = load_dataset("folder", image_folder)
+    config = resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", batch_size=8, device="cpu"))
     dev = torch.device("cpu")
     tiny, large = (bench.fitting_epochs(config, budget, train_u8, val_u8, dev) for budget in (1e-6, 1e4))
     # a budget below one epoch still trains one; 10,000 s of a few tiny images are many epochs

@@ -75,9 +75,10 @@ def test_psnr_gain_at_equal_bits_interpolates_in_log_rate():
 
     a = [{"bits": 100.0, "psnr": 22.0, "curve": "a"}, {"bits": 400.0, "psnr": 26.0, "curve": "a"}]
     b = [{"bits": 200.0, "psnr": 23.0, "curve": "b"}, {"bits": 800.0, "psnr": 25.0, "curve": "b"}]
-    gain, lo, hi = psnr_gain_at_equal_bits(a, b)
+    gain, lo, hi, inside_a, inside_b = psnr_gain_at_equal_bits(a, b)
     # over log-bits [200, 400]: a goes 24 -> 26, b goes 23 -> 24; the mean difference is 1.5 dB
     assert (lo, hi) == pytest.approx((200.0, 400.0)) and gain == pytest.approx(1.5, abs=1e-3)
+    assert (inside_a, inside_b) == (1, 1)  # a's 400 and b's 200 lie in [200, 400]
     assert psnr_gain_at_equal_bits(a, [{"bits": 900.0, "psnr": 1.0}, {"bits": 999.0, "psnr": 2.0}]) is None
     # the line says how many measured points of each curve lie in the compared range
     assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img, 1 + 1 measured points): +1.50 dB PSNR"]
