@@ -9,6 +9,11 @@ Two kinds of prior give each transmitted integer a probability (train.py's `entr
            `LogisticMixturePrior` (DDCL: a density per channel), trained jointly with the
            autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
            Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
+  context  `ContextMixturePrior` (DDCL): the same mixture, its parameters predicted for each value
+           from the values sent before it in raster order (Minnen, Balle, Toderici, "Joint
+           Autoregressive and Hierarchical Priors for Learned Image Compression", NeurIPS 2018,
+           section 2, without the hyperprior). Its tables are `SequentialTables`: the decoder
+           computes each position's table from the positions it has already read.
 
 Either way a bottleneck describes its integers to the coder as a list of `Table`s, one per group of
 symbols (a stream): the values' offset, their probabilities and whether an escape is needed. The
@@ -32,7 +37,7 @@ import binascii
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -73,6 +78,34 @@ class Table(NamedTuple):
         return self._replace(probs=self.probs[i:i + 1] if self.probs.shape[0] > 1 else self.probs)
 
 
+class SequentialTables(NamedTuple):
+    """The tables of a context model: group g's Table depends on the integers of groups 0 .. g-1,
+    which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table.
+
+    The encoder computes every table from the values it sends (`materialise`), the decoder from
+    the values it has decoded (`_decode_groups`): the same function of the same integers, so the
+    two agree bit for bit as long as `make` computes each image's table independently of the
+    other images in the batch (entropy.ContextMixturePrior says how)."""
+    groups: int
+    count: int
+    make: Callable
+
+
+def materialise(tables, values):
+    """A list of Tables for `values` (B, G, n): context tables computed from the values before each
+    group, as the decoder will compute them; a plain list is returned as it is."""
+    if isinstance(tables, SequentialTables):
+        return [tables.make(g, values[:, :g]) for g in range(tables.groups)]
+    return tables
+
+
+def _shape(tables):
+    """(groups, values per group) of a list of Tables or of SequentialTables."""
+    if isinstance(tables, SequentialTables):
+        return tables.groups, tables.count
+    return len(tables), tables[0].count if tables else 0
+
+
 def _symbols(values, table):
     """values (B, n) int64 -> (symbol ids (B, n) int32, the escaped values in order)."""
     size = table.probs.shape[-1] - table.open
@@ -91,7 +124,7 @@ def ideal_bits(values, tables):
     ESCAPE_BITS per escaped value."""
     values = np.asarray(values, dtype=np.int64)
     bits = np.zeros(values.shape[0])
-    for g, table in enumerate(tables):
+    for g, table in enumerate(materialise(tables, values)):
         ids, _ = _symbols(values[:, g], table)
         probs = np.broadcast_to(table.probs, (len(values), table.count, table.probs.shape[-1]))
         p = np.take_along_axis(probs, ids[..., None].astype(np.int64), axis=-1)[..., 0]
@@ -166,7 +199,7 @@ class Stream:
 
     def add(self, values, tables):
         values = np.asarray(values, dtype=np.int64)
-        _Coder(tables, len(values)).encode(self.encoder, values)
+        _Coder(materialise(tables, values), len(values)).encode(self.encoder, values)
         self.values.append(values)
 
     def bits_per_image(self):
@@ -174,8 +207,23 @@ class Stream:
 
     def decodes_back(self, tables_per_batch):
         decoder = self.decoder_type(self.encoder.get_compressed())
-        return all(np.array_equal(_Coder(tables, len(want)).decode(decoder), want)
+        return all(np.array_equal(_decode_batch(decoder, tables, len(want)), want)
                    for tables, want in zip(tables_per_batch, self.values))
+
+
+def _table(tables, g, decoded):
+    """Group g's Table: from the list, or computed from the groups before it (`decoded` (B, >= g, n))."""
+    return tables.make(g, decoded[:, :g]) if isinstance(tables, SequentialTables) else tables[g]
+
+
+def _decode_batch(decoder, tables, batch):
+    """(batch, G, n) values of `batch` images read from one decoder, group by group (each group of
+    all the images, then its escaped values: the order `_Coder.encode` wrote)."""
+    groups, count = _shape(tables)
+    out = np.zeros((batch, groups, count), dtype=np.int64)
+    for g in range(groups):
+        out[:, g] = _Coder([_table(tables, g, out)], batch).decode(decoder)[:, 0]
+    return out
 
 
 def stream_bits(values, tables):
@@ -231,7 +279,7 @@ def compress(values, tables, key):
     import constriction
 
     values = np.asarray(values, dtype=np.int64)
-    coder, strings = _Coder(tables, len(values)), []
+    coder, strings = _Coder(materialise(tables, values), len(values)), []
     for i in range(len(values)):
         one = coder.row(i)
         encoder = constriction.stream.queue.RangeEncoder()
@@ -245,27 +293,48 @@ def compress(values, tables, key):
 def decompress(strings, tables, key):
     """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
     Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
-    coder, out = _Coder(tables, len(strings)), []
+    payloads = [_payload(i, s) for i, s in enumerate(strings)]
+    values, readable = _decode_strings(payloads, tables)
     for i, s in enumerate(strings):
-        if not isinstance(s, (bytes, bytearray)):
-            raise BitstreamError(f"string {i} is a {type(s).__name__}, not bytes")
-        if len(s) < HEADER_BYTES:
-            raise BitstreamError(f"string {i} has {len(s)} bytes, fewer than the {HEADER_BYTES}-byte header: truncated")
-        if s[0] >> 4 != MAGIC:
-            raise BitstreamError(f"string {i} does not start with this repo's magic 0x{MAGIC:X} "
-                                 f"(got 0x{s[0] >> 4:X}): not written by model.compress")
-        if s[0] & 0xF != FORMAT_VERSION:
-            raise BitstreamError(f"string {i} is bitstream format version {s[0] & 0xF}; this code reads version "
-                                 f"{FORMAT_VERSION}: decode it with the version of this repo that wrote it")
-        try:
-            values = coder.row(i).decode(coder.queue.RangeDecoder(_words(bytes(s[HEADER_BYTES:]))))
-        except Exception:
-            values = None
-        if values is None or _checksum(key, values[0]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
+        if not readable[i] or _checksum(key, values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
             raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
                                  "another model (or prior), or with another seed than the one passed to decompress")
-        out.append(values[0])
-    return np.stack(out) if out else np.zeros((0, len(tables), 0), dtype=np.int64)
+    return values
+
+
+def _payload(i, s):
+    """String i's payload after its header is checked."""
+    if not isinstance(s, (bytes, bytearray)):
+        raise BitstreamError(f"string {i} is a {type(s).__name__}, not bytes")
+    if len(s) < HEADER_BYTES:
+        raise BitstreamError(f"string {i} has {len(s)} bytes, fewer than the {HEADER_BYTES}-byte header: truncated")
+    if s[0] >> 4 != MAGIC:
+        raise BitstreamError(f"string {i} does not start with this repo's magic 0x{MAGIC:X} "
+                             f"(got 0x{s[0] >> 4:X}): not written by model.compress")
+    if s[0] & 0xF != FORMAT_VERSION:
+        raise BitstreamError(f"string {i} is bitstream format version {s[0] & 0xF}; this code reads version "
+                             f"{FORMAT_VERSION}: decode it with the version of this repo that wrote it")
+    return bytes(s[HEADER_BYTES:])
+
+
+def _decode_strings(payloads, tables):
+    """Per-image payloads -> ((B, G, n) values, (B,) whether each image decoded). Group by group
+    across the images, so that a context model computes each group's tables once for the batch."""
+    import constriction
+
+    groups, count = _shape(tables)
+    out = np.zeros((len(payloads), groups, count), dtype=np.int64)
+    readable = np.ones(len(payloads), dtype=bool)
+    decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
+    for g in range(groups):
+        coder = _Coder([_table(tables, g, out)], len(payloads))
+        for i, decoder in enumerate(decoders):
+            if readable[i]:
+                try:
+                    out[i, g] = coder.row(i).decode(decoder)[0, 0]
+                except Exception:  # constriction refuses data it cannot decode
+                    readable[i] = False
+    return out, readable
 
 
 def fingerprint(module):
@@ -392,18 +461,19 @@ class CategoricalPrior(nn.Module):
 
 
 def _bin_probability(x, delta, loc, log_scale, weight_logits):
-    """P(value in [x - delta/2, x + delta/2]) under a mixture of logistics per channel.
+    """P(value in [x - delta/2, x + delta/2]) under a mixture of logistics.
 
-    x (B, C, P); loc, log_scale, weight_logits (C, K) -> (B, C, P). Each component's difference of
+    x (B, C, P); loc, log_scale, weight_logits broadcastable to (B, C, P, K) (one mixture per
+    channel: (C, 1, K); one per value: (B, C, P, K)) -> (B, C, P). Each component's difference of
     sigmoids is taken in the tail where it is accurate (CompressAI's sign trick): both arguments
     large and positive would otherwise cancel to 0 in floating point."""
     x = x.unsqueeze(-1)  # (B, C, P, 1)
-    inv_scale = torch.exp(-log_scale)[:, None, :]  # (C, 1, K)
-    upper = (x + delta / 2 - loc[:, None, :]) * inv_scale
-    lower = (x - delta / 2 - loc[:, None, :]) * inv_scale
+    inv_scale = torch.exp(-log_scale)
+    upper = (x + delta / 2 - loc) * inv_scale
+    lower = (x - delta / 2 - loc) * inv_scale
     sign = torch.where(upper + lower > 0, -1.0, 1.0).to(x.dtype)
     per_component = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs()
-    return (per_component * torch.softmax(weight_logits, -1)[:, None, :]).sum(-1)
+    return (per_component * torch.softmax(weight_logits, -1)).sum(-1)
 
 
 class LogisticMixturePrior(nn.Module):
@@ -436,7 +506,7 @@ class LogisticMixturePrior(nn.Module):
         -log2 of each value's delta-wide bin; the first has the prior's parameters held fixed, the
         second the values."""
         def cost(values, detach):
-            p = _bin_probability(values.float(), delta, *self._params(detach))
+            p = _bin_probability(values.float(), delta, *(t[:, None, :] for t in self._params(detach)))  # (C, 1, K)
             return -torch.log2(p.clamp_min(LIKELIHOOD_BOUND))
 
         return cost(x, True), cost(x.detach(), False)
@@ -495,3 +565,113 @@ class LogisticMixturePrior(nn.Module):
 def _mixture_cdf(x, loc, log_scale, weight_logits):
     """CDF of one channel's logistic mixture at x (any shape); parameters (K,)."""
     return (torch.sigmoid((x[..., None] - loc) * torch.exp(-log_scale)) * torch.softmax(weight_logits, -1)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- context prior (DDCL)
+
+CONTEXT_HIDDEN = 64  # features of the context network
+LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple of DDCL bins wide
+CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
+
+
+def _silu(x):
+    """SiLU through exp alone. torch's sigmoid rounds a value differently in the vectorised body and
+    in the tail of a tensor (measured on this CPU), exp does not: so a value's float64 coding table
+    never depends on where the value sits in a batch, which sequential decoding relies on."""
+    return x / (1.0 + torch.exp(-x))
+
+
+def _mixture_cdf_exp(x, loc, log_scale, weight_logits):
+    """Mixture-of-logistics CDF at x (..., N) with parameters (..., K) -> (..., N), through exp
+    alone (see _silu) and with the components summed in a fixed order."""
+    w = torch.exp(weight_logits - weight_logits.max(-1, keepdim=True).values)
+    total, cdf = 0.0, 0.0
+    for k in range(w.shape[-1]):
+        total = total + w[..., k, None]
+        cdf = cdf + w[..., k, None] / (1.0 + torch.exp(-(x - loc[..., k, None]) * torch.exp(-log_scale[..., k, None])))
+    return cdf / total
+
+
+class ContextMixturePrior(nn.Module):
+    """Learned density of each DDCL latent value given the values sent before it.
+
+    The mixture of LogisticMixturePrior, with its parameters predicted per value by a small network
+    (Minnen, Balle, Toderici, NeurIPS 2018, section 2: the context model, here without a hyperprior):
+    a 3x3 convolution over all channels masked to the row above and the value to the left (the
+    neighbours already sent in raster order; the centre is masked, so the C values of one position
+    are coded together and independently given the context), plus a learned bias per position of
+    the grid (borders and centre differ), then two 1x1 convolutions with SiLU:
+
+        z_hat (B, C, H, W) -> masked 3x3 + position bias (B, 64, H, W) -> 1x1 (B, 64, H, W)
+                           -> 1x1 (B, 3 C K, H, W) -> loc, log_scale, weight_logits (B, C, H*W, K)
+
+    Training pays -log2 of the mass in the delta-wide bin around z + u, as LogisticMixturePrior does,
+    with the context taken from the noisy z + u; evaluation codes m under P(m | u, earlier values),
+    the context taken from the dequantized z_hat = m delta - u that the decoder has. The coder's
+    tables are SequentialTables over positions, computed in float64 through exp alone (no sigmoid)
+    and with convolutions that handle each image separately, so an image's tables are the same
+    bits whatever batch it is coded or decoded in (tested)."""
+
+    sequential = True  # the coder's groups are positions (B, H*W, C), decoded in raster order
+
+    def __init__(self, channels, grid, components=3, hidden=CONTEXT_HIDDEN):
+        super().__init__()
+        self.channels, self.grid, self.components = channels, tuple(grid), components
+        self.context = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.position = nn.Parameter(torch.zeros(1, hidden, *self.grid))
+        self.hidden = nn.Conv2d(hidden, hidden, 1)
+        self.out = nn.Conv2d(hidden, 3 * channels * components, 1)
+        mask = torch.ones(1, 1, 3, 3)
+        mask[..., 1, 1:] = 0  # the value itself and the one to its right
+        mask[..., 2, :] = 0  # the row below
+        self.register_buffer("mask", mask, persistent=False)
+
+    def params(self, z_hat, detach=False):
+        """z_hat (B, C, H, W) -> loc, log_scale, weight_logits, each (B, C, H*W, K): the mixture of
+        each value from the values before it, computed in z_hat's dtype and on its device."""
+        def w(t):
+            return (t.detach() if detach else t).to(device=z_hat.device, dtype=z_hat.dtype)
+
+        h = F.conv2d(z_hat, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
+        h = F.conv2d(_silu(h), w(self.hidden.weight), w(self.hidden.bias))
+        h = F.conv2d(_silu(h), w(self.out.weight), w(self.out.bias))  # (B, 3 C K, H, W)
+        h = h.reshape(len(z_hat), 3, self.channels, self.components, -1).permute(1, 0, 2, 4, 3)  # (3, B, C, P, K)
+        return h[0], h[1] + LOG_SCALE_OFFSET, h[2]
+
+    def bits(self, x, delta):
+        """x (B, C, P) noisy or dithered latent values -> (bits for the encoder, bits for the prior),
+        as LogisticMixturePrior.bits. The encoder's bits hold the network fixed but reach the encoder
+        through both the coded value and its context."""
+        if tuple(x.shape[1:]) != (self.channels, math.prod(self.grid)):
+            raise ValueError(f"context prior for {self.channels} channels on a {self.grid} grid got latents {tuple(x.shape)}")
+
+        def cost(values, detach):
+            values = values.float()
+            p = _bin_probability(values, delta, *self.params(values.reshape(len(values), self.channels, *self.grid), detach))
+            return -torch.log2(p.clamp_min(LIKELIHOOD_BOUND))
+
+        return cost(x, True), cost(x.detach(), False)
+
+    def support(self, delta):
+        """(lo, hi): the integers every table covers, |m delta| <= CONTEXT_SUPPORT, at most MAX_SUPPORT - 1."""
+        half = min(math.ceil(CONTEXT_SUPPORT / delta), (MAX_SUPPORT - 2) // 2)
+        return -half, half
+
+    def tables(self, dither, delta):
+        """dither u (B, C, P) -> SequentialTables over the P positions: position g's Table holds
+        P(m | u, values of positions < g) for the C channels, (B, C, K + 1) rows over m = lo .. hi
+        and an escape column with the mass outside."""
+        u = dither.detach().double().cpu()  # (B, C, P)
+        lo, hi = self.support(delta)
+        edges = (torch.arange(lo, hi + 2, dtype=torch.float64) - 0.5) * delta  # (K + 1,)
+
+        @torch.no_grad()
+        def make(g, previous):
+            z_hat = torch.zeros_like(u)  # the positions not yet decoded stay 0; the mask ignores them
+            z_hat[:, :, :g] = torch.from_numpy(np.ascontiguousarray(previous)).transpose(1, 2).double() * delta - u[:, :, :g]
+            loc, log_scale, logits = (t[:, :, g] for t in self.params(z_hat.reshape(len(u), self.channels, *self.grid)))
+            cdf = _mixture_cdf_exp(edges - u[:, :, g, None], loc, log_scale, logits)  # (B, C, K + 1)
+            escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
+            return Table(lo, _normalised(torch.cat([cdf[..., 1:] - cdf[..., :-1], escape], -1).numpy()), True, self.channels)
+
+        return SequentialTables(u.shape[-1], self.channels, make)

@@ -57,7 +57,7 @@ def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE):
     model = unwrap(model)
     q = model.quantizer
     if q.prior is not None:
-        raise ConfigError("this model has a learned prior (entropy_model='learned'); it needs no fitted one")
+        raise ConfigError(f"this model has a learned prior (entropy_model={q.entropy_model!r}); it needs no fitted one")
     was_training = model.training
     model.eval()  # the integers evaluation sends: DDCL's dithered ones, VQ without codebook updates
     q.fitted_prior = entropy.fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
@@ -121,17 +121,19 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
         fit_rate_prior(model, train_images, batch_size)
     positions = LATENT_HW[0] * LATENT_HW[1]
 
-    def tables(seed, ind):  # DDCL's learned tables depend on the batch's dither seed
+    def tables(seed, ind):  # DDCL's learned and context tables depend on the batch's dither seed
         return q.coding_tables(len(ind), positions, seed)
 
     stream, ideal, lengths, strings_exact = entropy.Stream(), 0.0, [], True
     for seed, ind in enumerate(batches):
         values, t = q.coding_values(ind).numpy(), tables(seed, ind)
-        ideal += entropy.ideal_bits(values, t).sum()
+        sent = entropy.materialise(t, values)  # a context model's tables, computed once from the values sent
+        ideal += entropy.ideal_bits(values, sent).sum()
         if entropy_coding:
-            stream.add(values, t)
-            strings = entropy.compress(values, t, b"")
+            stream.add(values, sent)
+            strings = entropy.compress(values, sent, b"")
             lengths += [len(s) for s in strings]
+            # decoded as a receiver would: a context model's tables from the values decoded so far
             strings_exact &= bool(np.array_equal(entropy.decompress(strings, t, b""), values))
     out["bits_entropy"] = float(ideal / len(indices))
     if entropy_coding:
@@ -178,7 +180,7 @@ def compressai_results(rows):
 
 
 def per_bottleneck_results(rows):
-    """{curve: CompressAI results dict}, one curve per bottleneck and prior ("ddcl", "ddcl_learned")
+    """{curve: CompressAI results dict}, one curve per bottleneck and prior ("ddcl", "ddcl_learned", "ddcl_context")
     with its points ordered by rate, so CompressAI's plotting client
     (`python -m compressai.utils.plot -f FILE...`), which draws each file as one named line,
     overlays them with its published curves."""
@@ -276,7 +278,8 @@ def evaluate_checkpoint(path, opts, device, datasets):
     q = model.quantizer
     entropy_model = q.entropy_model if q.has_indices else "-"
     row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"], "entropy_model": entropy_model,
-           "curve": config["quantizer"] + ("_learned" if entropy_model == "learned" else ""),
+           "curve": config["quantizer"] + ("" if entropy_model in ("fitted", "-") else "_" + entropy_model)
+           + ("_posthoc" if config.get("context_prior_fitted_to") else ""),  # scripts/fit_context_prior.py
            "settings": q.settings(), **metrics}
     return row, (model, key, batch_size)
 

@@ -17,9 +17,8 @@ import torch.nn as nn
 
 import entropy
 from errors import BitstreamError, ConfigError
-from quantizers import build_quantizer, implied_latent_dim
+from quantizers import LATENT_HW, build_quantizer, implied_latent_dim
 
-LATENT_HW = (4, 4)  # 32 px after three stride-2 stages
 
 
 class ModelOutput(NamedTuple):

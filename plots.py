@@ -67,8 +67,8 @@ def plot_curves(path, rows):
 
 
 def plot_rate_distortion(path, rows):
-    """PSNR against measured bits per image, one line per curve (quantizer, and "_learned" when it
-    was trained with a learned prior), each point labelled with its run."""
+    """PSNR against measured bits per image, one line per curve (quantizer, and "_learned" or
+    "_context" when it was trained with such a prior), each point labelled with its run."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in sorted({r.get("curve", r["quantizer"]) for r in rows}):

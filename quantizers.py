@@ -31,11 +31,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from entropy import CategoricalPrior, LogisticMixturePrior, priors_from_state, priors_to_state
+from entropy import CategoricalPrior, ContextMixturePrior, LogisticMixturePrior, priors_from_state, priors_to_state
 from errors import CheckpointError, ConfigError
 from metrics import PIXELS_PER_IMAGE
 
-ENTROPY_MODELS = ("fitted", "learned")
+ENTROPY_MODELS = ("fitted", "learned", "context")
+LATENT_HW = (4, 4)  # the latent grid: 32 px after three stride-2 stages
 NO_PRIOR = ("this model holds no fitted rate prior (its checkpoint predates stored priors, or it was never evaluated); "
             "fit one in Python with evaluate.fit_rate_prior(model, train_images), or store one in the checkpoint with "
             "python evaluate.py CHECKPOINT --save_prior=True")
@@ -56,7 +57,7 @@ class Bottleneck(nn.Module):
     codebook_size  size of the index alphabet; None when unbounded (DDCL) or without indices
     num_streams    independent index streams of the fitted prior (0 without indices)
     rate_label     what the `bits` of its output are when nothing was measured
-    entropy_model  "fitted" or "learned" (see entropy.py); `prior` is the learned prior module
+    entropy_model  "fitted", "learned" or "context" (see entropy.py); `prior` is the learned prior module
     rate_weight    loss per bit per pixel of the learned bits (loss = MSE + rate_weight * bits / 1024)
     fitted_prior   list of entropy.StreamPrior fitted by evaluate.py, or None; kept in the
                    state_dict (its extra state), so a loaded checkpoint compresses on its own
@@ -66,6 +67,7 @@ class Bottleneck(nn.Module):
     num_streams = 0
     rate_label = "estimate"
     has_indices = False
+    has_context_prior = False  # entropy_model="context" is implemented (DDCL)
     noise_in_training = False  # training mode draws noise, so its rate differs from evaluation's
 
     def __init__(self, in_channels, entropy_model="fitted", rate_weight=0.0):
@@ -74,8 +76,8 @@ class Bottleneck(nn.Module):
         self.entropy_model, self.rate_weight = validate_entropy_model(entropy_model, rate_weight, self)
         self.fitted_prior = None
         self.prior = None
-        if self.entropy_model == "learned":
-            self.rate_label = "learned prior"
+        if self.entropy_model != "fitted":
+            self.rate_label = f"{self.entropy_model} prior"
 
     def settings(self):
         """A short label of the settings that change the rate (shown in tables and plots)."""
@@ -84,7 +86,7 @@ class Bottleneck(nn.Module):
     def prior_label(self):
         if not self.has_indices:
             return ""
-        return f" | learned prior rw={self.rate_weight:g}" if self.prior is not None else " | fitted prior"
+        return f" | {self.entropy_model} prior rw={self.rate_weight:g}" if self.prior is not None else " | fitted prior"
 
     def decode_indices(self, indices, seed=0):
         raise TypeError(f"{type(self).__name__} has no indices to decode")
@@ -130,9 +132,12 @@ class Bottleneck(nn.Module):
 def validate_entropy_model(entropy_model, rate_weight, bottleneck):
     if entropy_model not in ENTROPY_MODELS:
         raise ConfigError(f"entropy_model={entropy_model!r}; choose one of {', '.join(ENTROPY_MODELS)}")
-    if entropy_model == "learned" and not bottleneck.has_indices:
-        raise ConfigError(f"entropy_model='learned' needs a bottleneck that sends integers (fsq, vq, ddcl); "
+    if entropy_model != "fitted" and not bottleneck.has_indices:
+        raise ConfigError(f"entropy_model={entropy_model!r} needs a bottleneck that sends integers (fsq, vq, ddcl); "
                           f"{type(bottleneck).__name__} sends none: use entropy_model='fitted'")
+    if entropy_model == "context" and not bottleneck.has_context_prior:
+        raise ConfigError(f"entropy_model='context' is implemented for ddcl only; {type(bottleneck).__name__} "
+                          "can use entropy_model='learned' (a prior without context) or 'fitted'")
     if not isinstance(rate_weight, (int, float)) or isinstance(rate_weight, bool) or not math.isfinite(rate_weight) or rate_weight < 0:
         raise ConfigError(f"rate_weight must be a finite number >= 0 (loss per bit per pixel), e.g. 0.01; got {rate_weight!r}")
     return entropy_model, float(rate_weight)
@@ -274,11 +279,14 @@ class DDCL_Bottleneck(Bottleneck):
     With entropy_model="learned" the surrogate is replaced by a learned density per channel
     (entropy.LogisticMixturePrior): training pays -log2 of the prior's mass in the delta-wide bin
     around z + u, evaluation codes m under P(m | u), the same quantity for the dithered latent
-    (`ddcl_comm_weight` is then unused; `rate_weight` weighs the bits).
+    (`ddcl_comm_weight` is then unused; `rate_weight` weighs the bits). With entropy_model="context" the
+    density of each value is predicted from the values before it in raster order
+    (entropy.ContextMixturePrior), and the coder sends the values position by position.
     """
 
     rate_label = "surrogate"
     has_indices = True
+    has_context_prior = True
     noise_in_training = True
 
     def __init__(self, latent_dim, delta, comm_weight, entropy_model="fitted", rate_weight=0.0):
@@ -288,6 +296,8 @@ class DDCL_Bottleneck(Bottleneck):
         self.num_streams = latent_dim  # unbounded signed integers, one prior per latent channel
         if self.entropy_model == "learned":
             self.prior = LogisticMixturePrior(latent_dim)
+        elif self.entropy_model == "context":
+            self.prior = ContextMixturePrior(latent_dim, LATENT_HW)
 
     def settings(self):
         weight = "" if self.prior is not None else f" w={self.comm_weight:g}"
@@ -320,11 +330,22 @@ class DDCL_Bottleneck(Bottleneck):
         u = self.dither(indices.shape, seed, indices.device)
         return indices.float() * self.delta - u
 
+    def coding_values(self, indices):
+        """(B, C, H, W) -> (B, C, H*W), one stream per channel; under the context prior (B, H*W, C):
+        one group per position, sent in raster order, so the decoder has a value's context before it."""
+        values = indices.flatten(2)
+        return values.transpose(1, 2) if self._by_position() else values
+
     def indices_from_values(self, values, latent_hw):
+        values = values.transpose(1, 2) if self._by_position() else values
         return values.reshape(*values.shape[:2], *latent_hw)
 
+    def _by_position(self):
+        return getattr(self.prior, "sequential", False)
+
     def learned_tables(self, batch, positions, seed):
-        """P(m | u) for the dither u that `forward(z, seed)` draws for a batch of this size."""
+        """P(m | u) for the dither u that `forward(z, seed)` draws for a batch of this size (under the
+        context prior: entropy.SequentialTables, P(m | u, earlier positions))."""
         return self.prior.tables(self.dither((batch, self.in_channels, positions), seed, "cpu"), self.delta)
 
     def fixed_length_bits(self, indices):

@@ -5,8 +5,9 @@
 #
 # SET "bottlenecks" (the default): every bottleneck setting of the README's table. SET "priors":
 # the learned entropy model against the fitted prior and DDCL's surrogate (README, "Learned
-# entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned, DDCL's
-# comm-weight sweep with the surrogate, VQ with a learned prior, FSQ and VQ with the fitted one.
+# entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned, of DDCL with
+# entropy_model=context, DDCL's comm-weight sweep with the surrogate (and each of those runs again
+# with a context prior fitted after training, scripts/fit_context_prior.py), VQ with a learned prior, FSQ and VQ with the fitted one.
 #
 # Trains every setting of the set with train.py's defaults for EPOCHS epochs
 # (default 30) on DATA_DIR/train, evaluates every run's checkpoint of epoch 10, 20, ... (to show
@@ -51,10 +52,18 @@ case "$set_name" in
     for rw in 0.3 0.1 0.07 0.05 0.03 0.02 0.015 0.01; do
       run "ddcl_learned_rw$rw" --quantizer=ddcl --entropy_model=learned --rate_weight="$rw"
     done
+    for rw in 0.1 0.07 0.05 0.03 0.02 0.015 0.01 0.007; do
+      run "ddcl_context_rw$rw" --quantizer=ddcl --entropy_model=context --rate_weight="$rw"
+    done
     for rw in 0.3 0.1 0.03 0; do
       run "fsq_learned_rw$rw" --quantizer=fsq --entropy_model=learned --rate_weight="$rw"
     done
-    run vq_learned_rw0.01 --quantizer=vq --entropy_model=learned --rate_weight=0.01 ;;
+    run vq_learned_rw0.01 --quantizer=vq --entropy_model=learned --rate_weight=0.01
+    # the fair reference for the context prior: the same coder fitted to each surrogate-trained model
+    for ckpt in "$out"/checkpoints/ddcl_w*_vae_best.pt; do
+      case "$ckpt" in *_posthoc_vae_best.pt) continue ;; esac
+      [ -f "${ckpt%_vae_best.pt}_posthoc_vae_best.pt" ] || python scripts/fit_context_prior.py "$ckpt" --data_dir="$data_dir"
+    done ;;
   *) echo "unknown set $set_name: use bottlenecks or priors" >&2; exit 2 ;;
 esac
 # how the comparison moves with training: every run again at each 10th epoch (its epoch_N checkpoints)

@@ -1,10 +1,13 @@
 """Per-image byte strings: model.compress / model.decompress for every bottleneck with indices,
-under the fitted and the learned prior; exact round trips and one clear error for bad strings."""
+under the fitted, the learned and (DDCL) the context prior; exact round trips and one clear error for bad strings."""
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+
+import entropy
 
 from conftest import REPO
 from entropy import HEADER_BYTES
@@ -32,8 +35,8 @@ def model_with_prior(quantizer, entropy_model):
     return model
 
 
-@pytest.mark.parametrize("quantizer", ["fsq", "vq", "ddcl"])
-@pytest.mark.parametrize("entropy_model", ["fitted", "learned"])
+@pytest.mark.parametrize("quantizer, entropy_model", [(q, e) for q in ("fsq", "vq", "ddcl") for e in ("fitted", "learned")]
+                         + [("ddcl", "context")])
 def test_decompress_of_compress_equals_decode_of_encode(quantizer, entropy_model):
     model = model_with_prior(quantizer, entropy_model)
     x = images(40)
@@ -42,6 +45,24 @@ def test_decompress_of_compress_equals_decode_of_encode(quantizer, entropy_model
     expected = model.decode(model.encode(x, seed=3), seed=3)
     assert torch.equal(model.decompress(strings, seed=3), expected)
     assert torch.equal(model.train().decompress(strings, seed=3), expected)  # decoding does not depend on the mode
+
+
+def test_context_strings_decode_alone_or_in_any_batch():
+    """Under the context prior each position's table is computed from the positions decoded before
+    it; an image's tables must not depend on the other images decoded with it."""
+    model = model_with_prior("ddcl", "context")
+    x = images(12)
+    strings = model.compress(x, seed=2)
+    expected = model.decode(model.encode(x, seed=2), seed=2)
+    q = model.quantizer
+    tables = q.coding_tables(12, 16, seed=2)
+    values = entropy.decompress(strings, tables, model._stream_key(2))
+    for i in (0, 7, 11):  # one image alone, with the dither its batch gave it, decodes to the same integers
+        one = q.prior.tables(q.dither((12, 4, 16), 2, "cpu")[i:i + 1], q.delta)
+        assert np.array_equal(entropy.decompress(strings[i:i + 1], one, model._stream_key(2)), values[i:i + 1])
+    assert torch.equal(model.decompress(strings, seed=2), expected)
+    with pytest.raises(BitstreamError, match="string 0 fails its checksum"):
+        model.decompress(strings[::-1], seed=2)  # the wrong order: the dither no longer matches
 
 
 def test_evaluate_reports_per_image_strings_beside_the_one_stream_rate():
@@ -166,3 +187,28 @@ def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_trai
     with pytest.raises(SystemExit) as code:
         check_rates.main([str(tmp_path / "missing.pt")])
     assert code.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint at")
+
+
+def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, tmp_path, capsys):
+    """scripts/fit_context_prior.py: the frozen autoencoder gets a context prior; its images and
+    integers stay those of the source, its curve is drawn apart, and a non-DDCL checkpoint is one error."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import fit_context_prior
+
+    run_train(quantizer="ddcl", run_name="surrogate")
+    run_train(quantizer="fsq", run_name="fsq")
+    source = str(tmp_path / "checkpoints" / "surrogate_vae_best.pt")
+    fit_context_prior.main([source, "--epochs=1", "--batch_size=16"])
+    fitted = str(tmp_path / "checkpoints" / "surrogate_posthoc_vae_best.pt")
+    old, _ = load_checkpoint(source)
+    new, config = load_checkpoint(fitted)
+    assert new.quantizer.entropy_model == "context" and config["context_prior_fitted_to"] == os.path.abspath(source)
+    x = images(6)
+    assert torch.equal(new.encode(x, seed=1), old.encode(x, seed=1))
+    assert torch.equal(new.decompress(new.compress(x, seed=1), seed=1), old.decode(old.encode(x, seed=1), seed=1))
+    evaluate_main([source, fitted, f"--output_dir={tmp_path / 'eval'}"])
+    assert os.path.isfile(tmp_path / "eval" / "rate_distortion_ddcl_context_posthoc.json")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        fit_context_prior.main([str(tmp_path / "checkpoints" / "fsq_vae_best.pt")])
+    assert code.value.code == 2 and "fitted to DDCL checkpoints without one" in capsys.readouterr().err

@@ -33,7 +33,8 @@ def interrupt_after_first_epoch(monkeypatch):
     monkeypatch.setattr(train, "save_grid", grid_then_sigint)
 
 
-@pytest.mark.parametrize("quantizer, hflip, entropy_model", [("ddcl", True, "learned"), ("vq", False, "fitted")])
+@pytest.mark.parametrize("quantizer, hflip, entropy_model", [("ddcl", True, "learned"), ("ddcl", False, "context"),
+                                                             ("vq", False, "fitted")])
 def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, entropy_model, monkeypatch):
     """2 epochs straight == a 2-epoch run stopped after epoch 1 and resumed (DDCL draws noise, VQ
     re-seeds codes, flips draw from the RNG, the lr schedule continues from the stored scheduler

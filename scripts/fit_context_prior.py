@@ -1,0 +1,90 @@
+"""Fit a DDCL context prior to a trained checkpoint after the fact, the autoencoder frozen.
+
+    python scripts/fit_context_prior.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--epochs=4] [--output_dir=DIR]
+
+For each DDCL checkpoint (trained with the surrogate or a per-channel prior), trains an
+entropy.ContextMixturePrior on the dithered latents of its training split and writes
+OUTPUT_DIR/{run}_posthoc_vae_best.pt: the same weights with entropy_model="context", so that
+evaluate.py and model.compress code its integers position by position under the context prior.
+Its `config` names the source checkpoint (`context_prior_fitted_to`), and evaluate.py draws such
+checkpoints as their own curve ("ddcl_context_posthoc"). This is the fair reference for
+entropy_model="context" (README, "Learned entropy model"): the same coder for a model that was not
+trained against it.
+"""
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from errors import ConfigError, UserError  # noqa: E402
+from evaluate import EVAL_BATCH_SIZE  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import (load_checkpoint, load_dataset, parse_paths_and_options, read_checkpoint, run_label,  # noqa: E402
+                   save_checkpoint, to_float_images)
+
+DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
+
+
+@torch.no_grad()
+def latents(model, images_u8, batch_size=EVAL_BATCH_SIZE):
+    """(N, C, H, W) float32 encoder outputs of uint8 images."""
+    return torch.cat([model.encoder(to_float_images(images_u8[i:i + batch_size])).float()
+                      for i in range(0, len(images_u8), batch_size)])
+
+
+def fit(path, opts):
+    source, config = load_checkpoint(path)
+    q = source.quantizer
+    if not q.has_context_prior or q.entropy_model == "context":
+        raise ConfigError(f"{path}: a context prior is fitted to DDCL checkpoints without one; this is "
+                          f"{config['quantizer']} with entropy_model={q.entropy_model!r}")
+    state = read_checkpoint(path)
+    model_args = {**state["model_args"], "entropy_model": "context", "rate_weight": 0.0}
+    model = build_model(model_args)
+    model.load_state_dict(state["model"], strict=False)  # the prior is new; every other weight is the source's
+    model.eval()
+    train_u8, _ = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
+    z = latents(model, train_u8)  # (N, C, H, W), the encoder frozen
+    prior, delta = model.quantizer.prior, model.quantizer.delta
+    torch.manual_seed(opts["seed"])
+    optimizer = torch.optim.Adam(prior.parameters(), lr=opts["lr"])
+    steps = opts["epochs"] * (len(z) // opts["batch_size"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for step in range(steps):
+        if step % (len(z) // opts["batch_size"]) == 0:
+            order = torch.randperm(len(z))
+        pick = order[(step % (len(z) // opts["batch_size"])) * opts["batch_size"]:][:opts["batch_size"]]
+        noisy = z[pick] + (torch.rand_like(z[pick]) - 0.5) * delta  # the uniform-noise proxy of training
+        _, bits = prior.bits(noisy.flatten(2), delta)
+        optimizer.zero_grad(set_to_none=True)
+        bits.mean().backward()
+        optimizer.step()
+        schedule.step()
+    name = run_label(config) + "_posthoc"
+    out_dir = opts["output_dir"] or os.path.dirname(os.path.abspath(path))
+    out = os.path.join(out_dir, f"{name}_vae_best.pt")
+    new_config = {**config, **model_args, "run_name": name, "context_prior_fitted_to": os.path.abspath(path)}
+    save_checkpoint(out, {**state, "model": model.state_dict(), "model_args": model_args, "config": new_config,
+                          "optimizer": {}})
+    return f"{path} -> {out} ({steps} steps; last batch {bits.sum((1, 2)).mean().item():.1f} bits/img under the noise proxy)"
+
+
+def main(argv=None):
+    try:
+        paths, opts = parse_paths_and_options(
+            sys.argv[1:] if argv is None else argv, DEFAULTS,
+            "usage: python scripts/fit_context_prior.py CHECKPOINT [...] [--data_dir=DIR] [--epochs=4] [--output_dir=DIR]")
+        if opts["epochs"] < 1:
+            raise ConfigError(f"--epochs={opts['epochs']} must be >= 1")
+        for path in paths:
+            print(fit(path, opts), flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
