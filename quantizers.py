@@ -338,7 +338,9 @@ class DDCL_Bottleneck(Bottleneck):
 
     def indices_from_values(self, values, latent_hw):
         values = values.transpose(1, 2) if self._by_position() else values
-        return values.reshape(*values.shape[:2], *latent_hw)
+        # contiguous, as encode returns them: the decoder's convolutions may sum in another order
+        # for another memory layout, and decompress must equal decode(encode(x)) bit for bit
+        return values.reshape(*values.shape[:2], *latent_hw).contiguous()
 
     def _by_position(self):
         return getattr(self.prior, "sequential", False)

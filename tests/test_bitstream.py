@@ -55,6 +55,9 @@ def test_context_strings_decode_alone_or_in_any_batch():
     strings = model.compress(x, seed=2)
     expected = model.decode(model.encode(x, seed=2), seed=2)
     q = model.quantizer
+    indices = model.encode(x, seed=2)
+    back = q.indices_from_values(q.coding_values(indices).contiguous(), (4, 4))  # as decoded: positions first
+    assert torch.equal(back, indices) and back.is_contiguous()  # the decoder's float sums depend on the layout
     tables = q.coding_tables(12, 16, seed=2)
     values = entropy.decompress(strings, tables, model._stream_key(2))
     for i in (0, 7, 11):  # one image alone, with the dither its batch gave it, decodes to the same integers
