@@ -9,8 +9,8 @@ Two kinds of prior give each transmitted integer a probability (train.py's `entr
            `LogisticMixturePrior` (DDCL: a density per channel), trained jointly with the
            autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
            Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
-  context  `ContextMixturePrior` (DDCL): the same mixture, its parameters predicted for each value
-           from the values sent before it in raster order (Minnen, Balle, Toderici, "Joint
+  context  `ContextMixturePrior` (DDCL) and `ContextCategoricalPrior` (FSQ): the same densities,
+           their parameters predicted for each value from the values sent before it in raster order (Minnen, Balle, Toderici, "Joint
            Autoregressive and Hierarchical Priors for Learned Image Compression", NeurIPS 2018,
            section 2, without the hyperprior). Its tables are `SequentialTables`: the decoder
            computes each position's table from the positions it has already read.
@@ -416,6 +416,25 @@ def _normalised(probs):
     return probs / probs.sum(-1, keepdims=True)
 
 
+def _symbol_bits(logp, symbols, sizes):
+    """logp (..., S, P or 1, K) log2 probabilities over each stream's alphabet, symbols (B, S, P)
+    exact integers as floats -> (-log2 p(symbol), the slope of -log2 p between the symbol's
+    neighbours: a central difference, one-sided at the ends), each (B, S, P)."""
+    k = symbols.detach().round().long()
+    logp = logp.expand(*k.shape, logp.shape[-1])
+    lo, hi = (k - 1).clamp(min=0), torch.minimum(k + 1, (sizes - 1)[:, None].expand_as(k))
+
+    def pick(i):
+        return logp.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+
+    return -pick(k), (pick(lo) - pick(hi)) / (hi - lo).clamp(min=1)
+
+
+def _straight_through(slope, symbols):
+    """0 in value; the gradient `slope` with respect to `symbols` (held fixed itself)."""
+    return slope.detach() * (symbols - symbols.detach())
+
+
 class CategoricalPrior(nn.Module):
     """Learned p(symbol) for S streams with alphabets of `sizes[s]` symbols, shared by all positions
     (FSQ: one stream per latent channel over its levels; VQ: one stream over the codebook).
@@ -439,19 +458,8 @@ class CategoricalPrior(nn.Module):
         Both have the value -log2 p(symbol). The encoder's gradient is the slope of -log2 p between
         the neighbouring symbols (a central difference; one-sided at the ends), so it feels which
         neighbour is cheaper; the prior's gradient is the cross-entropy, with the symbols fixed."""
-        logp = self.log2_probs()
-        k = symbols.detach().round().long()  # (B, S, P)
-        flat = k.transpose(0, 1).reshape(k.shape[1], -1)  # (S, B*P)
-        exact = -logp.gather(1, flat)
-        top = self.sizes[:, None] - 1
-        lo, hi = (flat - 1).clamp(min=0), torch.minimum(flat + 1, top)
-        slope = (logp.gather(1, lo) - logp.gather(1, hi)) / (hi - lo).clamp(min=1)
-
-        def unflat(t):
-            return t.reshape(k.shape[1], k.shape[0], k.shape[2]).transpose(0, 1)
-
-        encoder_bits = unflat(exact.detach()) + unflat(slope.detach()) * (symbols - symbols.detach())
-        return encoder_bits, unflat(exact)
+        exact, slope = _symbol_bits(self.log2_probs()[:, None, :], symbols, self.sizes)  # logp (S, 1, K)
+        return exact.detach() + _straight_through(slope, symbols), exact
 
     def tables(self, count):
         """One shared Table per stream for `count` symbols per image."""
@@ -592,49 +600,76 @@ def _mixture_cdf_exp(x, loc, log_scale, weight_logits):
     return cdf / total
 
 
-class ContextMixturePrior(nn.Module):
-    """Learned density of each DDCL latent value given the values sent before it.
+class _CausalContext(nn.Module):
+    """The context network of the context priors (Minnen, Balle, Toderici, NeurIPS 2018, section 2,
+    here without a hyperprior): a 3x3 convolution over all channels masked to the row above and the
+    value to the left (the neighbours already sent in raster order; the centre is masked, so the C
+    values of one position are coded together and independently given the context), plus a learned
+    bias per position of the grid (borders and centre differ), then two 1x1 convolutions with SiLU:
 
-    The mixture of LogisticMixturePrior, with its parameters predicted per value by a small network
-    (Minnen, Balle, Toderici, NeurIPS 2018, section 2: the context model, here without a hyperprior):
-    a 3x3 convolution over all channels masked to the row above and the value to the left (the
-    neighbours already sent in raster order; the centre is masked, so the C values of one position
-    are coded together and independently given the context), plus a learned bias per position of
-    the grid (borders and centre differ), then two 1x1 convolutions with SiLU:
+        x (B, C, H, W) -> masked 3x3 + position bias (B, 64, H, W) -> 1x1 (B, 64, H, W) -> 1x1 (B, out, H, W)
 
-        z_hat (B, C, H, W) -> masked 3x3 + position bias (B, 64, H, W) -> 1x1 (B, 64, H, W)
-                           -> 1x1 (B, 3 C K, H, W) -> loc, log_scale, weight_logits (B, C, H*W, K)
-
-    Training pays -log2 of the mass in the delta-wide bin around z + u, as LogisticMixturePrior does,
-    with the context taken from the noisy z + u; evaluation codes m under P(m | u, earlier values),
-    the context taken from the dequantized z_hat = m delta - u that the decoder has. The coder's
-    tables are SequentialTables over positions, computed in float64 through exp alone (no sigmoid)
-    and with convolutions that handle each image separately, so an image's tables are the same
-    bits whatever batch it is coded or decoded in (tested)."""
+    Coding computes it in float64, where convolutions treat each image alone, and through exp
+    alone (_silu), so an image's outputs are the same bits in any batch (tested)."""
 
     sequential = True  # the coder's groups are positions (B, H*W, C), decoded in raster order
 
-    def __init__(self, channels, grid, components=3, hidden=CONTEXT_HIDDEN):
+    def __init__(self, channels, grid, out, hidden=CONTEXT_HIDDEN):
         super().__init__()
-        self.channels, self.grid, self.components = channels, tuple(grid), components
+        self.channels, self.grid = channels, tuple(grid)
         self.context = nn.Conv2d(channels, hidden, 3, padding=1)
         self.position = nn.Parameter(torch.zeros(1, hidden, *self.grid))
         self.hidden = nn.Conv2d(hidden, hidden, 1)
-        self.out = nn.Conv2d(hidden, 3 * channels * components, 1)
+        self.out = nn.Conv2d(hidden, out, 1)
         mask = torch.ones(1, 1, 3, 3)
         mask[..., 1, 1:] = 0  # the value itself and the one to its right
         mask[..., 2, :] = 0  # the row below
         self.register_buffer("mask", mask, persistent=False)
 
+    def features(self, x, detach=False):
+        """x (B, C, H, W) -> (B, out, H, W): each position's output from the positions before it,
+        computed in x's dtype and on its device (the weights held fixed with `detach`)."""
+        def w(t):
+            return (t.detach() if detach else t).to(device=x.device, dtype=x.dtype)
+
+        h = F.conv2d(x, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
+        h = F.conv2d(_silu(h), w(self.hidden.weight), w(self.hidden.bias))
+        return F.conv2d(_silu(h), w(self.out.weight), w(self.out.bias))
+
+    def _check(self, x):
+        if tuple(x.shape[1:]) != (self.channels, math.prod(self.grid)):
+            raise ValueError(f"context prior for {self.channels} channels on a {self.grid} grid got latents {tuple(x.shape)}")
+
+    def _sequential(self, count, table_at):
+        """SequentialTables over `count` positions; table_at(g, earlier (B, C, P) float64 with the
+        values of positions < g and zeros after) -> position g's Table."""
+        @torch.no_grad()
+        def make(g, previous):
+            earlier = torch.zeros(len(previous), self.channels, count, dtype=torch.float64)
+            earlier[:, :, :g] = torch.from_numpy(np.ascontiguousarray(previous)).transpose(1, 2).double()
+            return table_at(g, earlier)
+
+        return SequentialTables(count, self.channels, make)
+
+
+class ContextMixturePrior(_CausalContext):
+    """Learned density of each DDCL latent value given the values sent before it: the mixture of
+    LogisticMixturePrior, its parameters predicted per value by the context network:
+
+        z_hat (B, C, H, W) -> _CausalContext (B, 3 C K, H, W) -> loc, log_scale, weight_logits (B, C, H*W, K)
+
+    Training pays -log2 of the mass in the delta-wide bin around z + u, as LogisticMixturePrior does,
+    with the context taken from the noisy z + u; evaluation codes m under P(m | u, earlier values),
+    the context taken from the dequantized z_hat = m delta - u that the decoder has."""
+
+    def __init__(self, channels, grid, components=3, hidden=CONTEXT_HIDDEN):
+        super().__init__(channels, grid, 3 * channels * components, hidden)
+        self.components = components
+
     def params(self, z_hat, detach=False):
         """z_hat (B, C, H, W) -> loc, log_scale, weight_logits, each (B, C, H*W, K): the mixture of
-        each value from the values before it, computed in z_hat's dtype and on its device."""
-        def w(t):
-            return (t.detach() if detach else t).to(device=z_hat.device, dtype=z_hat.dtype)
-
-        h = F.conv2d(z_hat, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
-        h = F.conv2d(_silu(h), w(self.hidden.weight), w(self.hidden.bias))
-        h = F.conv2d(_silu(h), w(self.out.weight), w(self.out.bias))  # (B, 3 C K, H, W)
+        each value from the values before it."""
+        h = self.features(z_hat, detach)  # (B, 3 C K, H, W)
         h = h.reshape(len(z_hat), 3, self.channels, self.components, -1).permute(1, 0, 2, 4, 3)  # (3, B, C, P, K)
         return h[0], h[1] + LOG_SCALE_OFFSET, h[2]
 
@@ -642,8 +677,7 @@ class ContextMixturePrior(nn.Module):
         """x (B, C, P) noisy or dithered latent values -> (bits for the encoder, bits for the prior),
         as LogisticMixturePrior.bits. The encoder's bits hold the network fixed but reach the encoder
         through both the coded value and its context."""
-        if tuple(x.shape[1:]) != (self.channels, math.prod(self.grid)):
-            raise ValueError(f"context prior for {self.channels} channels on a {self.grid} grid got latents {tuple(x.shape)}")
+        self._check(x)
 
         def cost(values, detach):
             values = values.float()
@@ -665,13 +699,52 @@ class ContextMixturePrior(nn.Module):
         lo, hi = self.support(delta)
         edges = (torch.arange(lo, hi + 2, dtype=torch.float64) - 0.5) * delta  # (K + 1,)
 
-        @torch.no_grad()
-        def make(g, previous):
-            z_hat = torch.zeros_like(u)  # the positions not yet decoded stay 0; the mask ignores them
-            z_hat[:, :, :g] = torch.from_numpy(np.ascontiguousarray(previous)).transpose(1, 2).double() * delta - u[:, :, :g]
+        def table_at(g, earlier):
+            z_hat = torch.where(torch.arange(u.shape[-1]) < g, earlier * delta - u, 0.0)  # the decoded z_hat, 0 beyond
             loc, log_scale, logits = (t[:, :, g] for t in self.params(z_hat.reshape(len(u), self.channels, *self.grid)))
             cdf = _mixture_cdf_exp(edges - u[:, :, g, None], loc, log_scale, logits)  # (B, C, K + 1)
             escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
             return Table(lo, _normalised(torch.cat([cdf[..., 1:] - cdf[..., :-1], escape], -1).numpy()), True, self.channels)
 
-        return SequentialTables(u.shape[-1], self.channels, make)
+        return self._sequential(u.shape[-1], table_at)
+
+
+class ContextCategoricalPrior(_CausalContext):
+    """Learned p(level | levels sent before it) for each FSQ channel: the context network's output
+    is one logit per level and channel (entries beyond a channel's levels masked to -inf):
+
+        levels scaled to [-1, 1] (B, C, H, W) -> _CausalContext (B, C L, H, W) -> log2 p (B, C, H*W, L)
+
+    The encoder's bits have the value -log2 p(level | context); their gradient reaches the encoder
+    through the level itself (the slope to its neighbours, as CategoricalPrior) and through the
+    context (the levels are FSQ's straight-through codes)."""
+
+    def __init__(self, sizes, grid, hidden=CONTEXT_HIDDEN):
+        super().__init__(len(sizes), grid, len(sizes) * max(sizes), hidden)
+        self.register_buffer("sizes", torch.tensor(sizes), persistent=False)
+        self.register_buffer("valid", torch.arange(max(sizes)) < self.sizes[:, None], persistent=False)  # (C, L)
+
+    def logits(self, symbols, detach=False):
+        """symbols (B, C, P) levels -> (B, C, P, L) logits of each value from the values before it."""
+        scale = (self.sizes - 1).clamp(min=1).to(symbols.dtype)[:, None]
+        x = (symbols / scale * 2 - 1).reshape(len(symbols), self.channels, *self.grid)
+        out = self.features(x, detach).reshape(len(symbols), self.channels, -1, symbols.shape[-1]).transpose(2, 3)
+        return out.masked_fill(~self.valid[:, None, :], -math.inf)
+
+    def bits(self, symbols):
+        """symbols (B, C, P) levels as floats (straight-through) -> (bits for the encoder, bits for
+        the prior), each (B, C, P), as CategoricalPrior.bits."""
+        self._check(symbols)
+        exact, slope = _symbol_bits(F.log_softmax(self.logits(symbols, detach=True), -1) / LN2, symbols, self.sizes)
+        prior_bits, _ = _symbol_bits(F.log_softmax(self.logits(symbols.detach()), -1) / LN2, symbols, self.sizes)
+        return exact + _straight_through(slope, symbols), prior_bits
+
+    def tables(self, count):
+        """SequentialTables over `count` positions: position g's Table holds p(level | levels of
+        positions < g) for the C channels, (B, C, L) rows, exp-normalised (no softmax, see _silu)."""
+        def table_at(g, earlier):
+            logits = self.logits(earlier)[:, :, g]  # (B, C, L), float64
+            probs = torch.exp(logits - logits.max(-1, keepdim=True).values)  # masked levels: exp(-inf) = 0
+            return Table(0, _normalised(probs.numpy()), False, self.channels)
+
+        return self._sequential(count, table_at)

@@ -31,7 +31,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from entropy import CategoricalPrior, ContextMixturePrior, LogisticMixturePrior, priors_from_state, priors_to_state
+from entropy import (CategoricalPrior, ContextCategoricalPrior, ContextMixturePrior, LogisticMixturePrior, priors_from_state,
+                     priors_to_state)
 from errors import CheckpointError, ConfigError
 from metrics import PIXELS_PER_IMAGE
 
@@ -67,7 +68,7 @@ class Bottleneck(nn.Module):
     num_streams = 0
     rate_label = "estimate"
     has_indices = False
-    has_context_prior = False  # entropy_model="context" is implemented (DDCL)
+    has_context_prior = False  # entropy_model="context" is implemented (FSQ, DDCL)
     noise_in_training = False  # training mode draws noise, so its rate differs from evaluation's
 
     def __init__(self, in_channels, entropy_model="fitted", rate_weight=0.0):
@@ -136,7 +137,7 @@ def validate_entropy_model(entropy_model, rate_weight, bottleneck):
         raise ConfigError(f"entropy_model={entropy_model!r} needs a bottleneck that sends integers (fsq, vq, ddcl); "
                           f"{type(bottleneck).__name__} sends none: use entropy_model='fitted'")
     if entropy_model == "context" and not bottleneck.has_context_prior:
-        raise ConfigError(f"entropy_model='context' is implemented for ddcl only; {type(bottleneck).__name__} "
+        raise ConfigError(f"entropy_model='context' is implemented for fsq and ddcl; {type(bottleneck).__name__} "
                           "can use entropy_model='learned' (a prior without context) or 'fitted'")
     if not isinstance(rate_weight, (int, float)) or isinstance(rate_weight, bool) or not math.isfinite(rate_weight) or rate_weight < 0:
         raise ConfigError(f"rate_weight must be a finite number >= 0 (loss per bit per pixel), e.g. 0.01; got {rate_weight!r}")
@@ -185,6 +186,12 @@ def _zero(z):
     return z.new_zeros((), dtype=torch.float32)
 
 
+def _by_position(prior):
+    """A context prior's coder sends (B, H*W, C): one group per position, in raster order, so the
+    decoder has a value's context before it."""
+    return getattr(prior, "sequential", False)
+
+
 class FSQWrapper(CodebookBottleneck):
     """Finite Scalar Quantization through `vector_quantize_pytorch.FSQ` (no hand-written FSQ).
 
@@ -194,8 +201,12 @@ class FSQWrapper(CodebookBottleneck):
     the library adds no projections (its `dim` equals len(levels)).
 
     Learned prior: a categorical per channel over its levels, shared by the 16 positions. The per-channel level ids are the library's codes scaled back, (code + 1) * (L // 2), which
-    carry its straight-through gradient, so the rate reaches the encoder.
+    carry its straight-through gradient, so the rate reaches the encoder. Context prior
+    (entropy_model="context"): the same categoricals predicted for each position from the levels
+    sent before it (entropy.ContextCategoricalPrior), sent position by position.
     """
+
+    has_context_prior = True
 
     def __init__(self, levels, entropy_model="fitted", rate_weight=0.0):
         levels = validate_fsq_levels(levels)
@@ -212,6 +223,8 @@ class FSQWrapper(CodebookBottleneck):
         self.register_buffer("basis", torch.tensor(basis)[:, None], persistent=False)  # (C, 1)
         if self.entropy_model == "learned":
             self.prior = CategoricalPrior(levels)
+        elif self.entropy_model == "context":
+            self.prior = ContextCategoricalPrior(levels, LATENT_HW)
 
     def settings(self):
         return f"levels={self.levels}" + self.prior_label()
@@ -229,11 +242,16 @@ class FSQWrapper(CodebookBottleneck):
         """(B, H, W) codes -> fitted prior: the code itself (B, 1, H*W); learned prior: each channel's
         level id (B, C, H*W), the symbols its per-channel categoricals model."""
         flat = indices.reshape(indices.shape[0], 1, -1)  # on the CPU in evaluate, where the model may not be
-        return flat if self.prior is None else (flat // self.basis.to(flat.device)) % self.radix.to(flat.device)
+        if self.prior is None:
+            return flat
+        levels = (flat // self.basis.to(flat.device)) % self.radix.to(flat.device)  # (B, C, H*W)
+        return levels.transpose(1, 2) if _by_position(self.prior) else levels  # context: (B, H*W, C)
 
     def indices_from_values(self, values, latent_hw):
-        codes = values[:, 0] if self.prior is None else (values * self.basis.to(values.device)).sum(1)
-        return codes.reshape(values.shape[0], *latent_hw)
+        if self.prior is None:
+            return values[:, 0].reshape(values.shape[0], *latent_hw)
+        levels = values.transpose(1, 2) if _by_position(self.prior) else values
+        return (levels * self.basis.to(values.device)).sum(1).reshape(values.shape[0], *latent_hw)
 
     def codes(self, indices):
         return self.fsq.indices_to_codes(indices)  # (B, C, H, W)
@@ -334,16 +352,13 @@ class DDCL_Bottleneck(Bottleneck):
         """(B, C, H, W) -> (B, C, H*W), one stream per channel; under the context prior (B, H*W, C):
         one group per position, sent in raster order, so the decoder has a value's context before it."""
         values = indices.flatten(2)
-        return values.transpose(1, 2) if self._by_position() else values
+        return values.transpose(1, 2) if _by_position(self.prior) else values
 
     def indices_from_values(self, values, latent_hw):
-        values = values.transpose(1, 2) if self._by_position() else values
+        values = values.transpose(1, 2) if _by_position(self.prior) else values
         # contiguous, as encode returns them: the decoder's convolutions may sum in another order
         # for another memory layout, and decompress must equal decode(encode(x)) bit for bit
         return values.reshape(*values.shape[:2], *latent_hw).contiguous()
-
-    def _by_position(self):
-        return getattr(self.prior, "sequential", False)
 
     def learned_tables(self, batch, positions, seed):
         """P(m | u) for the dither u that `forward(z, seed)` draws for a batch of this size (under the

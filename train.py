@@ -64,7 +64,7 @@ vq_decay = 0.99  # VQ EMA decay of the codebook
 vq_commitment_weight = 0.25  # VQ commitment loss weight
 vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this (0 = never)
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
-entropy_model = "fitted"  # "fitted" (a histogram fitted after training), "learned" (a prior trained with the model; fsq, vq, ddcl) or "context" (learned, each value predicted from those sent before it; ddcl)
+entropy_model = "fitted"  # "fitted" (a histogram fitted after training), "learned" (a prior trained with the model; fsq, vq, ddcl) or "context" (learned, each value predicted from those sent before it; fsq, ddcl)
 rate_weight = 0.01  # "learned"/"context": loss per bit per pixel, loss = MSE + rate_weight * bits / 1024 (= 1 / (255^2 lambda) in CompressAI's terms)
 prior_lr_scale = 10.0  # "learned"/"context": the prior's learning rate is this times lr, so it keeps up with the encoder (README: Learned entropy model)
 aux_warmup_epochs = 1.0  # ramp the auxiliary loss (DDCL cost, VQ commitment, KL) from 0 over this many epochs

@@ -5,7 +5,7 @@
 #
 # SET "bottlenecks" (the default): every bottleneck setting of the README's table. SET "priors":
 # the learned entropy model against the fitted prior and DDCL's surrogate (README, "Learned
-# entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned, of DDCL with
+# entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned and with
 # entropy_model=context, DDCL's comm-weight sweep with the surrogate (and each of those runs again
 # with a context prior fitted after training, scripts/fit_context_prior.py), VQ with a learned prior, FSQ and VQ with the fitted one.
 #
@@ -57,6 +57,9 @@ case "$set_name" in
     done
     for rw in 0.3 0.1 0.03 0; do
       run "fsq_learned_rw$rw" --quantizer=fsq --entropy_model=learned --rate_weight="$rw"
+    done
+    for rw in 0.3 0.1 0.03 0; do
+      run "fsq_context_rw$rw" --quantizer=fsq --entropy_model=context --rate_weight="$rw"
     done
     run vq_learned_rw0.01 --quantizer=vq --entropy_model=learned --rate_weight=0.01
     # the fair reference for the context prior: the same coder fitted to each surrogate-trained model

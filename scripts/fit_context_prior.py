@@ -38,7 +38,7 @@ def latents(model, images_u8, batch_size=EVAL_BATCH_SIZE):
 def fit(path, opts):
     source, config = load_checkpoint(path)
     q = source.quantizer
-    if not q.has_context_prior or q.entropy_model == "context":
+    if config["quantizer"] != "ddcl" or q.entropy_model == "context":
         raise ConfigError(f"{path}: a context prior is fitted to DDCL checkpoints without one; this is "
                           f"{config['quantizer']} with entropy_model={q.entropy_model!r}")
     state = read_checkpoint(path)

@@ -1,5 +1,5 @@
 """Per-image byte strings: model.compress / model.decompress for every bottleneck with indices,
-under the fitted, the learned and (DDCL) the context prior; exact round trips and one clear error for bad strings."""
+under the fitted, the learned and (FSQ, DDCL) the context prior; exact round trips and one clear error for bad strings."""
 import os
 import sys
 
@@ -36,7 +36,7 @@ def model_with_prior(quantizer, entropy_model):
 
 
 @pytest.mark.parametrize("quantizer, entropy_model", [(q, e) for q in ("fsq", "vq", "ddcl") for e in ("fitted", "learned")]
-                         + [("ddcl", "context")])
+                         + [("fsq", "context"), ("ddcl", "context")])
 def test_decompress_of_compress_equals_decode_of_encode(quantizer, entropy_model):
     model = model_with_prior(quantizer, entropy_model)
     x = images(40)

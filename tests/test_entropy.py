@@ -186,20 +186,52 @@ def test_the_context_prior_sees_only_the_values_sent_before_each_position():
     assert not torch.equal(prior.params(left)[0][:, :, 6], base[0][:, :, 6])
 
 
-def test_context_tables_are_the_same_bits_in_any_batch():
+@pytest.mark.parametrize("kind", ["mixture", "categorical"])
+def test_context_tables_are_the_same_bits_in_any_batch(kind):
     torch.manual_seed(0)
-    prior = entropy.ContextMixturePrior(4, (4, 4))
+    rng = np.random.default_rng(0)
+    if kind == "mixture":  # DDCL: signed integers, tables conditioned on the dither
+        prior = entropy.ContextMixturePrior(4, (4, 4))
+        u = (torch.rand(37, 4, 16) - 0.5) / 15
+        values = rng.integers(-10, 10, (37, 16, 4))
+
+        def tables(rows):
+            return prior.tables(u[rows], 1 / 15)
+    else:  # FSQ: levels of [8, 6, 6, 5]
+        prior = entropy.ContextCategoricalPrior([8, 6, 6, 5], (4, 4))
+        values = rng.integers(0, 5, (37, 16, 4))
+
+        def tables(rows):
+            return prior.tables(16)
     with torch.no_grad():
         for p in prior.parameters():
             p.normal_(0, 0.3)
-    u = (torch.rand(37, 4, 16) - 0.5) / 15
-    values = np.random.default_rng(0).integers(-10, 10, (37, 16, 4))
-    batch = entropy.materialise(prior.tables(u, 1 / 15), values)
+    batch = entropy.materialise(tables(slice(None)), values)
     for i in (0, 5, 36):
-        alone = entropy.materialise(prior.tables(u[i:i + 1], 1 / 15), values[i:i + 1])
+        alone = entropy.materialise(tables(slice(i, i + 1)), values[i:i + 1])
         assert all(np.array_equal(a.probs[i], b.probs[0]) for a, b in zip(batch, alone))
-    bits, exact = entropy.stream_bits(values, prior.tables(u, 1 / 15))  # the stream decodes position by position
+    bits, exact = entropy.stream_bits(values, tables(slice(None)))  # the stream decodes position by position
     assert exact and bits > 0
+
+
+def test_context_categorical_bits_reach_the_symbol_and_its_context():
+    """FSQ's context prior: the value is -log2 p(level | earlier levels); the encoder's gradient
+    reaches the level itself (slope to its neighbours) and the earlier levels it is predicted from,
+    never the prior; the prior's bits train the prior only."""
+    torch.manual_seed(0)
+    prior = entropy.ContextCategoricalPrior([5, 3], (2, 2))
+    symbols = torch.tensor([[[1.0, 4.0, 2.0, 0.0], [0.0, 2.0, 1.0, 1.0]]], requires_grad=True)  # (1, C=2, P=4)
+    enc, pri = prior.bits(symbols)
+    logp = torch.log_softmax(prior.logits(symbols.detach()), -1) / math.log(2)  # (1, 2, 4, 5)
+    expected = -logp.gather(-1, symbols.detach().long().unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(enc, expected) and torch.allclose(pri, expected)
+    assert torch.isinf(logp[0, 1, :, 3:]).all()  # levels beyond channel 1's three never occur
+    enc[0, :, 3].sum().backward()  # the last position's bits
+    assert symbols.grad[0, :, 0].abs().sum() > 0  # its context (position 0 is its upper-left neighbour)
+    assert symbols.grad[0, 0, 3] != 0  # and its own level
+    assert all(p.grad is None for p in prior.parameters())
+    pri.sum().backward()
+    assert prior.out.weight.grad is not None
 
 
 def test_context_bits_in_training_match_the_coded_integers_and_pay_on_correlated_latents():
