@@ -133,6 +133,9 @@ def resolve_config(argv):
     if config["resume"]:
         path = resume_path(config, given)
         saved = read_checkpoint(path)["config"]
+        if "context_prior_fitted_to" in saved:
+            raise CheckpointError(f"{path} holds a context prior fitted after training (scripts/fit_context_prior.py): it "
+                                  f"evaluates and compresses but does not train on; resume {saved['context_prior_fitted_to']}")
         unknown = sorted(set(saved) - set(DEFAULT_CONFIG))
         if unknown:
             raise CheckpointError(f"{path} was written with config keys this train.py does not know: {', '.join(unknown)}")

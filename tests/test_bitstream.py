@@ -197,6 +197,7 @@ def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, 
     integers stay those of the source, its curve is drawn apart, and a non-DDCL checkpoint is one error."""
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import fit_context_prior
+    import train
 
     run_train(quantizer="ddcl", run_name="surrogate")
     run_train(quantizer="fsq", run_name="fsq")
@@ -211,6 +212,8 @@ def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, 
     assert torch.equal(new.decompress(new.compress(x, seed=1), seed=1), old.decode(old.encode(x, seed=1), seed=1))
     evaluate_main([source, fitted, f"--output_dir={tmp_path / 'eval'}"])
     assert os.path.isfile(tmp_path / "eval" / "rate_distortion_ddcl_context_posthoc.json")
+    with pytest.raises(CheckpointError, match="fitted after training .* does not train on; resume .*surrogate_vae_best.pt"):
+        train.resolve_config([f"--resume={fitted}"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as code:
         fit_context_prior.main([str(tmp_path / "checkpoints" / "fsq_vae_best.pt")])
