@@ -10,10 +10,11 @@ Two kinds of prior give each transmitted integer a probability (train.py's `entr
            autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
            Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
   context  `ContextMixturePrior` (DDCL) and `ContextCategoricalPrior` (FSQ): the same densities,
-           their parameters predicted for each value from the values sent before it in raster order (Minnen, Balle, Toderici, "Joint
-           Autoregressive and Hierarchical Priors for Learned Image Compression", NeurIPS 2018,
-           section 2, without the hyperprior). Its tables are `SequentialTables`: the decoder
-           computes each position's table from the positions it has already read.
+           their parameters predicted for each value from the values sent before it in raster
+           order (Minnen, Balle, Toderici, "Joint Autoregressive and Hierarchical Priors for
+           Learned Image Compression", NeurIPS 2018, section 2, without the hyperprior). Their
+           tables are `SequentialTables`: the decoder computes each position's table from the
+           positions it has already read.
 
 Either way a bottleneck describes its integers to the coder as a list of `Table`s, one per group of
 symbols (a stream): the values' offset, their probabilities and whether an escape is needed. The
@@ -83,9 +84,9 @@ class SequentialTables(NamedTuple):
     which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table.
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
-    the values it has decoded (`_decode_groups`): the same function of the same integers, so the
-    two agree bit for bit as long as `make` computes each image's table independently of the
-    other images in the batch (entropy.ContextMixturePrior says how)."""
+    the values it has decoded (`_decode_batch`, `_decode_strings`): the same function of the same
+    integers, so the two agree bit for bit as long as `make` computes each image's table
+    independently of the other images in the batch (`_CausalContext` says how)."""
     groups: int
     count: int
     make: Callable
