@@ -81,6 +81,18 @@ def parse_paths_and_options(argv, defaults, usage):
     return paths, options
 
 
+def main_over_checkpoints(argv, defaults, usage, one):
+    """The main of a script over checkpoint paths (scripts/check_rates.py, scripts/fit_context_prior.py):
+    prints one(path, options) for each path; a UserError prints one line and exits with status 2."""
+    try:
+        paths, opts = parse_paths_and_options(sys.argv[1:] if argv is None else argv, defaults, usage)
+        for path in paths:
+            print(one(path, opts), flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ----------------------------------------------------------------------------- devices and RNG
 
 def pick_device(name):

@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from errors import UserError  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
-from utils import head, load_checkpoint, load_dataset, parse_paths_and_options, to_float_images  # noqa: E402
+from utils import head, load_checkpoint, load_dataset, main_over_checkpoints, to_float_images  # noqa: E402
 
 DEFAULTS = dict(data_dir="", images=1000, seed=0)
 
@@ -66,15 +65,8 @@ def check(path, opts):
 
 
 def main(argv=None):
-    try:
-        paths, opts = parse_paths_and_options(
-            sys.argv[1:] if argv is None else argv, DEFAULTS,
-            "usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] [--images=1000] [--seed=0]")
-        for path in paths:
-            print(check(path, opts), flush=True)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main_over_checkpoints(argv, DEFAULTS, "usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] "
+                          "[--images=1000] [--seed=0]", check)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from errors import ConfigError, UserError  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import (load_checkpoint, load_dataset, parse_paths_and_options, read_checkpoint, run_label,  # noqa: E402
+from utils import (load_checkpoint, load_dataset, main_over_checkpoints, read_checkpoint, run_label,  # noqa: E402
                    save_checkpoint, to_float_images)
 
 DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
@@ -36,6 +36,8 @@ def latents(model, images_u8, batch_size=EVAL_BATCH_SIZE):
 
 
 def fit(path, opts):
+    if opts["epochs"] < 1:
+        raise ConfigError(f"--epochs={opts['epochs']} must be >= 1")
     source, config = load_checkpoint(path)
     q = source.quantizer
     if config["quantizer"] != "ddcl" or q.entropy_model == "context":
@@ -51,18 +53,20 @@ def fit(path, opts):
     prior, delta = model.quantizer.prior, model.quantizer.delta
     torch.manual_seed(opts["seed"])
     optimizer = torch.optim.Adam(prior.parameters(), lr=opts["lr"])
-    steps = opts["epochs"] * (len(z) // opts["batch_size"])
+    batch = opts["batch_size"]
+    steps_per_epoch = len(z) // batch
+    steps = opts["epochs"] * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    for step in range(steps):
-        if step % (len(z) // opts["batch_size"]) == 0:
-            order = torch.randperm(len(z))
-        pick = order[(step % (len(z) // opts["batch_size"])) * opts["batch_size"]:][:opts["batch_size"]]
-        noisy = z[pick] + (torch.rand_like(z[pick]) - 0.5) * delta  # the uniform-noise proxy of training
-        _, bits = prior.bits(noisy.flatten(2), delta)
-        optimizer.zero_grad(set_to_none=True)
-        bits.mean().backward()
-        optimizer.step()
-        schedule.step()
+    for _ in range(opts["epochs"]):
+        order = torch.randperm(len(z))
+        for i in range(steps_per_epoch):
+            picked = z[order[i * batch:(i + 1) * batch]]
+            noisy = picked + (torch.rand_like(picked) - 0.5) * delta  # the uniform-noise proxy of training
+            _, bits = prior.bits(noisy.flatten(2), delta)
+            optimizer.zero_grad(set_to_none=True)
+            bits.mean().backward()
+            optimizer.step()
+            schedule.step()
     name = run_label(config) + "_posthoc"
     out_dir = opts["output_dir"] or os.path.dirname(os.path.abspath(path))
     out = os.path.join(out_dir, f"{name}_vae_best.pt")
@@ -73,17 +77,8 @@ def fit(path, opts):
 
 
 def main(argv=None):
-    try:
-        paths, opts = parse_paths_and_options(
-            sys.argv[1:] if argv is None else argv, DEFAULTS,
-            "usage: python scripts/fit_context_prior.py CHECKPOINT [...] [--data_dir=DIR] [--epochs=4] [--output_dir=DIR]")
-        if opts["epochs"] < 1:
-            raise ConfigError(f"--epochs={opts['epochs']} must be >= 1")
-        for path in paths:
-            print(fit(path, opts), flush=True)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main_over_checkpoints(argv, DEFAULTS, "usage: python scripts/fit_context_prior.py CHECKPOINT [...] [--data_dir=DIR] "
+                          "[--epochs=4] [--output_dir=DIR]", fit)
 
 
 if __name__ == "__main__":
