@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import (load_checkpoint, load_dataset, main_over_checkpoints, read_checkpoint, run_label,  # noqa: E402
-                   save_checkpoint, to_float_images)
+from utils import (ensure_writable_dir, load_checkpoint, load_dataset, main_over_checkpoints, read_checkpoint,  # noqa: E402
+                   run_label, save_checkpoint, to_float_images)
 
 DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
 
@@ -45,13 +45,15 @@ def fit(path, opts):
                           f"{config['quantizer']} with entropy_model={q.entropy_model!r}")
     state = read_checkpoint(path)
     model_args = {**state["model_args"], "entropy_model": "context", "rate_weight": 0.0}
+    out_dir = opts["output_dir"] or os.path.dirname(os.path.abspath(path))
+    ensure_writable_dir(out_dir, "output_dir")  # before the fit, not after it
+    torch.manual_seed(opts["seed"])  # the prior's initial weights too: the same fit on every run
     model = build_model(model_args)
     model.load_state_dict(state["model"], strict=False)  # the prior is new; every other weight is the source's
     model.eval()
     train_u8, _ = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
     z = latents(model, train_u8)  # (N, C, H, W), the encoder frozen
     prior, delta = model.quantizer.prior, model.quantizer.delta
-    torch.manual_seed(opts["seed"])
     optimizer = torch.optim.Adam(prior.parameters(), lr=opts["lr"])
     batch = opts["batch_size"]
     steps_per_epoch = len(z) // batch
@@ -68,7 +70,6 @@ def fit(path, opts):
             optimizer.step()
             schedule.step()
     name = run_label(config) + "_posthoc"
-    out_dir = opts["output_dir"] or os.path.dirname(os.path.abspath(path))
     out = os.path.join(out_dir, f"{name}_vae_best.pt")
     new_config = {**config, **model_args, "run_name": name, "context_prior_fitted_to": os.path.abspath(path)}
     save_checkpoint(out, {**state, "model": model.state_dict(), "model_args": model_args, "config": new_config,

@@ -204,6 +204,10 @@ def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, 
     source = str(tmp_path / "checkpoints" / "surrogate_vae_best.pt")
     fit_context_prior.main([source, "--epochs=1", "--batch_size=16"])
     fitted = str(tmp_path / "checkpoints" / "surrogate_posthoc_vae_best.pt")
+    fit_context_prior.main([source, "--epochs=1", "--batch_size=16", f"--output_dir={tmp_path / 'again' / 'new'}"])
+    again = load_checkpoint(str(tmp_path / "again" / "new" / "surrogate_posthoc_vae_best.pt"))[0].state_dict()
+    first = load_checkpoint(fitted)[0].state_dict()  # the same fit on every run, into a folder it creates
+    assert all(torch.equal(first[k], again[k]) for k in first if isinstance(first[k], torch.Tensor))
     old, _ = load_checkpoint(source)
     new, config = load_checkpoint(fitted)
     assert new.quantizer.entropy_model == "context" and config["context_prior_fitted_to"] == os.path.abspath(source)
