@@ -1,23 +1,35 @@
-"""Build the natural-image patch folder that the README's measurements use.
+"""Build the natural-image patch folders that the README's measurements use.
 
-    python scripts/make_patches.py /tmp/patches              # downloads the scikit-image wheel with pip
+    python scripts/make_patches.py /tmp/patches                  # set "skimage": pip downloads the scikit-image wheel
     python scripts/make_patches.py /tmp/patches --wheel=scikit_image-0.26.0-....whl
+    python scripts/make_patches.py /tmp/photos --set=wallpapers  # set "wallpapers": 3 Debian packages (156 MB)
+    python scripts/make_patches.py /tmp/photos --set=wallpapers --debs=FOLDER   # .deb files already downloaded
 
 CIFAR-10 cannot be downloaded on the machine the README was measured on, so its numbers come from
-32x32 crops of photos that ship inside the scikit-image 0.26.0 wheel and matplotlib. Training and
-test crops come from different photos (held-out photos, not held-out crops). Each photo is
-downscaled 2x and 3x (bicubic) and random crops are cut from both scales (numpy seed 0), so the
-folder is the same on every machine:
+32x32 crops of photos that anyone can fetch from a package registry. Training and test crops come
+from different photos (held-out photos, not held-out crops). Random crops are cut from each photo
+at a few scales (bicubic downscaling, numpy seed 0), so a folder is the same on every machine:
 
+set "skimage" (the README's default data; 9 photos: scikit-image 0.26.0's wheel and matplotlib):
     OUT/train/  20,000 crops of astronaut, hubble_deep_field, ihc, motorcycle_left, retina, rocket
-                and matplotlib's grace_hopper
+                and matplotlib's grace_hopper, each downscaled 2x and 3x
     OUT/test/    2,000 crops of chelsea and coffee
+
+set "wallpapers" (35 photographs from Debian 12's wallpaper packages, checked by SHA-256):
+    OUT/train/  20,000 crops of 29 photos (landscapes, plants, animals, objects, interiors)
+    OUT/test/    2,000 crops of 6 other photos
+    each photo is scaled to a short side of 96, 160 and 256 pixels, so a 32x32 crop holds a third
+    to an eighth of the picture's height, near CIFAR-10's framing.
 """
 import glob
+import hashlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -26,9 +38,37 @@ from PIL import Image
 WHEEL = "scikit-image==0.26.0"
 TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
 TEST_PHOTOS = ("chelsea.png", "coffee.png")
-SCALES = (2, 3)  # each photo is downscaled by these factors before cropping
+SCALES = (2, 3)  # set "skimage": each photo is downscaled by these factors before cropping
 CROP = 32
 SPLIT_SIZES = {"train": 20000, "test": 2000}
+
+DEBIAN_POOL = "https://deb.debian.org/debian/pool/main/"
+# package file in Debian 12 (bookworm) -> SHA-256; old releases stay on snapshot.debian.org
+DEBS = {
+    "l/lomiri-wallpapers/lomiri-wallpapers-16.04_20.04.0-2_all.deb":
+        "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab",
+    "m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb":
+        "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04",
+    "p/plasma-workspace-wallpapers/plasma-workspace-wallpapers_5.27.5-2_all.deb":
+        "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b",
+}
+LOMIRI = "usr/share/backgrounds/{}_by_{}.jpg"
+MATE = "usr/share/backgrounds/mate/nature/{}.jpg"
+PLASMA = "usr/share/wallpapers/{}/contents/images/2560x1600.jpg"
+WALLPAPER_TRAIN = tuple(
+    [LOMIRI.format(*n.split("/")) for n in (
+        "Bridge/Sander_Klootwijk", "Dragonfly/Bolly", "Picture_1A/freespace", "Wine/Jakkub_Mede",
+        "aitzgorri/Aitzol_Berasategi", "free/Peter_Nerlich", "life/Aitzol_Berasategi", "seeding/Clements_Engelhardt", "sunset/Aitzol_Berasategi")]
+    + [MATE.format(n) for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")]
+    + [PLASMA.format(n) for n in (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "FallenLeaf", "Grey", "Kite",
+        "OneStandsOut", "summer_1am")])
+WALLPAPER_TEST = (LOMIRI.format("picosdeeuropa", "Aitzol_Berasategi"), LOMIRI.format("Picture_0B", "freespace"),
+                  LOMIRI.format("friends", "Aitzol_Berasategi"), MATE.format("LadyBird"),
+                  PLASMA.format("EveningGlow"), PLASMA.format("Path"))
+SHORT_SIDES = (96, 160, 256)  # set "wallpapers": each photo is scaled to these short sides
 
 
 def fetch_wheel(folder):
@@ -37,7 +77,7 @@ def fetch_wheel(folder):
     return glob.glob(os.path.join(folder, "scikit_image-*.whl"))[0]
 
 
-def read_photos(wheel):
+def read_skimage_photos(wheel):
     """name -> RGB PIL image, from the wheel's skimage/data/ and matplotlib's sample data."""
     photos = {}
     with zipfile.ZipFile(wheel) as zf:
@@ -51,9 +91,48 @@ def read_photos(wheel):
     return photos
 
 
-def crops(photos, count, rng):
-    """`count` random CROP x CROP uint8 crops, spread evenly over photos x scales."""
-    scaled = [np.asarray(p.resize((p.width // s, p.height // s), Image.BICUBIC)) for p in photos for s in SCALES]
+def deb_bytes(pool_path, debs_dir):
+    """The .deb's bytes from debs_dir (if given) or Debian's mirror, checked against DEBS."""
+    name = os.path.basename(pool_path)
+    if debs_dir:  # apt-get download names it with the version's epoch ("_4%3a5.27.5-2_")
+        matches = glob.glob(os.path.join(debs_dir, name.split("_")[0] + "_*.deb"))
+        if not matches:
+            sys.exit(f"error: no {name} in {debs_dir}; download it from {DEBIAN_POOL + pool_path}")
+        with open(matches[0], "rb") as f:
+            data = f.read()
+    else:
+        with urllib.request.urlopen(DEBIAN_POOL + pool_path) as r:
+            data = r.read()
+    if hashlib.sha256(data).hexdigest() != DEBS[pool_path]:
+        sys.exit(f"error: {name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
+    return data
+
+
+def deb_data_members(data):
+    """The data.tar.xz of a .deb (an ar archive: 8-byte magic, then 60-byte headers, 2-byte aligned)."""
+    pos = 8
+    while pos < len(data):
+        name, size = data[pos:pos + 16].decode().strip(), int(data[pos + 48:pos + 58])
+        if name.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(data[pos + 60:pos + 60 + size]))
+        pos += 60 + size + size % 2
+    raise ValueError("no data.tar in the package")
+
+
+def read_wallpaper_photos(debs_dir):
+    """path -> RGB PIL image for WALLPAPER_TRAIN + WALLPAPER_TEST."""
+    wanted, photos = set(WALLPAPER_TRAIN + WALLPAPER_TEST), {}
+    for pool_path in DEBS:
+        with deb_data_members(deb_bytes(pool_path, debs_dir)) as tar:
+            for member in tar.getmembers():
+                path = member.name.removeprefix("./")
+                if path in wanted:
+                    photos[path] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+    return photos
+
+
+def crops(scaled, count, rng):
+    """`count` random CROP x CROP uint8 crops, spread evenly over the (H, W, 3) arrays in scaled."""
     out = []
     for i in range(count):
         img = scaled[i % len(scaled)]
@@ -63,21 +142,40 @@ def crops(photos, count, rng):
     return out
 
 
+def downscaled(photo, factor):
+    return np.asarray(photo.resize((photo.width // factor, photo.height // factor), Image.BICUBIC))
+
+
+def to_short_side(photo, side):
+    scale = side / min(photo.size)
+    return np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC))
+
+
 def main(argv):
     if not argv or argv[0].startswith("--"):
-        sys.exit("usage: python scripts/make_patches.py OUT_DIR [--wheel=PATH]")
+        sys.exit("usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers] [--wheel=PATH] [--debs=DIR]")
     out_dir = argv[0]
-    wheel = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--wheel=")), None)
-    with tempfile.TemporaryDirectory() as tmp:
-        photos = read_photos(wheel or fetch_wheel(tmp))
+    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+    set_name = opts.get("set", "skimage")
+    if set_name == "skimage":
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = read_skimage_photos(opts.get("wheel") or fetch_wheel(tmp))
+        names = {"train": TRAIN_PHOTOS + ("grace_hopper.jpg",), "test": TEST_PHOTOS}
+        scale = [(downscaled, s) for s in SCALES]
+    elif set_name == "wallpapers":
+        photos = read_wallpaper_photos(opts.get("debs"))
+        names = {"train": WALLPAPER_TRAIN, "test": WALLPAPER_TEST}
+        scale = [(to_short_side, s) for s in SHORT_SIDES]
+    else:
+        sys.exit(f"error: unknown --set={set_name}; use --set=skimage or --set=wallpapers")
     rng = np.random.default_rng(0)
-    names = {"train": TRAIN_PHOTOS + ("grace_hopper.jpg",), "test": TEST_PHOTOS}
     for split, count in SPLIT_SIZES.items():
         folder = os.path.join(out_dir, split)
         os.makedirs(folder, exist_ok=True)
-        for i, crop in enumerate(crops([photos[n] for n in names[split]], count, rng)):
+        scaled = [f(photos[n], s) for n in names[split] for f, s in scale]
+        for i, crop in enumerate(crops(scaled, count, rng)):
             Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.png"))
-        print(f"wrote {count} crops to {folder}")
+        print(f"wrote {count} crops of {len(names[split])} photos to {folder}")
 
 
 if __name__ == "__main__":
