@@ -1,0 +1,81 @@
+"""scripts/make_patches.py's "wallpapers" set, on tiny .deb files the test builds itself (the real
+packages are 156 MB and need the network): the ar/tar reading, the held-out split, the checksum."""
+import hashlib
+import io
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import make_patches  # noqa: E402
+
+TRAIN_RGB, TEST_RGB = (200, 30, 30), (30, 30, 200)
+
+
+def ar_member(name, data):
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def fake_deb(members):
+    """A .deb (ar archive) whose data.tar.xz holds {path: PIL image} as ./path JPEGs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for path, image in members.items():
+            jpg = io.BytesIO()
+            image.save(jpg, format="JPEG")
+            info = tarfile.TarInfo("./" + path)
+            info.size = len(jpg.getvalue())
+            tar.addfile(info, io.BytesIO(jpg.getvalue()))
+    return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
+
+
+@pytest.fixture
+def debs(tmp_path, monkeypatch):
+    """One fake package per pool file, each holding its share of the photos; DEBS pinned to them."""
+    folder, hashes = tmp_path / "debs", {}
+    folder.mkdir()
+    photos = {p: Image.new("RGB", (300, 200), TRAIN_RGB) for p in make_patches.WALLPAPER_TRAIN}
+    photos.update({p: Image.new("RGB", (200, 300), TEST_RGB) for p in make_patches.WALLPAPER_TEST})
+    pools = list(make_patches.DEBS)
+    for i, pool in enumerate(pools):
+        data = fake_deb({p: im for j, (p, im) in enumerate(sorted(photos.items())) if j % len(pools) == i})
+        (folder / os.path.basename(pool)).write_bytes(data)
+        hashes[pool] = hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(make_patches, "DEBS", hashes)
+    monkeypatch.setattr(make_patches, "SPLIT_SIZES", {"train": 40, "test": 12})
+    return folder
+
+
+def test_wallpapers_set_splits_photos(tmp_path, debs):
+    out = tmp_path / "out"
+    make_patches.main([str(out), "--set=wallpapers", f"--debs={debs}"])
+    for split, rgb, count in (("train", TRAIN_RGB, 40), ("test", TEST_RGB, 12)):
+        files = sorted(os.listdir(out / split))
+        assert len(files) == count
+        crops = np.stack([np.asarray(Image.open(out / split / f)) for f in files]).astype(int)
+        assert crops.shape == (count, 32, 32, 3)
+        # every crop of a split comes from that split's photos (JPEG moves a solid colour by a few levels)
+        assert np.abs(crops - np.array(rgb)).max() < 12
+
+
+def test_wallpapers_set_refuses_a_changed_package(tmp_path, debs):
+    pool = next(iter(make_patches.DEBS))
+    path = debs / os.path.basename(pool)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(SystemExit, match="SHA-256"):
+        make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
+
+
+def test_missing_package_and_unknown_set_are_one_line_errors(tmp_path, debs):
+    os.remove(debs / os.path.basename(next(iter(make_patches.DEBS))))
+    with pytest.raises(SystemExit, match="download it from https://deb.debian.org"):
+        make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
+    with pytest.raises(SystemExit, match="unknown --set=photos"):
+        make_patches.main([str(tmp_path / "out"), "--set=photos"])
