@@ -15,7 +15,9 @@ the table gives the epochs, the seconds the run really took (data from the folde
 per-epoch evaluation and the final whole-split evaluation included), held-out PSNR and the measured
 bits per image of the best checkpoint on the whole test split. --baseline=True adds the seed's recipe
 (constant lr 3e-4, no flips, every epoch evaluated on the whole split with a 10,000-image prior) for
-the same budgets. This is how speed is judged: quality reached per second, not images/s alone.
+the same budgets, and a closing block sets each seed run against the defaults at the seconds that
+run really took (read off linearly between the two defaults runs around it; with one budget there
+is nothing to read between). This is how speed is judged: quality reached per second, not images/s alone.
 
 Throughput (the default):
 For each quantizer, on synthetic uint8 data of CIFAR-10's shape held on the device:
@@ -143,6 +145,7 @@ def time_to_quality(opts, dev):
     recipes = {"defaults": {}, **({"seed": SEED_RECIPE} if opts["baseline"] else {})}
     knobs_given = {k: v for k, v in opts.items() if k in DEFAULT_CONFIG}  # e.g. --channels: another candidate
     print(f"{'recipe':9} {'quantizer':9} {'budget s':>8} {'epochs':>6} {'took s':>7} {'psnr dB':>8} {'bits/img':>8}  rate source")
+    runs = {}  # (recipe, quantizer) -> [(seconds taken, psnr, bits)]
     for budget in opts["budgets"]:
         for recipe, knobs in recipes.items():
             for q in opts["quantizers"]:
@@ -158,6 +161,32 @@ def time_to_quality(opts, dev):
                     took = time.perf_counter() - t0
                 print(f"{recipe:9} {q:9} {budget:8.0f} {config['epochs']:6d} {took:7.1f} {metrics['psnr']:8.2f} "
                       f"{metrics['bits']:8.1f}  {metrics['rate_source']}", flush=True)
+                runs.setdefault((recipe, q), []).append((took, metrics["psnr"], metrics["bits"]))
+    if opts["baseline"]:
+        print_equal_time(runs, opts["quantizers"])
+
+
+def at_seconds(points, seconds):
+    """(psnr, bits) of a recipe at `seconds`, linear in time between its two runs that bracket it
+    (points: (seconds taken, psnr, bits) per run); None outside the runs' range (no extrapolation)."""
+    points = sorted(points)
+    for (t0, *v0), (t1, *v1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            w = (seconds - t0) / (t1 - t0) if t1 > t0 else 0.0
+            return tuple(a + w * (b - a) for a, b in zip(v0, v1))
+    return next((tuple(v) for t, *v in points if t == seconds), None)
+
+
+def print_equal_time(runs, quantizers):
+    """Each seed-recipe run against the defaults at the seconds it really took: runs end off their
+    budget by up to ~25% (the epoch estimate), so the table's rows alone compare unequal times."""
+    print("at equal seconds (the defaults read off between their runs, linear in seconds; none outside them):")
+    for q in quantizers:
+        for took, psnr, bits in runs.get(("seed", q), []):
+            here = at_seconds(runs.get(("defaults", q), []), took)
+            line = "outside the defaults' runs" if here is None else \
+                f"defaults {here[0]:.2f} dB {here[1]:.1f} bits: {here[0] - psnr:+.2f} dB at {here[1] - bits:+.1f} bits"
+            print(f"  {q:5} in {took:6.1f} s: seed {psnr:.2f} dB {bits:.1f} bits | {line}")
 
 
 def throughput(opts, dev):

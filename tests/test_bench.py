@@ -28,6 +28,18 @@ def test_time_to_quality_trains_each_recipe_within_its_budget(capsys, image_fold
     for r in rows:
         epochs, took, psnr, bits = int(r[3]), float(r[4]), float(r[5]), float(r[6])
         assert epochs >= 1 and took > 0 and 5 < psnr < 60 and bits > 0 and r[7] == "bitstream"
+    equal = out.index(next(line for line in out if line.startswith("at equal seconds")))
+    assert out[equal + 1].split()[:2] == ["fsq", "in"] and f"{float(rows[1][4]):.1f} s" in out[equal + 1]
+
+
+def test_at_seconds_reads_between_runs_and_never_beyond():
+    runs = [(90.0, 24.0, 180.0), (30.0, 22.0, 150.0), (60.0, 23.5, 170.0)]  # (seconds, psnr, bits), any order
+    assert bench.at_seconds(runs, 45.0) == pytest.approx((22.75, 160.0))
+    assert bench.at_seconds(runs, 60.0) == pytest.approx((23.5, 170.0))
+    assert bench.at_seconds(runs, 90.0) == pytest.approx((24.0, 180.0))
+    assert bench.at_seconds(runs, 29.9) is None and bench.at_seconds(runs, 90.1) is None
+    assert bench.at_seconds([(30.0, 22.0, 150.0)], 30.0) == (22.0, 150.0)
+    assert bench.at_seconds([], 30.0) is None
 
 
 def test_time_to_quality_needs_a_folder():
