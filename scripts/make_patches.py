@@ -58,7 +58,8 @@ PLASMA = "usr/share/wallpapers/{}/contents/images/2560x1600.jpg"
 WALLPAPER_TRAIN = tuple(
     [LOMIRI.format(*n.split("/")) for n in (
         "Bridge/Sander_Klootwijk", "Dragonfly/Bolly", "Picture_1A/freespace", "Wine/Jakkub_Mede",
-        "aitzgorri/Aitzol_Berasategi", "free/Peter_Nerlich", "life/Aitzol_Berasategi", "seeding/Clements_Engelhardt", "sunset/Aitzol_Berasategi")]
+        "aitzgorri/Aitzol_Berasategi", "free/Peter_Nerlich", "life/Aitzol_Berasategi",
+        "seeding/Clements_Engelhardt", "sunset/Aitzol_Berasategi")]
     + [MATE.format(n) for n in (
         "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "RainDrops", "Storm",
         "TwoWings", "Wood", "YellowFlower")]
@@ -101,8 +102,12 @@ def deb_bytes(pool_path, debs_dir):
         with open(matches[0], "rb") as f:
             data = f.read()
     else:
-        with urllib.request.urlopen(DEBIAN_POOL + pool_path) as r:
-            data = r.read()
+        try:
+            with urllib.request.urlopen(DEBIAN_POOL + pool_path, timeout=60) as r:
+                data = r.read()
+        except OSError as err:  # URLError, timeouts, resets
+            sys.exit(f"error: could not download {DEBIAN_POOL + pool_path} ({err}); fetch the three packages "
+                     f"another way (e.g. `apt-get download` or snapshot.debian.org) and pass --debs=DIR")
     if hashlib.sha256(data).hexdigest() != DEBS[pool_path]:
         sys.exit(f"error: {name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
     return data

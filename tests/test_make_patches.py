@@ -73,6 +73,15 @@ def test_wallpapers_set_refuses_a_changed_package(tmp_path, debs):
         make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
 
 
+def test_failed_download_is_a_one_line_error(tmp_path, debs, monkeypatch):
+    def offline(url, timeout):
+        raise make_patches.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(make_patches.urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit, match="could not download .*no network.*--debs=DIR"):
+        make_patches.main([str(tmp_path / "out"), "--set=wallpapers"])
+
+
 def test_missing_package_and_unknown_set_are_one_line_errors(tmp_path, debs):
     os.remove(debs / os.path.basename(next(iter(make_patches.DEBS))))
     with pytest.raises(SystemExit, match="download it from https://deb.debian.org"):
