@@ -10,7 +10,8 @@ Time-to-quality (--quality=True), on a folder of images (DIR/train, DIR/test): f
 seconds and each quantizer, train.py's defaults are trained for the whole number of epochs nearest
 to filling the budget (estimated from a timing of up to 100 steps, of one per-epoch evaluation and
 of the final whole-split evaluation), by train.py's own `train` (with
-any train.py knob given here, such as --channels or --res_blocks, to time another candidate), and
+the train.py knobs in BENCH_DEFAULTS given here, such as --channels, --res_blocks, --batch_size or
+--lr, to time another candidate; the seed's recipe keeps its own values of those it sets), and
 the table gives the epochs, the seconds the run really took (data from the folder's cache, every
 per-epoch evaluation and the final whole-split evaluation included), held-out PSNR and the measured
 bits per image of the best checkpoint on the whole test split. --baseline=True adds the seed's recipe
@@ -50,9 +51,12 @@ from utils import head, load_dataset, parse_overrides, pick_device, seed_everyth
 
 BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_images=10000, train_images=50000,
                       quality=False, data_dir="", budgets=[30, 120], baseline=False,
-                      **{k: DEFAULT_CONFIG[k] for k in ("device", "batch_size", "channels", "res_blocks", "compile", "amp",
-                                                        "channels_last", "fsq_levels", "eval_batch_size",
-                                                        "eval_images", "rate_prior_images")})
+                      **{k: DEFAULT_CONFIG[k] for k in (
+                          "device", "batch_size", "channels", "res_blocks", "compile", "amp", "channels_last",
+                          "fsq_levels", "eval_batch_size", "eval_images", "rate_prior_images", "seed", "latent_dim",
+                          # the recipe and bottleneck knobs, so a candidate recipe is timed like an architecture
+                          "lr", "lr_schedule", "warmup_epochs", "min_lr", "hflip", "ddcl_delta", "ddcl_comm_weight",
+                          "vq_codebook_size", "entropy_model", "rate_weight")})
 # The seed's training recipe, for --baseline: what these knobs were before the recipe was measured.
 SEED_RECIPE = dict(lr=3e-4, lr_schedule="constant", warmup_epochs=0.0, hflip=False, channels=[16, 32, 64], res_blocks=0,
                    eval_images=0, rate_prior_images=10000)

@@ -42,6 +42,17 @@ def test_at_seconds_reads_between_runs_and_never_beyond():
     assert bench.at_seconds([], 30.0) is None
 
 
+def test_recipe_knobs_are_bench_options_checked_like_train_py():
+    from utils import parse_overrides
+
+    opts, _ = parse_overrides(["--lr=6e-3", "--batch_size=64", "--hflip=False"], bench.BENCH_DEFAULTS)
+    assert (opts["lr"], opts["batch_size"], opts["hflip"]) == (6e-3, 64, False)
+    for bad in ("--lr=fast", "--learning_rate=1e-3"):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--quality=True", bad])
+        assert exit_.value.code == 2
+
+
 def test_time_to_quality_needs_a_folder():
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--quality=True"])
