@@ -183,7 +183,7 @@ def at_seconds(points, seconds):
 
 def print_equal_time(runs, quantizers):
     """Each seed-recipe run against the defaults at the seconds it really took: runs end off their
-    budget by up to ~25% (the epoch estimate), so the table's rows alone compare unequal times."""
+    budget by up to ~40% here (the epoch estimate), so the table's rows alone compare unequal times."""
     print("at equal seconds (the defaults read off between their runs, linear in seconds; none outside them):")
     for q in quantizers:
         for took, psnr, bits in runs.get(("seed", q), []):

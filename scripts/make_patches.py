@@ -32,8 +32,13 @@ import tempfile
 import urllib.request
 import zipfile
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from utils import parse_paths_and_options  # noqa: E402
 
 WHEEL = "scikit-image==0.26.0"
 TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
@@ -156,19 +161,24 @@ def to_short_side(photo, side):
     return np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC))
 
 
+USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers] [--wheel=PATH] [--debs=DIR]"
+
+
 def main(argv):
-    if not argv or argv[0].startswith("--"):
-        sys.exit("usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers] [--wheel=PATH] [--debs=DIR]")
-    out_dir = argv[0]
-    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-    set_name = opts.get("set", "skimage")
+    try:  # the repo's --key=value parser: an unknown or misspelt option stops instead of being ignored
+        paths, opts = parse_paths_and_options(argv, dict(set="skimage", wheel="", debs=""), USAGE)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    if len(paths) != 1:
+        sys.exit(USAGE)
+    out_dir, set_name = paths[0], opts["set"]
     if set_name == "skimage":
         with tempfile.TemporaryDirectory() as tmp:
-            photos = read_skimage_photos(opts.get("wheel") or fetch_wheel(tmp))
+            photos = read_skimage_photos(opts["wheel"] or fetch_wheel(tmp))
         names = {"train": TRAIN_PHOTOS + ("grace_hopper.jpg",), "test": TEST_PHOTOS}
         scale = [(downscaled, s) for s in SCALES]
     elif set_name == "wallpapers":
-        photos = read_wallpaper_photos(opts.get("debs"))
+        photos = read_wallpaper_photos(opts["debs"])
         names = {"train": WALLPAPER_TRAIN, "test": WALLPAPER_TEST}
         scale = [(to_short_side, s) for s in SHORT_SIDES]
     else:

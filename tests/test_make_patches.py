@@ -88,3 +88,7 @@ def test_missing_package_and_unknown_set_are_one_line_errors(tmp_path, debs):
         make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
     with pytest.raises(SystemExit, match="unknown --set=photos"):
         make_patches.main([str(tmp_path / "out"), "--set=photos"])
+    with pytest.raises(SystemExit, match="unknown config key 'sets'"):  # not ignored, building the other set
+        make_patches.main([str(tmp_path / "out"), "--sets=wallpapers"])
+    with pytest.raises(SystemExit, match="usage"):
+        make_patches.main(["--set=wallpapers"])
