@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Re-derive the README's rate-distortion comparison in one command:
 #
-#   bash scripts/compare.sh DATA_DIR [EPOCHS] [SET]      # e.g. DATA_DIR=/tmp/patches from scripts/make_patches.py
+#   bash scripts/compare.sh DATA_DIR [EPOCHS] [SET] [--key=value ...]   # e.g. DATA_DIR=/tmp/patches from scripts/make_patches.py
 #
+# Any --key=value after SET goes to every train.py run (e.g. --rotate=False, the recipe the README's
+# tables measured before quarter turns were the default).
 # SET "bottlenecks" (the default): every bottleneck setting of the README's table. SET "priors":
 # the learned entropy model against the fitted prior and DDCL's surrogate (README, "Learned
 # entropy model"): rate_weight sweeps of FSQ and DDCL with entropy_model=learned and with
@@ -15,13 +17,14 @@
 # to stdout, the plots and JSON to compare/outputs/ (compare/outputs/epoch_N/ for the earlier ones). A run that an earlier
 # call left unfinished is resumed from its last checkpoint, and a finished one is not trained again.
 set -euo pipefail
-data_dir=${1:?usage: bash scripts/compare.sh DATA_DIR [EPOCHS] [bottlenecks|priors]}
+data_dir=${1:?usage: bash scripts/compare.sh DATA_DIR [EPOCHS] [bottlenecks|priors] [--key=value ...]}
 epochs=${2:-30}
 set_name=${3:-bottlenecks}
+extra=("${@:4}")
 out=${COMPARE_DIR:-compare}
 cd "$(dirname "$0")/.."
 common=(--dataset=folder --data_dir="$data_dir" --epochs="$epochs" --output_dir="$out/outputs"
-        --checkpoint_dir="$out/checkpoints" --checkpoint_every=10)
+        --checkpoint_dir="$out/checkpoints" --checkpoint_every=10 "${extra[@]}")
 
 run() {  # run NAME ARGS...: train NAME for EPOCHS epochs, resuming what an earlier call left unfinished
   local name=$1; shift

@@ -1,4 +1,6 @@
 """bench.py runs end to end on tiny settings (its numbers are for people, not for asserts on speed)."""
+import math
+
 import pytest
 import torch
 
@@ -34,7 +36,9 @@ def test_time_to_quality_trains_each_recipe_within_its_budget(capsys, image_fold
 
 def test_at_seconds_reads_between_runs_and_never_beyond():
     runs = [(90.0, 24.0, 180.0), (30.0, 22.0, 150.0), (60.0, 23.5, 170.0)]  # (seconds, psnr, bits), any order
-    assert bench.at_seconds(runs, 45.0) == pytest.approx((22.75, 160.0))
+    w = math.log(45.0 / 30.0) / math.log(60.0 / 30.0)  # linear in log-seconds: 0.585 of the way, not 0.5
+    assert bench.at_seconds(runs, 45.0) == pytest.approx((22.0 + 1.5 * w, 150.0 + 20.0 * w))
+    assert bench.at_seconds(runs, 75.0)[0] > 23.5 + 0.5 * 0.5  # above the straight line in seconds
     assert bench.at_seconds(runs, 60.0) == pytest.approx((23.5, 170.0))
     assert bench.at_seconds(runs, 90.0) == pytest.approx((24.0, 180.0))
     assert bench.at_seconds(runs, 29.9) is None and bench.at_seconds(runs, 90.1) is None

@@ -33,13 +33,15 @@ def interrupt_after_first_epoch(monkeypatch):
     monkeypatch.setattr(train, "save_grid", grid_then_sigint)
 
 
-@pytest.mark.parametrize("quantizer, hflip, entropy_model", [("ddcl", True, "learned"), ("ddcl", False, "context"),
-                                                             ("vq", False, "fitted")])
-def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, entropy_model, monkeypatch):
+@pytest.mark.parametrize("quantizer, hflip, rotate, entropy_model", [("ddcl", True, True, "learned"),
+                                                                     ("ddcl", False, False, "context"),
+                                                                     ("vq", False, True, "fitted")])
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder, quantizer, hflip, rotate, entropy_model,
+                                                         monkeypatch):
     """2 epochs straight == a 2-epoch run stopped after epoch 1 and resumed (DDCL draws noise, VQ
-    re-seeds codes, flips draw from the RNG, the lr schedule continues from the stored scheduler
+    re-seeds codes, flips and turns draw from the RNG, the lr schedule continues from the stored scheduler
     state, and a learned prior's parameters and Adam moments come back with the weights)."""
-    args = dict(quantizer=quantizer, epochs=2, hflip=hflip, entropy_model=entropy_model)
+    args = dict(quantizer=quantizer, epochs=2, hflip=hflip, rotate=rotate, entropy_model=entropy_model)
     straight = train.resolve_config(tiny_args(tmp_path / "a", image_folder, **args))
     train.train(straight)
     first = train.resolve_config(tiny_args(tmp_path / "b", image_folder, **args))
@@ -65,6 +67,23 @@ def test_random_hflip_mirrors_about_half_the_batch_left_right():
     mirrored = torch.tensor([torch.equal(a.flip(2), b) for a, b in zip(x, y)])
     unchanged = torch.tensor([torch.equal(a, b) for a, b in zip(x, y)])
     assert (mirrored | unchanged).all() and 150 < int(mirrored.sum()) < 250
+
+
+def test_random_symmetry_draws_every_symmetry_of_the_square_alike():
+    """hflip + rotate: each image becomes one of its 8 views (4 turns, mirrored or not), about
+    equally often; rotate alone: one of its 4 turns; neither: the batch itself."""
+    torch.manual_seed(0)
+    x = torch.rand(800, 3, 8, 8)
+
+    def views(image, mirrored):  # (3, 8, 8) -> its turns (and the turns of its mirror image)
+        return [torch.rot90(v, t, (1, 2)) for v in ([image, image.flip(2)] if mirrored else [image]) for t in range(4)]
+
+    for hflip, n in ((True, 8), (False, 4)):
+        y = train.random_symmetry(x, hflip, True)
+        which = [[torch.equal(v, b) for v in views(a, hflip)].index(True) for a, b in zip(x, y)]  # ValueError if none
+        counts = torch.bincount(torch.tensor(which), minlength=n)
+        assert len(counts) == n and (counts > 0.6 * len(x) / n).all(), counts
+    assert train.random_symmetry(x, False, False) is x
 
 
 def test_lr_schedule_warms_up_peaks_and_decays_to_min():
@@ -99,9 +118,12 @@ def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
     state = torch.load(last, weights_only=True)
     state["best_val_loss"] = state.pop("best_val_objective")  # as written when epochs were ranked by MSE alone
     del state["scheduler"]  # and before the lr schedule existed
+    del state["config"]["hflip"], state["config"]["rotate"]  # and before flips and turns
     torch.save(state, last)
     assert read_checkpoint(str(last))["best_val_objective"] == float("inf")  # the MSE is not the objective: rank again
-    train.train(train.resolve_config([f"--resume={last}", "--epochs=2"]))
+    resumed = train.resolve_config([f"--resume={last}", "--epochs=2"])
+    assert resumed["hflip"] is False and resumed["rotate"] is False  # the recipe it was trained with, not today's
+    train.train(resumed)
     assert read_checkpoint(str(last))["epoch"] == 2
 
 
