@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from errors import CheckpointError, ConfigError, UserError
 from evaluate import EVAL_BATCH_SIZE, evaluate
 from metrics import psnr_per_image
-from models import build_model, model_args_from_config
+from models import ABSENT_KEY_MEANS, build_model, model_args_from_config
 from quantizers import implied_latent_dim
 from plots import plot_curves, save_grid
 from process import (RunLock, SignalFlag, all_reduce_mean, barrier, gather, setup_distributed,
@@ -89,9 +89,10 @@ channels_last = True  # channels-last memory format for the convolutions (see RE
 DEFAULT_CONFIG = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
                   and isinstance(v, (bool, int, float, str, list))}
 ARCHITECTURE_KEYS = tuple(model_args_from_config(DEFAULT_CONFIG))
-# What a checkpoint written before a recipe knob existed meant by its absence: a resumed run keeps
-# the recipe it was trained with, not today's default.
-ABSENT_CONFIG_MEANS = {"hflip": False, "rotate": False}
+# What a checkpoint written before a knob existed meant by its absence: the architecture keys'
+# table that build_model applies, plus the recipe knobs, so a resumed run keeps the model and the
+# recipe it was trained with, not today's defaults.
+ABSENT_CONFIG_MEANS = {**ABSENT_KEY_MEANS, "hflip": False, "rotate": False}
 GRID_IMAGES = 8  # a 4x4 grid: 8 originals on top, their reconstructions below
 AMP_CHOICES = ("auto", "bf16", "off")
 LR_SCHEDULES = ("cosine", "constant")
@@ -467,7 +468,7 @@ def random_symmetry(x, hflip, rotate):
     precomputed pixel permutation: 0.5 ms per batch of 128 on the 2-core CPU, where rot90 and
     torch.where per symmetry took 3.7 ms (the training step: ~22 ms).
     Draws from the global RNG of x's device, whose state every checkpoint stores."""
-    if not rotate:
+    if not rotate:  # flips alone keep their own draws, so rotate=False repeats earlier runs bit for bit
         return random_hflip(x) if hflip else x
     b, c, h, w = x.shape
     k = torch.randint(0, 8 if hflip else 4, (b,), device=x.device)  # (B,) symmetry of each image

@@ -119,10 +119,12 @@ def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
     state["best_val_loss"] = state.pop("best_val_objective")  # as written when epochs were ranked by MSE alone
     del state["scheduler"]  # and before the lr schedule existed
     del state["config"]["hflip"], state["config"]["rotate"]  # and before flips and turns
+    del state["config"]["rate_weight"]  # and before learned priors
     torch.save(state, last)
     assert read_checkpoint(str(last))["best_val_objective"] == float("inf")  # the MSE is not the objective: rank again
     resumed = train.resolve_config([f"--resume={last}", "--epochs=2"])
     assert resumed["hflip"] is False and resumed["rotate"] is False  # the recipe it was trained with, not today's
+    assert resumed["rate_weight"] == 0.0  # what build_model reads for the absent key, not the config default
     train.train(resumed)
     assert read_checkpoint(str(last))["epoch"] == 2
 
