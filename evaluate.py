@@ -166,7 +166,7 @@ def compressai_results(rows):
     """CompressAI's results layout; extra aligned lists say which run each point is."""
     return {
         "name": "quantized-autoencoder",
-        "description": "evaluate.py: PSNR on 8-bit-rounded [0, 1] images averaged per image, SSIM (torchmetrics), "
+        "description": "evaluate.py: PSNR on 8-bit-rounded [0, 1] images averaged per image, SSIM (Gaussian window 11, as torchmetrics), "
                        "bpp = measured bits per image / 1024 (rate_source says how it was measured)",
         "results": {
             "psnr-rgb": [r["psnr"] for r in rows], "ssim-rgb": [r["ssim"] for r in rows],

@@ -5,10 +5,12 @@ Conventions follow CompressAI (InterDigitalInc/CompressAI): images in [0, 1] are
 before PSNR, PSNR is computed per image and averaged, rates are bits per image and
 bpp = bits / (32 * 32).
 """
+import functools
 import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 PIXELS_PER_IMAGE = 32 * 32
 PSNR_CAP_DB = 100.0  # PSNR of an exact 8-bit reproduction (MSE 0) is reported as this cap
@@ -24,13 +26,38 @@ def psnr_per_image(x, y):
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-30))).clamp(max=PSNR_CAP_DB)
 
 
-def ssim_per_image(x, y):
-    """(B,) SSIM of images in [0, 1] (torchmetrics, Gaussian window 11, sigma 1.5)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Gaussian window of Wang et al. (IEEE TIP 2004, section III-C)
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # the same paper's stabilising constants, for data range 1
 
-    # channels-last inputs make its depthwise 11x11 convolutions 2.5x faster on CPU, same values
-    x, y = (t.float().contiguous(memory_format=torch.channels_last) for t in (x, y))
-    return structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
+
+@functools.lru_cache(maxsize=None)
+def _blur_matrix(n, size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """(n, n) matrix A such that A @ v is v reflect-padded by size // 2 and blurred by the
+    normalised Gaussian window, so A @ image @ A.T is the 2-D Gaussian blur of an (n, n) image
+    with torchmetrics' padding (float64, cast by the caller)."""
+    half = size // 2
+    taps = torch.exp(-0.5 * ((torch.arange(size, dtype=torch.float64) - half) / sigma) ** 2)
+    taps = taps / taps.sum()
+    source = torch.arange(-half, n + half).abs()  # reflect: -1 -> 1, ..., n -> n - 2
+    source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
+    pad = torch.eye(n, dtype=torch.float64)[source]  # (n + 2 half, n)
+    band = torch.stack([F.pad(taps, (i, n - 1 - i)) for i in range(n)])  # (n, n + 2 half)
+    return band @ pad
+
+
+def ssim_per_image(x, y):
+    """(B, 3, H, W) pairs in [0, 1] -> (B,) SSIM, averaged over channels and pixels (Gaussian
+    window 11, sigma 1.5, reflected borders: the values of torchmetrics'
+    structural_similarity_index_measure, tested). The blur is separable, so it is two small matrix
+    products per map instead of an 11x11 depthwise convolution: 2.3-2.7x faster on the 2-core CPU."""
+    x, y = x.float(), y.float()
+    rows, cols = (_blur_matrix(n).float().to(x.device) for n in x.shape[-2:])  # float64 -> float32 on the CPU (MPS has no fp64)
+    mu_x, mu_y, xx, yy, xy = rows @ torch.stack([x, y, x * x, y * y, x * y]) @ cols.T  # each (B, 3, H, W)
+    var_x, var_y = (xx - mu_x * mu_x).clamp_min(0), (yy - mu_y * mu_y).clamp_min(0)
+    cov = xy - mu_x * mu_y
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+    return ssim.flatten(1).mean(1)
 
 
 def codebook_stats(indices, codebook_size):

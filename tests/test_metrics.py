@@ -28,6 +28,20 @@ def test_ssim_is_one_for_identical_and_lower_for_noise():
     assert (ssim_per_image((x + 0.2 * torch.randn_like(x)).clamp(0, 1), x) < 0.9).all()
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (2, 3, 24, 40)])
+def test_ssim_equals_torchmetrics(shape):
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    torch.manual_seed(0)
+    x = torch.rand(shape)
+    x[0] = torch.linspace(0, 1, shape[-1])  # a smooth image beside the noise
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    ours = ssim_per_image(y, x)
+    reference = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
+    assert ours.shape == (shape[0],)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+
+
 def test_codebook_stats():
     stats = codebook_stats(torch.tensor([0, 1, 2, 3] * 10), 8)
     assert stats["codebook_usage"] == 50.0 and stats["perplexity"] == pytest.approx(4.0)
