@@ -66,7 +66,7 @@ ddcl_comm_weight = 1e-3  # weight of DDCL's communication cost log2(2|z|/delta +
 vq_codebook_size = 1024  # VQ codes per position
 vq_decay = 0.99  # VQ EMA decay of the codebook
 vq_commitment_weight = 0.25  # VQ commitment loss weight
-vq_dead_code_threshold = 2  # VQ: re-seed codes whose EMA usage falls below this (0 = never)
+vq_dead_code_threshold = 1  # VQ: re-seed codes whose moving average of uses per batch falls below this (0 = never); 1, not 2, at batch 64 (README: Comparing quantizers)
 vae_kl_weight = 1e-3  # Gaussian VAE: weight of the KL term (nats per latent value)
 entropy_model = "fitted"  # "fitted" (a histogram fitted after training), "learned" (a prior trained with the model; fsq, vq, ddcl) or "context" (learned, each value predicted from those sent before it; fsq, ddcl)
 rate_weight = 0.01  # "learned"/"context": loss per bit per pixel, loss = MSE + rate_weight * bits / 1024 (= 1 / (255^2 lambda) in CompressAI's terms)
