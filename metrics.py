@@ -31,18 +31,19 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03  # the same paper's stabilising constants, for dat
 
 
 @functools.lru_cache(maxsize=None)
-def _blur_matrix(n, size=SSIM_WINDOW, sigma=SSIM_SIGMA):
-    """(n, n) matrix A such that A @ v is v reflect-padded by size // 2 and blurred by the
-    normalised Gaussian window, so A @ image @ A.T is the 2-D Gaussian blur of an (n, n) image
-    with torchmetrics' padding (float64, cast by the caller)."""
-    half = size // 2
-    taps = torch.exp(-0.5 * ((torch.arange(size, dtype=torch.float64) - half) / sigma) ** 2)
+def _blur_matrix(n, device):
+    """(n, n) float32 matrix A on `device` such that A @ v is v reflect-padded by SSIM_WINDOW // 2
+    and blurred by the normalised Gaussian window, so A @ image @ A.T is the 2-D Gaussian blur of
+    an (n, n) image with torchmetrics' padding. Built once per size and device, in float64 on the
+    CPU (MPS has no fp64), like train._symmetry_index."""
+    half = SSIM_WINDOW // 2
+    taps = torch.exp(-0.5 * ((torch.arange(SSIM_WINDOW, dtype=torch.float64) - half) / SSIM_SIGMA) ** 2)
     taps = taps / taps.sum()
     source = torch.arange(-half, n + half).abs()  # reflect: -1 -> 1, ..., n -> n - 2
     source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
     pad = torch.eye(n, dtype=torch.float64)[source]  # (n + 2 half, n)
     band = torch.stack([F.pad(taps, (i, n - 1 - i)) for i in range(n)])  # (n, n + 2 half)
-    return band @ pad
+    return (band @ pad).float().to(device)
 
 
 def ssim_per_image(x, y):
@@ -51,7 +52,7 @@ def ssim_per_image(x, y):
     structural_similarity_index_measure, tested). The blur is separable, so it is two small matrix
     products per map instead of an 11x11 depthwise convolution: 2.3-2.7x faster on the 2-core CPU."""
     x, y = x.float(), y.float()
-    rows, cols = (_blur_matrix(n).float().to(x.device) for n in x.shape[-2:])  # float64 -> float32 on the CPU (MPS has no fp64)
+    rows, cols = (_blur_matrix(n, x.device) for n in x.shape[-2:])
     mu_x, mu_y, xx, yy, xy = rows @ torch.stack([x, y, x * x, y * y, x * y]) @ cols.T  # each (B, 3, H, W)
     var_x, var_y = (xx - mu_x * mu_x).clamp_min(0), (yy - mu_y * mu_y).clamp_min(0)
     cov = xy - mu_x * mu_y
