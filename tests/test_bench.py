@@ -49,8 +49,9 @@ def test_at_seconds_reads_between_runs_and_never_beyond():
 def test_recipe_knobs_are_bench_options_checked_like_train_py():
     from utils import parse_overrides
 
-    opts, _ = parse_overrides(["--lr=6e-3", "--batch_size=64", "--hflip=False"], bench.BENCH_DEFAULTS)
-    assert (opts["lr"], opts["batch_size"], opts["hflip"]) == (6e-3, 64, False)
+    opts, _ = parse_overrides(["--lr=6e-3", "--batch_size=64", "--hflip=False", "--beta2=0.95"], bench.BENCH_DEFAULTS)
+    assert (opts["lr"], opts["batch_size"], opts["hflip"], opts["beta2"]) == (6e-3, 64, False, 0.95)
+    assert bench.SEED_RECIPE["lr"] == 3e-4 and bench.SEED_RECIPE["beta2"] == 0.999  # the seed keeps its own optimizer
     for bad in ("--lr=fast", "--learning_rate=1e-3"):
         with pytest.raises(SystemExit) as exit_:
             bench.main(["--quality=True", bad])

@@ -1,8 +1,10 @@
 """--key=value overrides and config checks: bad input stops with one clear line."""
+import os
+
 import pytest
 
 import train
-from conftest import run_script
+from conftest import REPO, run_script
 from errors import ConfigError
 from utils import parse_overrides
 
@@ -51,6 +53,8 @@ def test_no_exec_of_override_values():
     (["--quantizer=ddcl", "--ddcl_delta=-0.1"], "ddcl_delta must be a finite number > 0"),
     (["--batch_size=0"], "batch_size=0 must be > 0"),
     (["--lr=0"], "lr=0.0 must be a finite number > 0"),
+    (["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
+    (["--beta2=-0.5"], "beta2=-0.5 must be in [0, 1)"),
     (["--quantizer=pq"], "quantizer='pq' is unknown"),
     (["--quantizer=fsq", "--latent_dim=6"], "fsq implies latent_dim = 4"),
     (["--channels=[8,8]"], "channels must be three positive integers"),
@@ -97,3 +101,8 @@ def test_cli_help_lists_every_knob():
     assert result.returncode == 0
     for key in train.DEFAULT_CONFIG:
         assert f"\n{key} = " in result.stdout
+
+
+def test_readme_config_table_lists_every_knob():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert [k for k in train.DEFAULT_CONFIG if f"| `{k}` | `" not in readme] == []

@@ -120,13 +120,29 @@ def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
     del state["scheduler"]  # and before the lr schedule existed
     del state["config"]["hflip"], state["config"]["rotate"]  # and before flips and turns
     del state["config"]["rate_weight"]  # and before learned priors
+    del state["config"]["beta2"]  # and before Adam's beta2 was a knob
+    for group in state["optimizer"]["param_groups"]:
+        group["betas"] = (0.9, 0.999)  # torch's default then
     torch.save(state, last)
     assert read_checkpoint(str(last))["best_val_objective"] == float("inf")  # the MSE is not the objective: rank again
     resumed = train.resolve_config([f"--resume={last}", "--epochs=2"])
     assert resumed["hflip"] is False and resumed["rotate"] is False  # the recipe it was trained with, not today's
     assert resumed["rate_weight"] == 0.0  # what build_model reads for the absent key, not the config default
+    assert resumed["beta2"] == 0.999
     train.train(resumed)
     assert read_checkpoint(str(last))["epoch"] == 2
+
+
+def test_beta2_reaches_adam_and_a_resumed_run_takes_a_new_one(tmp_path, image_folder):
+    config = train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1) + ["--beta2=0.98"])
+    train.train(config)
+    last = str(tmp_path / "checkpoints" / "fsq_vae_last.pt")
+    groups = read_checkpoint(last)["optimizer"]["param_groups"]
+    assert all(g["betas"] == (0.9, 0.98) for g in groups)
+    train.train(train.resolve_config(["--resume=" + last, "--epochs=2", "--beta2=0.95"]))
+    state = read_checkpoint(last)
+    assert state["config"]["beta2"] == 0.95
+    assert all(g["betas"] == (0.9, 0.95) for g in state["optimizer"]["param_groups"])
 
 
 def test_resume_last_finds_the_newest_run(tmp_path, image_folder, monkeypatch):
