@@ -74,3 +74,15 @@ def test_fitting_epochs_grows_with_the_budget_and_is_at_least_one(tmp_path, imag
     tiny, large = (bench.fitting_epochs(config, budget, train_u8, val_u8, dev) for budget in (1e-6, 1e4))
     # a budget below one epoch still trains one; 10,000 s of a few tiny images are many epochs
     assert tiny == 1 and large > 100
+
+
+def test_equal_time_gives_a_lower_bound_outside_the_defaults_runs(capsys):
+    runs = {("defaults", "fsq"): [(45.3, 24.07, 148.6), (61.9, 24.19, 149.6)],
+            ("seed", "fsq"): [(38.4, 21.87, 138.5), (50.0, 22.30, 139.0), (88.2, 22.99, 140.2)]}
+    bench.print_equal_time(runs, ["fsq"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines[0].endswith("every defaults run took longer: no reading")  # 38.4 s: no defaults run that short
+    here = bench.at_seconds(runs[("defaults", "fsq")], 50.0)  # bracketed: read off between the runs
+    assert lines[1].endswith(f"defaults {here[0]:.2f} dB {here[1]:.1f} bits: {here[0] - 22.30:+.2f} dB at {here[1] - 139.0:+.1f} bits")
+    assert lines[2].endswith("defaults in 61.9 s 24.19 dB 149.6 bits: at least +1.20 dB at +9.4 bits")  # the longest in 88.2 s
+    assert bench.within_seconds(runs[("defaults", "fsq")], 45.0) is None
