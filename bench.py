@@ -18,7 +18,8 @@ bits per image of the best checkpoint on the whole test split. --baseline=True a
 (constant lr 3e-4, no flips or turns, every epoch evaluated on the whole split with a 10,000-image prior) for
 the same budgets, and a closing block sets each seed run against the defaults at the seconds that
 run really took (read off between the two defaults runs around it, linear in log-seconds; outside them, the
-defaults' longest run that took fewer seconds gives a lower bound on their lead). This is how speed is judged: quality reached per second, not images/s alone.
+defaults' longest run that took fewer seconds gives a lower bound on their lead). This is how speed is
+judged: quality reached per second, not images/s alone.
 
 Throughput (the default):
 For each quantizer, on synthetic uint8 data of CIFAR-10's shape held on the device:
