@@ -81,7 +81,7 @@ eval_batch_size = EVAL_BATCH_SIZE  # images per evaluation batch (also fixes DDC
 rate_prior_images = 5000  # training images that fit the rate prior (0 = all)
 checkpoint_every = 10  # also keep {run}_vae_epoch_{n}.pt every n epochs (0 = never)
 grid_scale = 4  # nearest-neighbour upscaling of the per-epoch grid PNG (4: 552 px wide)
-curves_every = 5  # redraw {run}_curves.png every n epochs and after the last (a draw costs ~0.5 s on a laptop CPU)
+curves_every = 5  # redraw {run}_curves.png every n epochs and after the last (0 = never; a draw costs ~0.5 s on a laptop CPU)
 log_interval = 50  # steps between progress updates (each one reads the loss back from the device)
 resume = ""  # "" (fresh run), a checkpoint path, or "last" (the run's newest checkpoint)
 compile = False  # torch.compile the model (no gain measured on a 2-core CPU; GPUs not yet measured)
@@ -112,11 +112,11 @@ class Stop(UserError):
 
 def validate_config(config, given=()):
     """Stop with one line on any value that cannot work; fill in derived values."""
-    for key in ("batch_size", "eval_batch_size", "log_interval", "curves_every", "grid_scale"):
+    for key in ("batch_size", "eval_batch_size", "log_interval", "grid_scale"):
         if config[key] <= 0:
             raise ConfigError(f"{key}={config[key]} must be > 0")
-    for key in ("epochs", "checkpoint_every", "max_train_images", "rate_prior_images", "aux_warmup_epochs",
-                "warmup_epochs", "eval_images"):
+    for key in ("epochs", "checkpoint_every", "curves_every", "max_train_images", "rate_prior_images",
+                "aux_warmup_epochs", "warmup_epochs", "eval_images"):
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} must be >= 0")
     if not (config["prior_lr_scale"] > 0 and math.isfinite(config["prior_lr_scale"])):
@@ -309,7 +309,7 @@ def train_loop(config, rank, world, dev):
                 rows.append({"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                              "seconds": time.time() - t0, **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(metrics_path, rows)
-                if epoch % config["curves_every"] == 0 or epoch == config["epochs"]:
+                if config["curves_every"] and (epoch % config["curves_every"] == 0 or epoch == config["epochs"]):
                     plot_curves(os.path.join(config["output_dir"], f"{run}_curves.png"), rows)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch,

@@ -52,6 +52,7 @@ def test_no_exec_of_override_values():
     (["--quantizer=ddcl", "--ddcl_delta=0"], "ddcl_delta must be a finite number > 0"),
     (["--quantizer=ddcl", "--ddcl_delta=-0.1"], "ddcl_delta must be a finite number > 0"),
     (["--batch_size=0"], "batch_size=0 must be > 0"),
+    (["--curves_every=-1"], "curves_every=-1 must be >= 0"),
     (["--lr=0"], "lr=0.0 must be a finite number > 0"),
     (["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
     (["--beta2=-0.5"], "beta2=-0.5 must be in [0, 1)"),

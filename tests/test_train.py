@@ -14,9 +14,9 @@ from utils import load_checkpoint, read_checkpoint
 
 
 def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
-    config, metrics = run_train(quantizer="fsq", checkpoint_every=1)
+    config, metrics = run_train(quantizer="fsq", checkpoint_every=1, curves_every=5)
     out, ck = tmp_path / "outputs", tmp_path / "checkpoints"
-    assert (out / "fsq_epoch_001.png").is_file() and (out / "fsq_curves.png").is_file()
+    assert (out / "fsq_epoch_001.png").is_file() and (out / "fsq_curves.png").is_file()  # the last epoch draws them
     assert sorted(os.listdir(ck)) == [".fsq.lock", "fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_last.pt"]
     rows = [json.loads(line) for line in open(out / "fsq_metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["val_mse"] == metrics["mse"]
@@ -42,6 +42,7 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
 
 def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_path, image_folder):
     config, metrics = run_train(quantizer="ddcl")
+    assert config["curves_every"] == 0 and not (tmp_path / "outputs" / "ddcl_curves.png").exists()  # 0: never drawn
     code = (
         "import sys, json; from utils import load_checkpoint, load_dataset; from evaluate import evaluate\n"
         f"model, config = load_checkpoint({str(tmp_path / 'checkpoints' / 'ddcl_vae_best.pt')!r})\n"
