@@ -55,6 +55,8 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder,
     train.train(resumed)
     a, b = weights(tmp_path / "a" / "checkpoints" / f"{quantizer}_vae_last.pt"), weights(last)
     assert same_state(a, b)
+    straight_last = str(tmp_path / "a" / "checkpoints" / f"{quantizer}_vae_last.pt")
+    assert same_state(read_checkpoint(straight_last)["optimizer"], read_checkpoint(last)["optimizer"])  # Muon's momenta too
     rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
     assert read_checkpoint(last)["epoch"] == 2
@@ -112,7 +114,7 @@ def test_resume_with_more_epochs_continues_the_step_count(tmp_path, image_folder
 
 
 def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
-    config = train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1))
+    config = train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1) + ["--optimizer=adam"])
     train.train(config)
     last = tmp_path / "checkpoints" / "fsq_vae_last.pt"
     state = torch.load(last, weights_only=True)
@@ -121,12 +123,13 @@ def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
     del state["config"]["hflip"], state["config"]["rotate"]  # and before flips and turns
     del state["config"]["rate_weight"]  # and before learned priors
     del state["config"]["beta2"]  # and before Adam's beta2 was a knob (its optimizer groups hold torch's 0.999 already)
+    del state["config"]["optimizer"], state["config"]["muon_lr"]  # and before Muon (Adam trained every parameter)
     torch.save(state, last)
     assert read_checkpoint(str(last))["best_val_objective"] == float("inf")  # the MSE is not the objective: rank again
     resumed = train.resolve_config([f"--resume={last}", "--epochs=2"])
     assert resumed["hflip"] is False and resumed["rotate"] is False  # the recipe it was trained with, not today's
     assert resumed["rate_weight"] == 0.0  # what build_model reads for the absent key, not the config default
-    assert resumed["beta2"] == 0.999
+    assert resumed["beta2"] == 0.999 and resumed["optimizer"] == "adam"
     train.train(resumed)
     assert read_checkpoint(str(last))["epoch"] == 2
 
@@ -161,6 +164,18 @@ def test_resume_refuses_a_different_architecture(tmp_path, image_folder):
         train.resolve_config([f"--resume={last}", "--channels=[8,8,32]", "--fsq_levels=[8,5,5,5]"])
     assert "channels=[8, 8, 32] (checkpoint: [8, 8, 16])" in str(err.value)
     assert "fsq_levels=[8, 5, 5, 5] (checkpoint: [8, 6, 6, 5])" in str(err.value)
+
+
+def test_resume_refuses_another_optimizer_and_keeps_muon_lr(tmp_path, image_folder):
+    train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq")))
+    last = str(tmp_path / "checkpoints" / "fsq_vae_last.pt")
+    with pytest.raises(ConfigError, match="cannot resume .* with optimizer='adam': it holds the state of optimizer='muon'; drop --optimizer"):
+        train.resolve_config([f"--resume={last}", "--optimizer=adam"])
+    resumed = train.resolve_config([f"--resume={last}", "--epochs=2", "--optimizer=muon"])
+    assert resumed["optimizer"] == "muon"
+    train.train(resumed)
+    groups = read_checkpoint(last)["optimizer"]["param_groups"]
+    assert [g["muon"] for g in groups] == [False, True]
 
 
 def test_resume_validates_the_stored_config(tmp_path, image_folder):
@@ -272,7 +287,7 @@ def test_nan_loss_stops_without_touching_the_best_checkpoint(tmp_path, image_fol
 
     monkeypatch.setattr(train.F, "mse_loss", poisoned)
     config = train.resolve_config([f"--resume={tmp_path / 'checkpoints' / 'fsq_vae_last.pt'}", "--epochs=2"])
-    with pytest.raises(train.Stop, match=r"loss became NaN or inf at epoch 2, step 3/6"):
+    with pytest.raises(train.Stop, match=r"loss became NaN or inf at epoch 2, step 3/6; .* Try a lower --lr \(now 0.003\) or --muon_lr \(now 0.02\)"):
         train.train(config)
     assert best.read_bytes() == before
 
