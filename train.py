@@ -14,7 +14,8 @@ Measured (README, "Training recipe"): the defaults, 50 epochs on 20,000 32x32 cr
 photographs (python scripts/make_patches.py /tmp/photos --set=wallpapers), 2 CPU cores, one
 thread a run, about 10 minutes, PSNR on 2,000 crops of 6 other photos: FSQ [8,6,6,5] 24.60 dB
 at 156.7 range-coded bits per image, DDCL 24.97 dB at 171.9 bits (--seed=1338: 24.57 dB at 156.0,
-24.97 dB at 171.6; the seed's recipe: 23.79 and 24.42 dB); after --epochs=10 (under 2 minutes) 24.43 dB at 154.0 bits and 24.89 dB at 176.4 bits.
+24.97 dB at 171.6; the seed's recipe: 23.79 and 24.42 dB); after --epochs=10 (under 2 minutes)
+24.43 dB at 154.0 bits and 24.89 dB at 176.4 bits.
 Command: python train.py --dataset=folder --data_dir=/tmp/photos --quantizer=fsq (or ddcl). The
 recipe (Muon for the hidden filters at 0.02 and Adam for the rest at 3e-3, batch 64, warmup +
 cosine, flips and quarter turns) and why: README, "Training recipe"; the bottlenecks compared at

@@ -164,7 +164,7 @@ def test_the_learned_prior_trains_at_its_own_learning_rate():
     config = train.validate_config({**train.DEFAULT_CONFIG, "quantizer": "ddcl", "entropy_model": "learned",
                                     "prior_lr_scale": 10.0})
     model, optimizer, _ = train.build_training(model_args_from_config(config), config, torch.device("cpu"))
-    main, filters, prior = optimizer.param_groups  # Adam, Muon (the convolution filters), Adam
+    main, filters, prior = optimizer.param_groups  # Adam, Muon (the hidden filters), Adam
     assert prior["lr"] == pytest.approx(10 * main["lr"])
     assert {id(p) for p in prior["params"]} == {id(p) for p in model.quantizer.prior.parameters()}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

@@ -1,4 +1,4 @@
-"""Muon for the convolution filters, Adam for the rest (optim.py), and how train.py groups them."""
+"""Muon for the hidden convolution filters, Adam for the rest (optim.py), and how train.py groups them."""
 import pytest
 import torch
 
@@ -12,8 +12,9 @@ from optim import MuonAdam, orthogonalize
 def test_orthogonalize_brings_every_singular_value_near_one(shape):
     torch.manual_seed(0)
     update = torch.randn(shape) * 1e-3  # any scale: the iteration normalises first
-    singular = torch.linalg.svdvals(orthogonalize(update))
-    assert orthogonalize(update).shape == shape
+    result = orthogonalize(update)
+    singular = torch.linalg.svdvals(result)
+    assert result.shape == shape
     assert 0.65 < singular.min() and singular.max() < 1.25
     assert torch.equal(orthogonalize(torch.zeros(shape)), torch.zeros(shape))  # no 0 / 0
 

@@ -166,7 +166,7 @@ def test_resume_refuses_a_different_architecture(tmp_path, image_folder):
     assert "fsq_levels=[8, 5, 5, 5] (checkpoint: [8, 6, 6, 5])" in str(err.value)
 
 
-def test_resume_refuses_another_optimizer_and_keeps_muon_lr(tmp_path, image_folder):
+def test_resume_refuses_another_optimizer_and_keeps_the_muon_group(tmp_path, image_folder):
     train.train(train.resolve_config(tiny_args(tmp_path, image_folder, quantizer="fsq")))
     last = str(tmp_path / "checkpoints" / "fsq_vae_last.pt")
     with pytest.raises(ConfigError, match="cannot resume .* with optimizer='adam': it holds the state of optimizer='muon'; drop --optimizer"):
@@ -176,6 +176,7 @@ def test_resume_refuses_another_optimizer_and_keeps_muon_lr(tmp_path, image_fold
     train.train(resumed)
     groups = read_checkpoint(last)["optimizer"]["param_groups"]
     assert [g["muon"] for g in groups] == [False, True]
+    assert [g["initial_lr"] for g in groups] == [resumed["lr"], resumed["muon_lr"]]  # the schedule's peaks
 
 
 def test_resume_validates_the_stored_config(tmp_path, image_folder):
