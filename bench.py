@@ -57,11 +57,11 @@ BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, val_imag
                           "device", "batch_size", "channels", "res_blocks", "compile", "amp", "channels_last",
                           "fsq_levels", "eval_batch_size", "eval_images", "rate_prior_images", "seed", "latent_dim",
                           # the recipe and bottleneck knobs, so a candidate recipe is timed like an architecture
-                          "optimizer", "muon_lr", "lr", "beta2", "lr_schedule", "warmup_epochs", "min_lr", "hflip", "rotate", "ddcl_delta", "ddcl_comm_weight",
-                          "vq_codebook_size", "entropy_model", "rate_weight")})
+                          "optimizer", "muon_lr", "lr", "beta2", "lr_schedule", "warmup_epochs", "min_lr", "hflip", "rotate",
+                          "color_gain", "ddcl_delta", "ddcl_comm_weight", "vq_codebook_size", "entropy_model", "rate_weight")})
 # The seed's training recipe, for --baseline: what these knobs were before the recipe was measured.
-SEED_RECIPE = dict(optimizer="adam", lr=3e-4, beta2=0.999, lr_schedule="constant", warmup_epochs=0.0, hflip=False, rotate=False, batch_size=128, channels=[16, 32, 64],
-                   res_blocks=0, eval_images=0, rate_prior_images=10000)
+SEED_RECIPE = dict(optimizer="adam", lr=3e-4, beta2=0.999, lr_schedule="constant", warmup_epochs=0.0, hflip=False, rotate=False,
+                   color_gain=0.0, batch_size=128, channels=[16, 32, 64], res_blocks=0, eval_images=0, rate_prior_images=10000)
 CALIBRATION_STEPS = 100  # timed training steps (at most) that estimate how many epochs fit a budget
 
 

@@ -56,6 +56,8 @@ def test_no_exec_of_override_values():
     (["--lr=0"], "lr=0.0 must be a finite number > 0"),
     (["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
     (["--beta2=-0.5"], "beta2=-0.5 must be in [0, 1)"),
+    (["--color_gain=1.0"], "color_gain=1.0 must be in [0, 1)"),
+    (["--color_gain=-0.1"], "color_gain=-0.1 must be in [0, 1)"),
     (["--quantizer=pq"], "quantizer='pq' is unknown"),
     (["--quantizer=fsq", "--latent_dim=6"], "fsq implies latent_dim = 4"),
     (["--channels=[8,8]"], "channels must be three positive integers"),

@@ -84,6 +84,21 @@ def test_random_symmetry_draws_every_symmetry_of_the_square_alike():
     assert train.random_symmetry(x, False, False) is x
 
 
+def test_random_gains_scale_each_channel_within_the_spread_and_stay_in_range():
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 8, 8) * 0.8  # <= 0.8: a gain up to 1.2 needs no clipping
+    y = train.random_gains(x, 0.2)
+    ratio = y / x  # (B, 3, 8, 8): one gain per image and channel
+    gains = ratio[:, :, 0, 0]
+    assert torch.allclose(ratio, gains[:, :, None, None].expand_as(ratio), rtol=1e-5)
+    assert gains.min() >= 0.8 and gains.max() <= 1.2 and gains.std(0).min() > 0.08  # spread out, in [1 - s, 1 + s]
+    assert not torch.allclose(gains[:, 0], gains[:, 1])  # the channels draw their own gains
+    bright = train.random_gains(torch.ones(50, 3, 4, 4), 0.5)
+    assert bright.max() == 1.0 and bright.min() >= 0.5  # clipped to the [0, 1] contract
+    state = torch.get_rng_state()
+    assert train.random_gains(x, 0.0) is x and torch.equal(torch.get_rng_state(), state)  # off: no draw
+
+
 def test_lr_schedule_warms_up_peaks_and_decays_to_min():
     total, warmup = 100, 10
     f = [train.lr_factor(s, total, warmup, "cosine", 0.0) for s in range(total)]
@@ -120,12 +135,13 @@ def test_checkpoints_with_the_old_best_key_still_resume(tmp_path, image_folder):
     del state["config"]["rate_weight"]  # and before learned priors
     del state["config"]["beta2"]  # and before Adam's beta2 was a knob (its optimizer groups hold torch's 0.999 already)
     del state["config"]["optimizer"], state["config"]["muon_lr"]  # and before Muon (Adam trained every parameter)
+    del state["config"]["color_gain"]  # and before colour gains
     torch.save(state, last)
     assert read_checkpoint(str(last))["best_val_objective"] == float("inf")  # the MSE is not the objective: rank again
     resumed = train.resolve_config([f"--resume={last}", "--epochs=2"])
     assert resumed["hflip"] is False and resumed["rotate"] is False  # the recipe it was trained with, not today's
     assert resumed["rate_weight"] == 0.0  # what build_model reads for the absent key, not the config default
-    assert resumed["beta2"] == 0.999 and resumed["optimizer"] == "adam"
+    assert resumed["beta2"] == 0.999 and resumed["optimizer"] == "adam" and resumed["color_gain"] == 0.0
     train.train(resumed)
     assert read_checkpoint(str(last))["epoch"] == 2
 
