@@ -1,19 +1,22 @@
 """Evaluate checkpoints at measured rates and compare them.
 
-    python evaluate.py checkpoints/*_best.pt [--data_dir=DIR] [--device=auto] [--output_dir=outputs] [--prior_images=0]
-                                            [--save_prior=False]
+    python evaluate.py checkpoints/*_best.pt [--data_dir=DIR] [--device=auto] [--output_dir=outputs]
+                       [--prior_images=0] [--save_prior=False]
 
---data_dir overrides the data folder stored in the checkpoints; --prior_images limits the training
-images that fit the rate prior (0 = the whole training split); --save_prior=True writes the fitted
-prior into each checkpoint (atomically), so `model.compress` works on it alone.
-
-For each checkpoint, on its dataset's validation split: MSE, PSNR and SSIM on [0, 1] images, and
+For each checkpoint, on its dataset's validation split: MSE, PSNR and SSIM of [0, 1] images, and
 the rate in bits per image four ways: a fixed-length code, the ideal code length under the prior
-(one fitted on the training split, or the learned one: entropy_model), one range-coded bitstream
-over the split that is decoded back to check it (`bits_coded`), and the mean length of one byte
-string per image, header and padding included (`bits_per_image_coded`); beside the quantizer's own
-estimate (for DDCL the log2(2|z|/delta + 1) surrogate). Prints one table, writes
-outputs/rate_distortion.json (CompressAI's results layout) and outputs/rate_distortion.png.
+(fitted on the training split, or the learned one), one range-coded stream over the split that is
+decoded back (`bits_coded`), and the mean length of one byte string per image, header included
+(`bits_per_image_coded`); beside the bottleneck's own estimate (for DDCL its surrogate).
+
+Prints one table and, for every two curves (a bottleneck and its prior), BD-rate and BD-PSNR over
+the range both cover, or why there is none. Writes OUTPUT_DIR/rate_distortion.json (CompressAI's
+results layout), one rate_distortion_CURVE.json per curve, rate_distortion.png and
+rate_distortion_samples.png.
+
+Options: --data_dir overrides the data folder stored in the checkpoints; --prior_images limits the
+training images that fit the rate prior (0 = all); --save_prior=True stores the fitted prior in
+each checkpoint (atomically, holding its run's lock), so `model.compress` works on it alone.
 
 `evaluate(model, images)` is the one evaluation loop: train.py calls it every epoch.
 """
@@ -23,13 +26,16 @@ import sys
 import numpy as np
 import torch
 
-from errors import ConfigError, UserError
-import entropy
+import coding
+from bjontegaard import bd_psnr, bd_rate
+from bottleneck import LATENT_HW
+from data import head, load_dataset, to_float_images
+from errors import ConfigError, cli
 from metrics import PIXELS_PER_IMAGE, codebook_stats, psnr_per_image, ssim_per_image
-from models import LATENT_HW
 from plots import plot_rate_distortion, plot_samples
-from utils import (head, load_checkpoint, load_dataset, parse_paths_and_options, pick_device, read_checkpoint,
-                   run_label, save_checkpoint, save_json, to_float_images, unwrap)
+from priors import fit_prior
+from runs import RunLock, run_label
+from utils import load_checkpoint, parse_paths_and_options, pick_device, read_checkpoint, save_checkpoint, save_json, unwrap
 
 EVAL_BATCH_SIZE = 500
 
@@ -38,7 +44,7 @@ EVAL_BATCH_SIZE = 500
 def model_outputs(model, images, batch_size=EVAL_BATCH_SIZE):
     """Yield (x, output) over uint8 `images` (N, 3, 32, 32) in order, in eval mode.
 
-    Batch b uses DDCL dither seed b, so a receiver regenerates the dither from its batch number."""
+    Batch b uses dither seed b (DDCL), so a receiver regenerates the dither from its batch number."""
     device = next(model.parameters()).device
     for b, start in enumerate(range(0, len(images), batch_size)):
         x = to_float_images(images[start:start + batch_size].to(device, non_blocking=True))
@@ -60,7 +66,7 @@ def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE):
         raise ConfigError(f"this model has a learned prior (entropy_model={q.entropy_model!r}); it needs no fitted one")
     was_training = model.training
     model.eval()  # the integers evaluation sends: DDCL's dithered ones, VQ without codebook updates
-    q.fitted_prior = entropy.fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
+    q.fitted_prior = fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
     model.train(was_training)
     return q.fitted_prior
 
@@ -124,17 +130,17 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
     def tables(seed, ind):  # DDCL's learned and context tables depend on the batch's dither seed
         return q.coding_tables(len(ind), positions, seed)
 
-    stream, ideal, lengths, strings_exact = entropy.Stream(), 0.0, [], True
+    stream, ideal, lengths, strings_exact = coding.Stream(), 0.0, [], True
     for seed, ind in enumerate(batches):
         values, t = q.coding_values(ind).numpy(), tables(seed, ind)
-        sent = entropy.materialise(t, values)  # a context model's tables, computed once from the values sent
-        ideal += entropy.ideal_bits(values, sent).sum()
+        sent = coding.materialise(t, values)  # a context model's tables, computed once from the values sent
+        ideal += coding.ideal_bits(values, sent).sum()
         if entropy_coding:
             stream.add(values, sent)
-            strings = entropy.compress(values, sent, b"")
+            strings = coding.compress(values, sent, b"")
             lengths += [len(s) for s in strings]
             # decoded as a receiver would: a context model's tables from the values decoded so far
-            strings_exact &= bool(np.array_equal(entropy.decompress(strings, t, b""), values))
+            strings_exact &= bool(np.array_equal(coding.decompress(strings, t, b""), values))
     out["bits_entropy"] = float(ideal / len(indices))
     if entropy_coding:
         out["bits_coded"] = stream.bits_per_image()
@@ -162,88 +168,69 @@ def format_table(rows):
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def compressai_results(rows):
-    """CompressAI's results layout; extra aligned lists say which run each point is."""
-    return {
-        "name": "quantized-autoencoder",
-        "description": "evaluate.py: PSNR on 8-bit-rounded [0, 1] images averaged per image, SSIM (Gaussian window 11, as torchmetrics), "
-                       "bpp = measured bits per image / 1024 (rate_source says how it was measured)",
-        "results": {
-            "psnr-rgb": [r["psnr"] for r in rows], "ssim-rgb": [r["ssim"] for r in rows],
-            "bpp": [r["bpp"] for r in rows], "bits": [r["bits"] for r in rows],
-            "rate_source": [r["rate_source"] for r in rows], "mse": [r["mse"] for r in rows],
-            "quantizer": [r["quantizer"] for r in rows], "entropy_model": [r["entropy_model"] for r in rows],
-            "settings": [r["settings"] for r in rows],
-            "checkpoint": [r["checkpoint"] for r in rows],
-        },
-    }
+def compressai_results(rows, name="quantized-autoencoder"):
+    """CompressAI's results layout (`name`, `description`, `results` with `bpp`, `psnr-rgb`,
+    `ssim-rgb`); extra aligned lists say which run each point is."""
+    keys = {"psnr-rgb": "psnr", "ssim-rgb": "ssim", "bpp": "bpp", "bits": "bits", "rate_source": "rate_source",
+            "mse": "mse", "quantizer": "quantizer", "entropy_model": "entropy_model", "settings": "settings",
+            "checkpoint": "checkpoint"}
+    return {"name": name,
+            "description": "evaluate.py: PSNR on 8-bit-rounded [0, 1] images averaged per image, SSIM (Gaussian window 11, "
+                           "as torchmetrics), bpp = measured bits per image / 1024 (rate_source says how it was measured)",
+            "results": {out: [r[k] for r in rows] for out, k in keys.items()}}
+
+
+def curves_of(rows):
+    """{curve: rows ordered by rate}; a curve is a bottleneck with its prior ("ddcl", "ddcl_learned")."""
+    curves = {}
+    for r in sorted(rows, key=lambda r: r["bits"]):
+        curves.setdefault(r["curve"], []).append(r)
+    return dict(sorted(curves.items()))
 
 
 def per_bottleneck_results(rows):
-    """{curve: CompressAI results dict}, one curve per bottleneck and prior ("ddcl", "ddcl_learned", "ddcl_context")
-    with its points ordered by rate, so CompressAI's plotting client
-    (`python -m compressai.utils.plot -f FILE...`), which draws each file as one named line,
-    overlays them with its published curves."""
-    files = {}
-    for name in sorted({r["curve"] for r in rows}):
-        pts = sorted((r for r in rows if r["curve"] == name), key=lambda r: r["bits"])
-        files[name] = {**compressai_results(pts), "name": name}
-    return files
+    """{curve: CompressAI results dict}, points ordered by rate, so CompressAI's plotting client
+    (`python -m compressai.utils.plot -f FILE...`) draws each file as one named line."""
+    return {name: compressai_results(pts, name) for name, pts in curves_of(rows).items()}
 
 
-def psnr_gain_at_equal_bits(a, b):
-    """Mean PSNR of curve `a` minus curve `b` (lists of rows) over the rates both cover, each
-    interpolated linearly in log(bits): Bjontegaard's delta-PSNR with piecewise-linear instead of
-    cubic interpolation (robust with 2-4 points). Returns (gain dB, lowest bits, highest bits,
-    measured points of a in that range, of b): the fewer points, the more of the gain is
-    interpolation (sparse points under-read a concave curve between them). None when the rates do
-    not overlap."""
-    def curve(rows):
-        pts = sorted((r["bits"], r["psnr"]) for r in rows)
-        return np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
-
-    (ra, pa), (rb, pb) = curve(a), curve(b)
-    lo, hi = max(ra[0], rb[0]), min(ra[-1], rb[-1])
-    if len(ra) < 2 or len(rb) < 2 or lo >= hi:
-        return None
-    grid = np.linspace(lo, hi, 200)
-    inside = [int(((r >= lo) & (r <= hi)).sum()) for r in (ra, rb)]
-    return (float(np.mean(np.interp(grid, ra, pa) - np.interp(grid, rb, pb))), float(np.exp(lo)), float(np.exp(hi)),
-            *inside)
-
-
-def equal_bits_lines(rows):
-    """One line per pair of curves whose rates overlap: the PSNR gain at equal bits."""
-    curves = {}
-    for r in rows:
-        curves.setdefault(r["curve"], []).append(r)
-    lines = []
-    names = sorted(curves)
+def comparison_lines(rows):
+    """One line per two curves: BD-rate and BD-PSNR of the first against the second, or why not."""
+    curves = {name: pts for name, pts in curves_of(rows).items() if pts[0]["rate_source"] in ("bitstream", "entropy")}
+    lines, names = [], list(curves)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            gain = psnr_gain_at_equal_bits(curves[a], curves[b])
-            if gain is not None:
-                lines.append(f"{a} vs {b} at equal bits ({gain[1]:.0f}-{gain[2]:.0f} bits/img, "
-                             f"{gain[3]} + {gain[4]} measured points): {gain[0]:+.2f} dB PSNR")
+            pa, pb = curves[a], curves[b]
+            span = f"{a} {pa[0]['bits']:.0f}-{pa[-1]['bits']:.0f} bits, {b} {pb[0]['bits']:.0f}-{pb[-1]['bits']:.0f} bits"
+            if len(pa) < 2 or len(pb) < 2:
+                lines.append(f"{a} vs {b}: no BD numbers, a curve needs 2 points or more ({span})")
+                continue
+            args = ([r["bits"] for r in pa], [r["psnr"] for r in pa], [r["bits"] for r in pb], [r["psnr"] for r in pb])
+            rate, psnr = bd_rate(*args), bd_psnr(*args)
+            if psnr is None:
+                lines.append(f"{a} vs {b}: the rates do not overlap ({span}): no equal-bits comparison")
+            elif rate is None:
+                lines.append(f"{a} vs {b}: BD-PSNR {psnr:+.2f} dB; the PSNR ranges do not overlap, so no BD-rate ({span})")
+            else:
+                lines.append(f"{a} vs {b}: BD-rate {rate:+.1f}% bits at equal PSNR, BD-PSNR {psnr:+.2f} dB at equal bits "
+                             f"({span}; {len(pa)} + {len(pb)} points)")
     return lines
 
 
-def per_image_mse(model, images, batch_size):
-    """(N,) MSE of every image, with the same batches (and DDCL dither seeds) as `evaluate`."""
-    return torch.cat([(out.recon.float() - x).square().flatten(1).mean(1) for x, out in
-                      model_outputs(model, images, batch_size)]).cpu()
+def per_image_mse(model, images):
+    """(N,) MSE of every image, with the same batches (and dither seeds) as `evaluate`."""
+    return torch.cat([(out.recon.float() - x).square().flatten(1).mean(1) for x, out in model_outputs(model, images)]).cpu()
 
 
 @torch.inference_mode()
-def reconstructions(model, images, picks, batch_size):
+def reconstructions(model, images, picks, batch_size=EVAL_BATCH_SIZE):
     """(len(picks), 3, 32, 32) reconstructions of images[picks], each from its own evaluation batch
     and seed, so they are the exact images `evaluate` scored."""
     model.eval()
     device = next(model.parameters()).device
     out = torch.empty(len(picks), *images.shape[1:])
     for b in sorted({i // batch_size for i in picks}):
-        x = to_float_images(images[b * batch_size:(b + 1) * batch_size].to(device))
-        recon = model(x, seed=b).recon.float().cpu()
+        recon = model(to_float_images(images[b * batch_size:(b + 1) * batch_size].to(device)), seed=b).recon.float().cpu()
         for k, i in enumerate(picks):
             if i // batch_size == b:
                 out[k] = recon[i - b * batch_size]
@@ -261,71 +248,66 @@ def sample_picks(errors):
 
 
 def evaluate_checkpoint(path, opts, device, datasets):
+    """(table row, (model, dataset key)) of one checkpoint on its validation split."""
     model, config = load_checkpoint(path, device)
-    data_dir = opts["data_dir"] or config["data_dir"]
-    key = (config["dataset"], data_dir)
+    key = (config["dataset"], opts["data_dir"] or config["data_dir"])
     if key not in datasets:
         datasets[key] = load_dataset(*key)
     train, val = datasets[key]
-    prior = head(train, opts["prior_images"])
-    batch_size = config.get("eval_batch_size", EVAL_BATCH_SIZE)
-    metrics = evaluate(model, val.to(device), prior.to(device), batch_size)
+    metrics = evaluate(model, val.to(device), head(train, opts["prior_images"]).to(device))
     if metrics.get("roundtrip_exact") is False:
         raise RuntimeError(f"{path}: entropy-coded indices did not decode back exactly")
     if opts["save_prior"] and model.quantizer.fitted_prior is not None:
-        save_checkpoint(path, {**read_checkpoint(path), "model": model.state_dict()})
+        lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{run_label(config)}.lock")
+        with RunLock(lock, f"{path}'s run"):  # never beside a run that is rewriting it
+            save_checkpoint(path, {**read_checkpoint(path), "model": model.state_dict()})
         print(f"stored the fitted prior in {path}", file=sys.stderr)
     q = model.quantizer
     entropy_model = q.entropy_model if q.has_indices else "-"
+    curve = config["quantizer"] + ("" if entropy_model in ("fitted", "-") else "_" + entropy_model) \
+        + ("_posthoc" if config.get("context_prior_fitted_to") else "")  # scripts/fit_context_prior.py
     row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"], "entropy_model": entropy_model,
-           "curve": config["quantizer"] + ("" if entropy_model in ("fitted", "-") else "_" + entropy_model)
-           + ("_posthoc" if config.get("context_prior_fitted_to") else ""),  # scripts/fit_context_prior.py
-           "settings": q.settings(), **metrics}
-    return row, (model, key, batch_size)
+           "curve": curve, "settings": q.settings(), "seed": config["seed"], **metrics}
+    return row, (model, key)
 
 
 def write_samples_sheet(path, rows, runs, datasets):
-    """The same validation images reconstructed by every run (runs on the first run's dataset)."""
+    """The same validation images reconstructed by every run (runs on the first run's dataset),
+    columns ordered by measured rate."""
     key = runs[0][1]
-    same = [(row, model, bs) for row, (model, k, bs) in zip(rows, runs) if k == key]
+    same = sorted([(row, model) for row, (model, k) in zip(rows, runs) if k == key], key=lambda rm: rm[0]["bits"])
     if len(same) < len(rows):
         print(f"warning: the samples sheet shows only the {len(same)} run(s) on {key[1]!r}", file=sys.stderr)
     val = datasets[key][1]
-    picks = sample_picks([per_image_mse(model, val, bs) for _, model, bs in same])
-    originals = to_float_images(val[picks])
-    columns = [(row, reconstructions(model, val, picks, bs)) for row, model, bs in same]
-    plot_samples(path, originals, columns, [f"val #{i}" + (" (hard)" if n >= SAMPLE_FIXED else "")
-                                             for n, i in enumerate(picks)])
+    picks = sample_picks([per_image_mse(model, val) for _, model in same])
+    columns = [(row, reconstructions(model, val, picks)) for row, model in same]
+    plot_samples(path, to_float_images(val[picks]), columns,
+                 [f"val #{i}" + (" (hard)" if n >= SAMPLE_FIXED else "") for n, i in enumerate(picks)])
 
 
-def main(argv=None):
-    try:
-        paths, opts = parse_paths_and_options(
-            sys.argv[1:] if argv is None else argv, CLI_DEFAULTS,
-            "usage: python evaluate.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--device=auto] [--output_dir=outputs]")
-        device = pick_device(opts["device"])
-        datasets, rows, runs = {}, [], []
-        for path in paths:
-            row, run = evaluate_checkpoint(path, opts, device, datasets)
-            rows.append(row)
-            runs.append(run)
-            print(f"evaluated {path}", file=sys.stderr)
-        out = opts["output_dir"]
-        os.makedirs(out, exist_ok=True)
-        print(format_table(rows))
-        for line in equal_bits_lines(rows):
-            print(line)
-        save_json(os.path.join(out, "rate_distortion.json"), compressai_results(rows))
-        for name, results in per_bottleneck_results(rows).items():  # e.g. rate_distortion_ddcl_learned.json
-            save_json(os.path.join(out, f"rate_distortion_{name}.json"), results)
-        plot_rate_distortion(os.path.join(out, "rate_distortion.png"), rows)
-        write_samples_sheet(os.path.join(out, "rate_distortion_samples.png"), rows, runs, datasets)
-        print(f"wrote {out}/rate_distortion.json (and one rate_distortion_CURVE.json per bottleneck and prior), "
-              f"rate_distortion.png and rate_distortion_samples.png")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def main(argv):
+    paths, opts = parse_paths_and_options(argv, CLI_DEFAULTS, "usage: python evaluate.py CHECKPOINT [CHECKPOINT ...] "
+                                          "[--data_dir=DIR] [--device=auto] [--output_dir=outputs] (see --help)")
+    device = pick_device(opts["device"])
+    datasets, rows, runs = {}, [], []
+    for path in paths:
+        row, run = evaluate_checkpoint(path, opts, device, datasets)
+        rows.append(row)
+        runs.append(run)
+        print(f"evaluated {path}", file=sys.stderr)
+    out = opts["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    print(format_table(rows))
+    for line in comparison_lines(rows):
+        print(line)
+    save_json(os.path.join(out, "rate_distortion.json"), compressai_results(rows))
+    for name, results in per_bottleneck_results(rows).items():  # e.g. rate_distortion_ddcl_learned.json
+        save_json(os.path.join(out, f"rate_distortion_{name}.json"), results)
+    plot_rate_distortion(os.path.join(out, "rate_distortion.png"), rows)
+    write_samples_sheet(os.path.join(out, "rate_distortion_samples.png"), rows, runs, datasets)
+    print(f"wrote {out}/rate_distortion.json (and one rate_distortion_CURVE.json per curve), rate_distortion.png "
+          "and rate_distortion_samples.png")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, __doc__)

@@ -8,7 +8,6 @@ bpp = bits / (32 * 32).
 import functools
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Convolutional autoencoder with a pluggable bottleneck (quantizers.py).
+"""Convolutional autoencoder with a pluggable bottleneck (bottleneck.py, quantizers.py).
 
 Data-range contract (the one place it is stated for the code): every image a user passes in or
 gets back is a float tensor in [0, 1] of shape (B, 3, 32, 32). Internally the encoder sees
@@ -8,17 +8,22 @@ gets back is a float tensor in [0, 1] of shape (B, 3, 32, 32). Internally the en
     image (B, 3, 32, 32) -> Encoder -> z (B, C, 4, 4) -> quantizer -> z_q (B, C, 4, 4)
                          -> Decoder -> reconstruction (B, 3, 32, 32)
 
-C is `latent_dim` (len(fsq_levels) for FSQ; the encoder emits 2C for the Gaussian VAE).
+C is `latent_dim` (set by the levels for FSQ, FSP and residual FSQ, by log2(codebook_size) for
+LFQ; the encoder emits 2C for the Gaussian VAE). Both halves are fully convolutional, so an image
+whose sides are multiples of 8 maps to a latent of an eighth of its size (codec.py uses this).
 """
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-import entropy
+import coding
+from bottleneck import LATENT_HW
 from errors import BitstreamError, ConfigError
-from quantizers import LATENT_HW, build_quantizer, implied_latent_dim
+from quantizers import build_quantizer, implied_latent_dim
 
+DOWNSCALE = 8  # three stride-2 stages
+IMAGE_SHAPE = (3, 32, 32)
 
 
 class ModelOutput(NamedTuple):
@@ -31,7 +36,7 @@ class ModelOutput(NamedTuple):
 
 
 def _act():
-    return nn.SiLU()  # measured: ReLU cost 0.5 dB at equal time (README: "Training recipe")
+    return nn.SiLU()  # over ReLU: docs/recipe.md
 
 
 class ResBlock(nn.Module):
@@ -48,8 +53,8 @@ class ResBlock(nn.Module):
 
 
 def _mid(channels, res_blocks):
-    """The layers at one low-resolution scale: `res_blocks` residual blocks, or with none, the
-    seed's single activation + 3x3 convolution."""
+    """The layers at one low-resolution scale: `res_blocks` residual blocks, or with none, a single
+    activation + 3x3 convolution."""
     if res_blocks:
         return [ResBlock(channels) for _ in range(res_blocks)]
     return [_act(), nn.Conv2d(channels, channels, 3, padding=1)]
@@ -95,7 +100,7 @@ class Decoder(nn.Module):
 
 def init_weights(module):
     """He (variance-preserving) init of every convolution: with PyTorch's default the latent is too
-    small for DDCL's noise and collapses (README: "The bottlenecks")."""
+    small for DDCL's noise and collapses (docs/recipe.md)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -125,55 +130,68 @@ class QuantizedVAE(nn.Module):
         return self.decoder(self.quantizer.decode_indices(indices, seed=seed))
 
     def _stream_key(self, seed):
-        return entropy.fingerprint(self) + int(seed).to_bytes(8, "big", signed=True)
+        return coding.fingerprint(self) + int(seed).to_bytes(8, "big", signed=True)
+
+    def _coder(self, action):
+        q = self.quantizer
+        if not q.has_indices:
+            raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to {action}")
+        return q
 
     @torch.no_grad()
     def compress(self, x, seed=0):
         """Images (B, 3, 32, 32) in [0, 1] -> B byte strings, one per image, holding everything the
-        decoder needs besides this model and `seed` (entropy.py: format). Uses the learned prior,
-        or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
-        decode(encode(x, s), s) bit for bit on the CPU."""
-        q = self.quantizer
-        if not q.has_indices:
-            raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to compress")
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or not x.is_floating_point():
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ConfigError(f"compress takes float images (B, 3, 32, 32) in [0, 1]; got {got}")
+        decoder needs besides this model and `seed` (coding.py: format). float16 and float64 images
+        are converted to float32; NaN, inf or values outside [0, 1] are refused. Uses the learned
+        prior, or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
+        decode(encode(x, s), s) bit for bit on the CPU, for any subset of the strings in any order."""
+        q = self._coder("compress")
+        x = check_images(x, "compress")
         if not len(x):
             return []
         was_training = self.training
         self.eval()
         try:
-            indices = self.encode(x, seed=seed)
+            indices = self.encode(x.to(next(self.parameters()).device), seed=seed)
         finally:
             self.train(was_training)
         tables = q.coding_tables(len(x), LATENT_HW[0] * LATENT_HW[1], seed)
-        return entropy.compress(q.coding_values(indices).cpu().numpy(), tables, self._stream_key(seed))
+        return coding.compress(q.coding_values(indices).cpu().numpy(), tables, self._stream_key(seed))
 
     @torch.no_grad()
     def decompress(self, strings, seed=0):
-        """The byte strings of `compress` (the same list, the same seed) -> images (B, 3, 32, 32) in [0, 1].
-        A truncated, corrupted or foreign string raises errors.BitstreamError."""
-        q = self.quantizer
-        if not q.has_indices:
-            raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to decompress")
+        """Byte strings of `compress` (any of them, in any order, with the seed used there) -> images
+        (B, 3, 32, 32) in [0, 1]. A truncated, corrupted or foreign string raises BitstreamError."""
+        q = self._coder("decompress")
         if isinstance(strings, (bytes, bytearray)):
             raise BitstreamError("decompress takes a list of byte strings (one per image); wrap one string: [data]")
         device = next(self.parameters()).device
         if not len(strings):
-            return torch.empty(0, 3, 32, 32, device=device)
+            return torch.empty(0, *IMAGE_SHAPE, device=device)
         tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
-        values = torch.from_numpy(entropy.decompress(strings, tables, self._stream_key(seed)))
+        values = torch.from_numpy(coding.decompress(strings, tables, self._stream_key(seed)))
         # decoding does not depend on the mode (no noise, no batch statistics): no mode switch
         return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)
 
 
-MODEL_ARG_KEYS = ("quantizer", "latent_dim", "channels", "res_blocks", "fsq_levels", "ddcl_delta", "ddcl_comm_weight",
-                  "vq_codebook_size", "vq_decay", "vq_commitment_weight", "vq_dead_code_threshold", "vae_kl_weight",
-                  "entropy_model", "rate_weight")
-# What a checkpoint written before a key existed meant by its absence (not a default: the defaults
-# live in train.py's config block).
-ABSENT_KEY_MEANS = {"res_blocks": 0, "entropy_model": "fitted", "rate_weight": 0.0}
+def check_images(x, action, shape=IMAGE_SHAPE):
+    """x as float32 images of `shape` (B, *shape) in [0, 1], or one ConfigError line saying what is wrong."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 + len(shape) or (shape and tuple(x.shape[1:]) != shape) \
+            or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"{action} takes float images (B, {', '.join(map(str, shape))}) in [0, 1]; got {got}")
+    x = x.float()
+    if x.numel():
+        bad = int((~torch.isfinite(x)).sum())
+        lo, hi = float(x.nan_to_num(0.5).min()), float(x.nan_to_num(0.5).max())
+        if bad or lo < 0 or hi > 1:
+            raise ConfigError(f"{action} takes images in [0, 1]; got values in [{lo:g}, {hi:g}]"
+                              + (f" and {bad} NaN or inf" if bad else "") + ": clamp or rescale them first")
+    return x
+
+
+MODEL_ARG_KEYS = ("quantizer", "latent_dim", "channels", "res_blocks", "fsq_levels", "num_quantizers", "codebook_size",
+                  "ddcl_delta", "ddcl_comm_weight", "vae_kl_weight", "entropy_model", "rate_weight")
 
 
 def model_args_from_config(config):
@@ -183,11 +201,11 @@ def model_args_from_config(config):
 
 def build_model(model_args):
     """Rebuild the model from `model_args` alone (training, checkpoints and notebooks use this)."""
-    args = {**ABSENT_KEY_MEANS, **model_args}
+    args = dict(model_args)
     missing = [k for k in MODEL_ARG_KEYS if k not in args]
     if missing:
         raise ConfigError(f"model_args lacks {', '.join(missing)}")
-    implied = implied_latent_dim(args)  # checks fsq_levels first: they decide latent_dim
+    implied = implied_latent_dim(args)  # checks the levels or codebook size first: they decide latent_dim
     channels = args["channels"]
     if not (isinstance(channels, (list, tuple)) and len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels)):
         raise ConfigError(f"channels must be three positive integers (encoder widths at 16, 8, 4 px), e.g. [16, 32, 64]; got {channels!r}")

@@ -1,5 +1,7 @@
-"""Muon for weight matrices and convolution filters, Adam for every other parameter, as one torch
-optimizer (train.build_training gives Muon the hidden filters of the encoder and decoder).
+"""The optimizer and the learning-rate schedule of train.py.
+
+`MuonAdam`: Muon for weight matrices and convolution filters, Adam for every other parameter, as
+one torch optimizer; `build_optimizer` gives Muon the hidden filters of the encoder and decoder.
 
 Muon (K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
 https://kellerjordan.github.io/posts/muon/) is SGD with Nesterov momentum whose update of each
@@ -9,11 +11,10 @@ amount, which the paper finds trains hidden layers in fewer steps than Adam; bia
 non-matrix parameters stay with Adam (Kingma & Ba, ICLR 2015). A convolution filter is the matrix
 (rows, fan) of its flattened weight: (out, in * k * k) for Conv2d and (in, out * k * k) for
 ConvTranspose2d (orthogonalising a matrix or its transpose is the same map).
-
-Measured here (README, "Training recipe"): 10 epochs with Muon reach +0.4 dB held-out PSNR over
-Adam for FSQ and DDCL (24.43 against 24.03 dB, 24.89 against 24.52), at about the same bits; after
-50 epochs +0.03 to +0.07 dB (two seeds).
+Why Muon and these rates: docs/recipe.md.
 """
+import math
+
 import torch
 
 # The quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X of the paper: in five steps it
@@ -22,6 +23,9 @@ import torch
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
 NORM_EPS = 1e-7  # keeps an all-zero update finite
+BETAS = (0.9, 0.999)  # Adam's moment decays (torch's defaults)
+WARMUP_EPOCHS = 0.25  # linear warmup of every learning rate from ~0 to its peak
+PRIOR_LR_SCALE = 10.0  # a learned prior's peak lr is this times `lr`, so it keeps up with the encoder
 
 
 def orthogonalize(update):
@@ -85,3 +89,60 @@ class MuonAdam(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def build_optimizer(model, config):
+    """The optimizer of a training run. Parameter groups, in this order (a checkpoint's optimizer
+    state follows it): the model's parameters at `lr` (Adam); with optimizer="muon" the hidden
+    convolution filters of the encoder and decoder at `muon_lr` (Muon) instead, the first (reads
+    pixels) and the last (writes them) staying with Adam as the paper advises; a learned prior's
+    parameters at PRIOR_LR_SCALE x lr (Adam)."""
+    muon = config["optimizer"] == "muon"
+    convs = [p for part in (model.encoder, model.decoder) for p in part.parameters() if p.dim() == 4]
+    filters = convs[1:-1] if muon else []
+    taken = {id(p) for p in filters}
+    groups = [{"params": [p for n, p in model.named_parameters()
+                          if not n.startswith("quantizer.prior.") and id(p) not in taken]}]
+    if filters:
+        groups.append({"params": filters, "muon": True})
+    if model.quantizer.prior is not None:
+        groups.append({"params": list(model.quantizer.prior.parameters()), "prior": True})
+    for group in groups:
+        group["lr"] = peak_lr(group, config)
+    return (MuonAdam if muon else torch.optim.Adam)(groups, lr=config["lr"], betas=BETAS)
+
+
+def peak_lr(group, config):
+    if group.get("muon"):
+        return config["muon_lr"]
+    return config["lr"] * (PRIOR_LR_SCALE if group.get("prior") else 1.0)
+
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over
+    `warmup_steps`, then a half cosine to 0 at the last step (Loshchilov & Hutter, "SGDR", ICLR
+    2017, without restarts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, epochs, steps_per_epoch):
+    """Per-step LambdaLR over `epochs` x `steps_per_epoch` steps. Its state (the step count) goes
+    into every checkpoint, so a resumed run continues the same curve; resuming with another
+    `epochs` re-plans the rest of the decay towards the new end."""
+    total, warmup = epochs * steps_per_epoch, round(WARMUP_EPOCHS * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+
+
+def restore(optimizer, scheduler, state, config):
+    """Load a checkpoint's optimizer and schedule state, then set every group's peak from `config`:
+    a --lr or --muon_lr given with --resume applies from the next step (the loaded state carries
+    the old peaks)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [peak_lr(group, config) for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)

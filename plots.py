@@ -1,12 +1,12 @@
-"""Pictures a run or an evaluation writes: the per-epoch grid, training curves, the RD plot.
-
-Every file is written atomically (utils.atomic_write); images are in [0, 1]."""
+"""Pictures a run or an evaluation writes: the per-epoch grid, training curves, RD plots and the
+samples sheet. Every file is written atomically (utils.atomic_write); images are in [0, 1]."""
 import torch
 
-from utils import atomic_write, save_figure
+from utils import atomic_write
 
 GRID_PADDING = 2  # pixels between tiles, before upscaling
 CAPTION_PX = 22  # height of the caption strip under a grid, in output pixels
+CODED_SOURCES = ("bitstream", "entropy", "fixed-length")  # rates that are code lengths
 
 
 def pyplot():
@@ -16,6 +16,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(path, fig):
+    plt = pyplot()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def to_uint8_hwc(images):
@@ -43,61 +51,97 @@ def save_grid(path, originals, recons, scale=4, caption="", nrow=4):
     grid = make_grid(torch.cat([originals, recons]).float().cpu().clamp(0, 1), nrow=nrow, padding=GRID_PADDING)
     pixels = to_uint8_hwc(grid).repeat(scale, axis=0).repeat(scale, axis=1)  # (H*scale, W*scale, 3)
     image = with_caption(pixels, caption)
-    atomic_write(path, lambda f: image.save(f, format="png", compress_level=1))  # fast; the grid is small anyway
+    atomic_write(path, lambda f: image.save(f, format="png", compress_level=1))
 
 
-def plot_curves(path, rows):
-    """Losses, PSNR and bits per image against epoch, from the rows of {run}_metrics.jsonl."""
+def plot_curves(path, rows, title):
+    """Loss, PSNR and bits per image against epoch, from the rows of {run}_metrics.jsonl."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
-    epochs_ = [r["epoch"] for r in rows]
+    epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs_, [r["train_loss"] for r in rows], label="train loss")
-    axes[0].plot(epochs_, [r["val_loss"] for r in rows], label="val loss")
-    axes[0].plot(epochs_, [r["val_mse"] for r in rows], label="val MSE")
-    axes[0].set_yscale("log")
-    axes[1].plot(epochs_, [r["val_psnr"] for r in rows], label="val PSNR (dB)")
-    axes[2].plot(epochs_, [r["val_bits"] for r in rows], label=f"bits/image ({rows[-1]['val_rate_source']})")
-    axes[2].plot(epochs_, [r["val_bits_estimate"] for r in rows], "--", label="quantizer's estimate")
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], label="train loss")
+    axes[0].plot(epochs, [r["val_loss"] for r in rows], label="validation loss")
+    axes[0].plot(epochs, [r["val_mse"] for r in rows], label="validation MSE")
+    axes[0].set(yscale="log", ylabel="loss (log scale)", title="Loss")
+    axes[1].plot(epochs, [r["val_psnr"] for r in rows], marker=".")
+    axes[1].set(ylabel="PSNR (dB)", title="Validation PSNR")
+    axes[2].plot(epochs, [r["val_bits"] for r in rows], marker=".", label=f"measured ({rows[-1]['val_rate_source']})")
+    axes[2].plot(epochs, [r["val_bits_estimate"] for r in rows], "--", label="the bottleneck's estimate")
+    axes[2].set(ylabel="bits per image", title="Rate")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: training curves")
     save_figure(path, fig)
-    plt.close(fig)
+
+
+def _references(ax, refs):
+    """Bottlenecks whose rate is no code length (none: 32-bit floats; vae: a KL) as labelled
+    horizontal lines, so they do not stretch the axis of the coded rates."""
+    for i, (label, psnr) in enumerate(refs):
+        ax.axhline(psnr, color="grey", linestyle=":" if i % 2 else "--", linewidth=1)
+        ax.annotate(label, (0.01, psnr), xycoords=("axes fraction", "data"), fontsize=7, color="dimgrey",
+                    xytext=(0, 2), textcoords="offset points")
 
 
 def plot_rate_distortion(path, rows):
-    """PSNR against measured bits per image, one line per curve (quantizer, and "_learned" or
-    "_context" when it was trained with such a prior), each point labelled with its run."""
+    """PSNR against measured bits per image: one line per curve (a bottleneck with its prior);
+    bottlenecks without a code length as reference lines."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in sorted({r.get("curve", r["quantizer"]) for r in rows}):
-        pts = sorted((r for r in rows if r.get("curve", r["quantizer"]) == name), key=lambda r: r["bits"])
-        sources = "/".join(sorted({r["rate_source"] for r in pts}))
-        ax.plot([r["bits"] for r in pts], [r["psnr"] for r in pts], marker="o", label=f"{name} ({sources})")
-        for r in pts:
-            ax.annotate(r["run"], (r["bits"], r["psnr"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    ax.set_xscale("log")  # "none" sends 32-bit floats: an order of magnitude beyond the codes
-    ax.set_xlabel("bits per image (log scale; legend: how the rate was obtained)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title("Rate-distortion on the validation split")
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    curves, refs = {}, []
+    for r in sorted(rows, key=lambda r: r["bits"]):
+        if r["rate_source"] in CODED_SOURCES:
+            curves.setdefault(r.get("curve", r["quantizer"]), []).append(r)
+        else:
+            refs.append((f"{r['run']}: {r['psnr']:.2f} dB ({r['bits']:.0f} bits, {r['rate_source']}: not a code length)",
+                         r["psnr"]))
+    for name, pts in curves.items():
+        ax.plot([r["bits"] for r in pts], [r["psnr"] for r in pts], marker="o", label=f"{name} ({pts[0]['rate_source']})")
+    _references(ax, refs)
+    ax.set(xlabel="bits per image (measured)", ylabel="PSNR (dB)", title="Rate-distortion on the validation split")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if curves:
+        ax.legend(fontsize=8)
     save_figure(path, fig)
-    plt.close(fig)
+
+
+def plot_comparison(path, methods, references, title):
+    """Each method's mean points with 95% intervals over seeds on both axes.
+    methods: {name: [(bits, (lo, hi) or None, psnr, (lo, hi) or None)]}; references: [(label, psnr)]."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, pts in methods.items():
+        bits, psnr = [p[0] for p in pts], [p[2] for p in pts]
+        xerr = [[b - (p[1][0] if p[1] else b) for b, p in zip(bits, pts)], [(p[1][1] if p[1] else b) - b for b, p in zip(bits, pts)]]
+        yerr = [[y - (p[3][0] if p[3] else y) for y, p in zip(psnr, pts)], [(p[3][1] if p[3] else y) - y for y, p in zip(psnr, pts)]]
+        ax.errorbar(bits, psnr, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, label=name)
+    _references(ax, references)
+    ax.set(xlabel="range-coded bits per image (mean over seeds; bars: 95% interval)", ylabel="PSNR (dB)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    save_figure(path, fig)
 
 
 def plot_samples(path, originals, columns, row_labels):
-    """Rows: validation images; columns: the originals, then one per run (row, reconstructions),
-    titled with the run, its measured bits per image and PSNR, and each tile with its own PSNR."""
+    """Rows: validation images; columns: the originals, then one per run (row, reconstructions)
+    in the order given, titled with the run, its rate and PSNR; each tile carries its own PSNR."""
     from metrics import psnr_per_image
 
     plt = pyplot()
     n_rows, n_cols = len(originals), 1 + len(columns)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols, 1.5 * n_rows + 0.6), squeeze=False)
+
+    def rate(r):
+        return f"KL {r['bits']:.0f} bits" if r["rate_source"] == "KL" else f"{r['bits']:.0f} bits"
+
     tiles = [("original", originals, None)] + [
-        (f"{r['run']}\n{r['bits']:.0f} bits, {r['psnr']:.2f} dB", recon, psnr_per_image(recon, originals))
-        for r, recon in columns]
+        (f"{r['run']}\n{rate(r)}, {r['psnr']:.2f} dB", recon, psnr_per_image(recon, originals)) for r, recon in columns]
     for col, (title, images, psnr) in enumerate(tiles):
         pixels = to_uint8_hwc(images)
         axes[0, col].set_title(title, fontsize=7)
@@ -112,4 +156,3 @@ def plot_samples(path, originals, columns, row_labels):
                 ax.set_ylabel(row_labels[row], fontsize=6)
     fig.tight_layout()
     save_figure(path, fig)
-    plt.close(fig)

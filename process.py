@@ -1,12 +1,11 @@
-"""Process helpers for train.py: torchrun/DDP, signals, and the lock that keeps two runs apart."""
-import fcntl
+"""Process helpers for train.py: torchrun/DDP (as in nanoGPT: on when torchrun sets RANK) and signals."""
 import os
 import signal
 
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import Stop
 from utils import pick_device
 
 
@@ -52,6 +51,14 @@ def barrier(world):
 
 # ----------------------------------------------------------------------------- signals
 
+def stop_on_sigterm():
+    """Before the training loop takes over: SIGTERM stops with one line, as Ctrl-C does."""
+    def handler(signum, frame):
+        raise Stop("SIGTERM: stopped before training started; nothing was saved", code=128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class SignalFlag:
     """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one
     falls back to the default behaviour (stop at once)."""
@@ -71,34 +78,3 @@ class SignalFlag:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------- one run per name
-
-class RunLock:
-    """An exclusive lock on `path` for as long as the run lives.
-
-    flock is released by the kernel when the process ends, however it ends (SIGKILL, a crash, a
-    lost machine), so a dead run never leaves the lock stuck; the file stays and is reused."""
-
-    def __init__(self, path, what):
-        self.path, self.what, self.file = path, what, None
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"{self.what} is already being trained by {holder} (lock {self.path}); "
-                            "wait for it to finish, or choose another --run_name or --checkpoint_dir") from None
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()

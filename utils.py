@@ -1,34 +1,34 @@
-"""Config overrides, devices, data, atomic files and checkpoints.
+"""Command-line overrides, devices and RNG, atomic files, and checkpoints.
 
-Images leave this module as uint8 tensors (N, 3, 32, 32); batches are turned into floats in
-[0, 1] on the training device (see models.py for the data-range contract).
+A checkpoint is a dict saved with torch.save and read back with weights_only=True:
+
+    format              CHECKPOINT_FORMAT; a file of another format is refused with one line
+    model, model_args   the weights and the arguments `models.build_model` rebuilds the model from
+    config              the run's whole resolved config
+    run_id              the run that wrote it (runs.py: a run's files belong to one run)
+    epoch, optimizer, scheduler, best_val_objective, metrics, rng, data_rng   training state
 """
 import ast
 import errno
-import hashlib
+import io
 import json
 import os
 import pickle
 import random
-import sys
 import tempfile
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from errors import CheckpointError, ConfigError, DataError, UserError
+from errors import CheckpointError, ConfigError, UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-DATASETS = ("cifar10", "folder")
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "model_args")
-IMAGE_CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
-PARALLEL_DECODE_MIN = 2000  # folders with fewer images decode in this process (no pool start-up)
-DECODE_CHUNK = 256  # images per task handed to a decoding worker
+CHECKPOINT_FORMAT = 2  # 1: written before formats were numbered (no "format" key)
+CHECKPOINT_KEYS = ("model", "model_args", "config", "epoch", "run_id")
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- command line
+
 
 def parse_value(key, text, default):
     """Parse `text` as a Python literal (no exec) and check it against `default`'s type."""
@@ -58,39 +58,27 @@ def coerce(key, value, default, shown=None):
 
 
 def parse_overrides(argv, defaults):
-    """`--key=value` arguments -> (config dict, set of keys the user set). Unknown keys stop."""
+    """`--key=value` arguments -> (options dict, set of keys given). Unknown keys stop."""
     config, given = dict(defaults), set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
-            raise ConfigError(f"unknown config key {key!r}; allowed keys: {', '.join(defaults)}")
+            raise ConfigError(f"unknown option {key!r}; allowed: {', '.join(defaults)} (see --help)")
         config[key] = parse_value(key, text, defaults[key])
         given.add(key)
     return config, given
 
 
-def parse_paths_and_options(argv, defaults, usage):
-    """A command line of file paths and --key=value options (checked against `defaults`) ->
-    (paths, options); no path stops with `usage`."""
+def parse_paths_and_options(argv, defaults, usage, count=None):
+    """File paths and --key=value options (checked against `defaults`) -> (paths, options). Too few
+    paths (none, or other than `count` when given) stop with `usage`."""
     paths = [a for a in argv if not a.startswith("--")]
     options, _ = parse_overrides([a for a in argv if a.startswith("--")], defaults)
-    if not paths:
+    if not paths or (count is not None and len(paths) != count):
         raise ConfigError(usage)
     return paths, options
-
-
-def main_over_checkpoints(argv, defaults, usage, one):
-    """The main of a script over checkpoint paths (scripts/check_rates.py, scripts/fit_context_prior.py):
-    prints one(path, options) for each path; a UserError prints one line and exits with status 2."""
-    try:
-        paths, opts = parse_paths_and_options(sys.argv[1:] if argv is None else argv, defaults, usage)
-        for path in paths:
-            print(one(path, opts), flush=True)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- devices and RNG
@@ -119,7 +107,7 @@ def native_cpu_bf16():
 
 
 def use_bf16(amp, dev):
-    """amp="auto": bf16 autocast on CUDA and on CPUs with native bf16 (measured: same PSNR, see README)."""
+    """amp="auto": bf16 autocast on CUDA and on CPUs with native bf16 (docs/speed.md)."""
     if amp != "auto":
         return amp == "bf16"
     return dev.type == "cuda" or (dev.type == "cpu" and native_cpu_bf16())
@@ -170,13 +158,23 @@ def _umask():
     return mask
 
 
+def _write_failure(path, err):
+    hints = {errno.ENOSPC: "the disk is full; free space", errno.EFBIG: "the file is over the size limit (ulimit -f)",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+    return UserError(f"could not write {path}: {hints.get(err.errno, err.strerror or str(err))}; "
+                     "the previous file, if any, is intact")
+
+
 def atomic_write(path, write):
     """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
 
-    A crash or kill at any moment leaves either the old file or the new one, never a mix."""
+    A crash or kill at any moment leaves either the old file or the new one, never a mix; the
+    temporary file is named `.{name}.{random}.tmp` (runs.py removes those a kill left behind).
+    Any OSError, creating the temporary file included, is one UserError line."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -184,11 +182,10 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError):
-            hint = "the disk is full; free space" if err.errno == errno.ENOSPC else err.strerror or str(err)
-            raise UserError(f"could not write {path}: {hint}; the previous file, if any, is intact") from None
+            raise _write_failure(path, err) from None
         raise
 
 
@@ -207,16 +204,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_figure(path, fig):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-
-
 # ----------------------------------------------------------------------------- checkpoints
-
-def run_label(config):
-    """The name of a run's files: run_name, or the quantizer's name when that is empty."""
-    return config.get("run_name") or config["quantizer"]
-
 
 def unwrap(model):
     """The plain module under torch.compile (_orig_mod) and DDP (module) wrappers."""
@@ -230,7 +218,11 @@ def unwrap(model):
 
 
 def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Serialise in memory first, so a full disk is an OSError of the write (one line), never an
+    error from inside torch's zip writer; then write atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -247,13 +239,18 @@ def read_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is corrupt or truncated ({first[:120]})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (it holds a {type(state).__name__})")
+    version = state.get("format", 1 if {"model", "model_args", "config", "epoch"} <= state.keys() else None)
+    if version is None:
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
+    if version != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is checkpoint format {version!r}; this code reads format {CHECKPOINT_FORMAT}: "
+                              "use the version of this repo that wrote it, or train again")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
-    if "best_val_objective" not in state:  # older checkpoints ranked epochs by MSE alone: rank again from here
-        state["best_val_objective"] = float("inf")
-        state.pop("best_val_mse", None)
-        state.pop("best_val_loss", None)
     return state
 
 
@@ -262,7 +259,7 @@ def load_checkpoint(path, device="cpu"):
 
         from utils import load_checkpoint
         model, config = load_checkpoint("checkpoints/fsq_vae_best.pt")
-        recon = model(images)[0]  # images: (B, 3, 32, 32) in [0, 1]
+        recon = model(images).recon  # images: (B, 3, 32, 32) in [0, 1]
     """
     from models import build_model
 
@@ -274,141 +271,6 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} has invalid model_args: {err}") from None
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match its model_args ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: weights do not match its model_args ({str(err).splitlines()[0][:200]})") from None
     return model.to(device).eval(), state["config"]
-
-
-# ----------------------------------------------------------------------------- data
-
-def _cifar_split(root, train):
-    from torchvision.datasets import CIFAR10
-
-    return CIFAR10(root=root, train=train, download=True)
-
-
-def load_cifar10(data_dir):
-    """CIFAR-10 via torchvision (downloaded into data_dir once) -> uint8 (N, 3, 32, 32) train, test."""
-    try:
-        splits = [_cifar_split(data_dir, train) for train in (True, False)]
-    except Exception as err:  # no network, a partial archive, a checksum mismatch...
-        raise DataError(
-            f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(err).__name__}: {str(err)[:80]}); "
-            f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {data_dir}/ "
-            f"or train on your own images with --dataset=folder --data_dir=DIR (DIR/train/ and DIR/test/)") from None
-    return tuple(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits)
-
-
-def _to_8bit_rgb(img):
-    """A PIL image of any mode -> uint8 RGB array. 16-bit greyscale (modes I;16*, I) is scaled to
-    8 bits: PIL's own convert("RGB") clips it, turning a 16-bit photo white."""
-    from PIL import Image
-
-    if img.mode.startswith("I;16") or img.mode == "I":
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
-        img = Image.fromarray(np.round(wide.clip(0, top) * (255.0 / top)).astype(np.uint8))
-    return np.asarray(img.convert("RGB"))
-
-
-def _read_image(path, size):
-    """(uint8 (size, size, 3) array, None) or (None, why it could not be read)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            rgb = _to_8bit_rgb(img)
-        return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC)), None
-    except Image.DecompressionBombError:
-        return None, f"over PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
-    except (OSError, ValueError, SyntaxError) as err:
-        return None, type(err).__name__
-
-
-def _read_images(paths, size):
-    return [_read_image(p, size) for p in paths]
-
-
-def _decode_all(paths, size):
-    """Decode every path, in parallel worker processes for large folders (PIL holds the GIL)."""
-    if len(paths) < PARALLEL_DECODE_MIN or (os.cpu_count() or 1) < 2:
-        return _read_images(paths, size)
-    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        return [r for part in pool.map(_read_images, chunks, [size] * len(chunks)) for r in part]
-
-
-def _folder_key(folder, paths, size):
-    """A digest of what the decoded tensor depends on: file names, sizes, mtimes, size, version."""
-    h = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {size}".encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"\n{p.relative_to(folder)} {st.st_size} {st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def image_cache_path(folder, size=32):
-    return os.path.join(folder, f".images_{size}px.cache.pt")
-
-
-def _read_cache(path, key):
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        return cached if cached.get("key") == key else None
-    except Exception:  # missing, stale, truncated or foreign: decode again
-        return None
-
-
-def load_image_folder(folder, size=32):
-    """All png/jpg images under `folder` (any depth), resized to size x size -> uint8 (N, 3, size, size).
-
-    The first load decodes them (in parallel for large folders) and caches the tensor in
-    `folder/.images_{size}px.cache.pt`; later loads read the cache while the file names, sizes and
-    mtimes are unchanged. Unreadable files (and images beyond PIL's decompression-bomb limit) are
-    skipped and counted; a warning names the first one."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder!r} is not a folder; dataset='folder' needs data_dir with train/ and test/ subfolders of images")
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    key = _folder_key(folder, paths, size)
-    cache = image_cache_path(folder, size)
-    cached = _read_cache(cache, key)
-    if cached is None:
-        decoded = _decode_all(paths, size)
-        bad = [(str(p), why) for p, (_, why) in zip(paths, decoded) if why is not None]
-        arrays = [a for a, why in decoded if why is None]
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else None
-        cached = {"key": key, "images": images, "bad": bad}
-        if images is not None:
-            try:
-                save_checkpoint(cache, cached)
-            except UserError:  # a read-only data folder: no cache, decode again next time
-                pass
-    bad = cached["bad"]
-    if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s) in {folder} (first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr)
-    if cached["images"] is None:
-        raise DataError(f"no readable .png/.jpg images under {folder!r}" + (f" ({len(bad)} unreadable)" if bad else ""))
-    return cached["images"]
-
-
-def check_dataset(dataset):
-    if dataset not in DATASETS:
-        raise ConfigError(f"dataset={dataset!r} is unknown; use one of {', '.join(DATASETS)}")
-
-
-def load_dataset(dataset, data_dir):
-    """(train, val) uint8 tensors (N, 3, 32, 32) on the CPU."""
-    check_dataset(dataset)
-    if dataset == "cifar10":
-        return load_cifar10(data_dir)
-    return tuple(load_image_folder(os.path.join(data_dir, split)) for split in ("train", "test"))
-
-
-def head(images, n):
-    """The first `n` images, or all of them when n is 0 (the convention of every "*_images" knob)."""
-    return images[:n] if n > 0 else images
-
-
-def to_float_images(batch_u8):
-    """uint8 (B, 3, H, W) -> float in [0, 1] on the same device."""
-    return batch_u8.float().div_(255.0)

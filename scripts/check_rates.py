@@ -9,7 +9,7 @@ For each checkpoint of a bottleneck that sends integers, one line:
   - the mean per-image string length and its overhead over the one stream (header and padding);
   - whether model.decompress(model.compress(x)) equals model.decode(model.encode(x)) bit for bit on
     the first --images validation images.
-The README's "Learned entropy model" numbers come from this script.
+docs/entropy_models.md's numbers come from this script.
 """
 import os
 import sys
@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from data import head, load_dataset, to_float_images  # noqa: E402
+from errors import cli  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
-from utils import head, load_checkpoint, load_dataset, main_over_checkpoints, to_float_images  # noqa: E402
+from utils import load_checkpoint, parse_paths_and_options  # noqa: E402
 
 DEFAULTS = dict(data_dir="", images=1000, seed=0)
 
@@ -45,7 +47,7 @@ def check(path, opts):
     if not q.has_indices:
         return f"{path}: {config['quantizer']} sends no integers; nothing to check"
     train_u8, val_u8 = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
-    m = evaluate(model, val_u8, train_u8, config.get("eval_batch_size", EVAL_BATCH_SIZE))
+    m = evaluate(model, val_u8, train_u8)
     line = (f"{os.path.basename(path)} ({q.settings()}): psnr {m['psnr']:.2f} dB | coded {m['bits_coded']:.1f} "
             f"ideal {m['bits_entropy']:.1f} estimate {m['bits_estimate']:.1f} bits/img")
     if q.prior is not None:
@@ -64,10 +66,12 @@ def check(path, opts):
                    f" (compress {t1 - t0:.2f} s, decompress {t2 - t1:.2f} s)")
 
 
-def main(argv=None):
-    main_over_checkpoints(argv, DEFAULTS, "usage: python scripts/check_rates.py CHECKPOINT [...] [--data_dir=DIR] "
-                          "[--images=1000] [--seed=0]", check)
+def main(argv):
+    paths, opts = parse_paths_and_options(argv, DEFAULTS, "usage: python scripts/check_rates.py CHECKPOINT [...] "
+                                          "[--data_dir=DIR] [--images=1000] [--seed=0] (see --help)")
+    for path in paths:
+        print(check(path, opts), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, __doc__)

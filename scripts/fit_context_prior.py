@@ -9,7 +9,7 @@ evaluate.py and model.compress code its integers position by position under the 
 Its `config` names the source checkpoint (`context_prior_fitted_to`), and evaluate.py draws such
 checkpoints as their own curve ("ddcl_context_posthoc"). This is the fair reference for
 entropy_model="context" (README, "Learned entropy model"): the same coder for a model that was not
-trained against it.
+trained against it (docs/entropy_models.md).
 """
 import math
 import os
@@ -19,11 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from errors import ConfigError  # noqa: E402
+from data import load_dataset, to_float_images  # noqa: E402
+from errors import ConfigError, cli  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import (ensure_writable_dir, load_checkpoint, load_dataset, main_over_checkpoints, read_checkpoint,  # noqa: E402
-                   run_label, save_checkpoint, to_float_images)
+from runs import check_run_name, run_label  # noqa: E402
+from utils import ensure_writable_dir, load_checkpoint, parse_paths_and_options, read_checkpoint, save_checkpoint  # noqa: E402
 
 DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
 
@@ -69,7 +70,7 @@ def fit(path, opts):
             bits.mean().backward()
             optimizer.step()
             schedule.step()
-    name = run_label(config) + "_posthoc"
+    name = check_run_name(run_label(config) + "_posthoc", f"the run name stored in {path}")
     out = os.path.join(out_dir, f"{name}_vae_best.pt")
     new_config = {**config, **model_args, "run_name": name, "context_prior_fitted_to": os.path.abspath(path)}
     save_checkpoint(out, {**state, "model": model.state_dict(), "model_args": model_args, "config": new_config,
@@ -77,10 +78,12 @@ def fit(path, opts):
     return f"{path} -> {out} ({steps} steps; last batch {bits.sum((1, 2)).mean().item():.1f} bits/img under the noise proxy)"
 
 
-def main(argv=None):
-    main_over_checkpoints(argv, DEFAULTS, "usage: python scripts/fit_context_prior.py CHECKPOINT [...] [--data_dir=DIR] "
-                          "[--epochs=4] [--output_dir=DIR]", fit)
+def main(argv):
+    paths, opts = parse_paths_and_options(argv, DEFAULTS, "usage: python scripts/fit_context_prior.py CHECKPOINT [...] "
+                                          "[--data_dir=DIR] [--epochs=4] [--output_dir=DIR] (see --help)")
+    for path in paths:
+        print(fit(path, opts), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, __doc__)

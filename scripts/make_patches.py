@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from errors import UserError  # noqa: E402
+from errors import DataError, UserError, cli  # noqa: E402
 from utils import parse_paths_and_options  # noqa: E402
 
 WHEEL = "scikit-image==0.26.0"
@@ -103,7 +103,7 @@ def deb_bytes(pool_path, debs_dir):
     if debs_dir:  # apt-get download names it with the version's epoch ("_4%3a5.27.5-2_")
         matches = glob.glob(os.path.join(debs_dir, name.split("_")[0] + "_*.deb"))
         if not matches:
-            sys.exit(f"error: no {name} in {debs_dir}; download it from {DEBIAN_POOL + pool_path}")
+            raise DataError(f"no {name} in {debs_dir}; download it from {DEBIAN_POOL + pool_path}")
         with open(matches[0], "rb") as f:
             data = f.read()
     else:
@@ -111,10 +111,10 @@ def deb_bytes(pool_path, debs_dir):
             with urllib.request.urlopen(DEBIAN_POOL + pool_path, timeout=60) as r:
                 data = r.read()
         except OSError as err:  # URLError, timeouts, resets
-            sys.exit(f"error: could not download {DEBIAN_POOL + pool_path} ({err}); fetch the three packages "
-                     f"another way (e.g. `apt-get download` or snapshot.debian.org) and pass --debs=DIR")
+            raise DataError(f"could not download {DEBIAN_POOL + pool_path} ({err}); fetch the three packages "
+                            "another way (e.g. `apt-get download` or snapshot.debian.org) and pass --debs=DIR") from None
     if hashlib.sha256(data).hexdigest() != DEBS[pool_path]:
-        sys.exit(f"error: {name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
+        raise DataError(f"{name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
     return data
 
 
@@ -165,12 +165,7 @@ USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers
 
 
 def main(argv):
-    try:  # the repo's --key=value parser: an unknown or misspelt option stops instead of being ignored
-        paths, opts = parse_paths_and_options(argv, dict(set="skimage", wheel="", debs=""), USAGE)
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    if len(paths) != 1:
-        sys.exit(USAGE)
+    paths, opts = parse_paths_and_options(argv, dict(set="skimage", wheel="", debs=""), USAGE, count=1)
     out_dir, set_name = paths[0], opts["set"]
     if set_name == "skimage":
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +177,7 @@ def main(argv):
         names = {"train": WALLPAPER_TRAIN, "test": WALLPAPER_TEST}
         scale = [(to_short_side, s) for s in SHORT_SIDES]
     else:
-        sys.exit(f"error: unknown --set={set_name}; use --set=skimage or --set=wallpapers")
+        raise UserError(f"unknown --set={set_name}; use --set=skimage or --set=wallpapers")
     rng = np.random.default_rng(0)
     for split, count in SPLIT_SIZES.items():
         folder = os.path.join(out_dir, split)
@@ -194,4 +189,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main, __doc__)

@@ -30,20 +30,28 @@ def image_folder(tmp_path_factory):
 def tiny_args(tmp_path, image_folder, **overrides):
     """--key=value arguments for a run that takes about a second on two CPU cores."""
     args = dict(dataset="folder", data_dir=image_folder, output_dir=str(tmp_path / "outputs"),
-                checkpoint_dir=str(tmp_path / "checkpoints"), batch_size=16, epochs=1, lr=3e-3,
-                channels=[8, 8, 16], eval_batch_size=16, log_interval=2, curves_every=0)  # no curves: ~0.4 s a run
+                checkpoint_dir=str(tmp_path / "checkpoints"), batch_size=16, epochs=1, lr=3e-3, channels=[8, 8, 16])
     args.update(overrides)
     return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in args.items()]
 
 
+def resolve(args):
+    """train.py's checked config for command-line `args`."""
+    import train
+    from config import resolve_config
+
+    return resolve_config(args, train.DEFAULT_CONFIG)[0]
+
+
 @pytest.fixture
 def run_train(tmp_path, image_folder):
-    """Train in-process with tiny settings; returns (config, last metrics)."""
+    """Train in-process with tiny settings; returns (config, the best checkpoint's metrics)."""
     import train
+    from config import resolve_config
 
     def run(**overrides):
-        config = train.resolve_config(tiny_args(tmp_path, image_folder, **overrides))
-        return config, train.train(config)[1]
+        config, state = resolve_config(tiny_args(tmp_path, image_folder, **overrides), train.DEFAULT_CONFIG)
+        return config, train.train(config, state)[1]
 
     return run
 

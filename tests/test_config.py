@@ -4,11 +4,13 @@ import os
 import pytest
 
 import train
-from conftest import REPO, run_script
+from conftest import REPO, resolve, run_script
 from errors import ConfigError
 from utils import parse_overrides
 
 DEFAULTS = dict(lr=3e-4, epochs=50, quantizer="ddcl", fsq_levels=[8, 6, 6, 5], compile=False, channels=[16, 32, 64])
+SCRIPTS = ["train.py", "evaluate.py", "bench.py", "codec.py", "scripts/make_patches.py", "scripts/compare.py",
+           "scripts/check_rates.py", "scripts/fit_context_prior.py"]
 
 
 def test_overrides_parse_literals_and_check_types():
@@ -24,7 +26,7 @@ def test_int_is_accepted_where_float_is_expected():
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--learning_rate=1", "unknown config key 'learning_rate'; allowed keys: lr, epochs"),
+    ("--learning_rate=1", "unknown option 'learning_rate'; allowed: lr, epochs"),
     ("--epochs=2.5", "--epochs=2.5: expected int"),
     ("--epochs=True", "--epochs=True: expected int"),
     ("--compile=1", "--compile=1: expected bool"),
@@ -52,10 +54,12 @@ def test_no_exec_of_override_values():
     (["--quantizer=ddcl", "--ddcl_delta=0"], "ddcl_delta must be a finite number > 0"),
     (["--quantizer=ddcl", "--ddcl_delta=-0.1"], "ddcl_delta must be a finite number > 0"),
     (["--batch_size=0"], "batch_size=0 must be > 0"),
-    (["--curves_every=-1"], "curves_every=-1 must be >= 0"),
+    (["--checkpoint_every=-1"], "checkpoint_every=-1 must be >= 0"),
+    (["--epochs=0"], "epochs=0: a new run trains at least one epoch"),
     (["--lr=0"], "lr=0.0 must be a finite number > 0"),
-    (["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
-    (["--beta2=-0.5"], "beta2=-0.5 must be in [0, 1)"),
+    (["--symmetries=3"], "symmetries=3; choose one of (1, 2, 4, 8)"),
+    (["--run_name=a/b"], "run_name='a/b' is not a plain name"),
+    (["--run_name=../x"], "run_name='../x' is not a plain name"),
     (["--color_gain=1.0"], "color_gain=1.0 must be in [0, 1)"),
     (["--color_gain=-0.1"], "color_gain=-0.1 must be in [0, 1)"),
     (["--quantizer=pq"], "quantizer='pq' is unknown"),
@@ -63,39 +67,45 @@ def test_no_exec_of_override_values():
     (["--channels=[8,8]"], "channels must be three positive integers"),
     (["--amp=fp8"], "amp='fp8'"),
     (["--dataset=imagenet"], "dataset='imagenet' is unknown"),
-    (["--quantizer=vq", "--vq_codebook_size=1"], "vq_codebook_size must be an integer >= 2"),
+    (["--quantizer=vq", "--codebook_size=1"], "codebook_size must be an integer >= 2 for quantizer=vq"),
+    (["--quantizer=simvq", "--codebook_size=0"], "codebook_size must be an integer >= 2 for quantizer=simvq"),
+    (["--quantizer=lfq", "--codebook_size=1000"], "quantizer=lfq needs codebook_size a power of 2"),
+    (["--quantizer=rfsq", "--num_quantizers=0"], "num_quantizers must be an integer >= 1"),
+    (["--quantizer=fsp", "--fsq_levels=[8,2]"], "every level must be >= 3"),
+    (["--quantizer=lfq", "--latent_dim=3"], "lfq implies latent_dim = 10"),
     (["--entropy_model=trained"], "entropy_model='trained'; choose one of fitted, learned, context"),
     (["--quantizer=vq", "--entropy_model=context"], "entropy_model='context' is implemented for fsq and ddcl"),
     (["--quantizer=none", "--entropy_model=context"], "needs a bottleneck that sends integers"),
     (["--quantizer=none", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
     (["--quantizer=vae", "--entropy_model=learned"], "needs a bottleneck that sends integers"),
     (["--entropy_model=learned", "--rate_weight=-0.1"], "rate_weight must be a finite number >= 0"),
-    (["--prior_lr_scale=0"], "prior_lr_scale=0.0 must be a finite number > 0"),
 ])
 def test_invalid_settings_are_refused(args, message):
     with pytest.raises(ConfigError) as err:
-        train.resolve_config(args)
-    assert message in str(err.value)
+        resolve(args)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_fsq_latent_dim_follows_levels():
-    config = train.resolve_config(["--quantizer=fsq", "--fsq_levels=[7,5,5,5,5]"])
-    assert config["latent_dim"] == 5
+@pytest.mark.parametrize("quantizer, args, latent_dim", [("fsq", ["--fsq_levels=[7,5,5,5,5]"], 5),
+                                                         ("fsp", ["--fsq_levels=[8,6,5]"], 3),
+                                                         ("rfsq", ["--fsq_levels=[4,4]"], 2),
+                                                         ("lfq", ["--codebook_size=256"], 8)])
+def test_the_bottleneck_sets_latent_dim(quantizer, args, latent_dim):
+    assert resolve([f"--quantizer={quantizer}", *args])["latent_dim"] == latent_dim
 
 
-def test_library_refusal_of_fsq_levels_is_one_line(monkeypatch):
-    """A level set our own check lets through but the library refuses still gives a ConfigError."""
-    import quantizers
-
-    monkeypatch.setattr(quantizers, "validate_fsq_levels", lambda levels: list(levels))
-    with pytest.raises(ConfigError, match="refused by vector_quantize_pytorch.FSQ"):
-        quantizers.FSQWrapper([8, 2])
+def test_config_block_has_at_most_32_knobs_with_short_comments():
+    assert len(train.DEFAULT_CONFIG) <= 32
+    block = open(os.path.join(REPO, "train.py")).read().split("# " + "-" * 77 + " config\n")[1].split("# ---")[0]
+    knob_lines = [line for line in block.splitlines() if " = " in line and not line.startswith("#")]
+    assert len(knob_lines) == len(train.DEFAULT_CONFIG)
+    assert all(len(line.split("  # ", 1)[1]) <= 100 for line in knob_lines)
 
 
 def test_cli_unknown_key_is_one_line_and_nonzero():
     result = run_script("train.py", "--quantiser=fsq")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: unknown config key 'quantiser'; allowed keys: quantizer,")
+    assert result.stderr.strip().startswith("error: unknown option 'quantiser'; allowed: quantizer,")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
@@ -109,3 +119,10 @@ def test_cli_help_lists_every_knob():
 def test_readme_config_table_lists_every_knob():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     assert [k for k in train.DEFAULT_CONFIG if f"| `{k}` | `" not in readme] == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and not result.stderr.strip()

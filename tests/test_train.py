@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import utils
 from conftest import run_script, tiny_args
 from errors import CheckpointError, DataError
@@ -14,17 +15,19 @@ from utils import load_checkpoint, read_checkpoint
 
 
 def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
-    config, metrics = run_train(quantizer="fsq", checkpoint_every=1, curves_every=5)
+    config, metrics = run_train(quantizer="fsq", checkpoint_every=1, epochs=2)
     out, ck = tmp_path / "outputs", tmp_path / "checkpoints"
     assert (out / "fsq_epoch_001.png").is_file() and (out / "fsq_curves.png").is_file()  # the last epoch draws them
-    assert sorted(os.listdir(ck)) == [".fsq.lock", "fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_last.pt"]
+    assert sorted(os.listdir(ck)) == ["fsq_vae_best.pt", "fsq_vae_epoch_1.pt", "fsq_vae_epoch_2.pt", "fsq_vae_last.pt"]
+    assert not any(name.endswith(".lock") for name in os.listdir(out))  # a finished run leaves no lock files
     rows = [json.loads(line) for line in open(out / "fsq_metrics.jsonl")]
-    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["val_mse"] == metrics["mse"]
+    assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("val_psnr", "val_ssim", "val_codebook_usage", "val_perplexity", "val_bits", "val_bits_entropy",
                 "val_bits_coded", "val_bits_fixed", "val_bpp", "train_loss"):
         assert np.isfinite(rows[0][key]), key
     assert rows[0]["val_roundtrip_exact"] is True
-    assert json.load(open(out / "fsq_config.json")) == config
+    saved = json.load(open(out / "fsq_config.json"))
+    assert {k: saved[k] for k in config} == config and len(saved["run_id"]) == 32
     # grid: 4x4 images of 32 px with 2 px padding, upscaled 4x, and a caption strip
     from PIL import Image
     from plots import CAPTION_PX
@@ -34,9 +37,10 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     assert (tiles[8:8 + 4 * 32:4, 8:8 + 4 * 32:4] == tiles[8 + 3:8 + 4 * 32:4, 8 + 3:8 + 4 * 32:4]).all()  # nearest
     caption = np.asarray(grid)[-CAPTION_PX:]
     assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
-    state = torch.load(ck / "fsq_vae_best.pt", weights_only=True)
-    assert {"model", "optimizer", "epoch", "best_val_objective", "scheduler", "config", "model_args"} <= set(state)
-    assert state["config"] == config and state["epoch"] == 1
+    state = torch.load(ck / "fsq_vae_last.pt", weights_only=True)
+    assert {"format", "model", "optimizer", "epoch", "best_val_objective", "scheduler", "config", "model_args",
+            "run_id"} <= set(state)
+    assert state["config"] == config and state["epoch"] == 2 and state["run_id"] == saved["run_id"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
 
@@ -44,12 +48,12 @@ def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_
     config, metrics = run_train(quantizer="ddcl")
     assert config["curves_every"] == 0 and not (tmp_path / "outputs" / "ddcl_curves.png").exists()  # 0: never drawn
     code = (
-        "import sys, json; from utils import load_checkpoint, load_dataset; from evaluate import evaluate\n"
+        "import sys, json; from utils import load_checkpoint; from data import load_dataset; from evaluate import evaluate\n"
         f"model, config = load_checkpoint({str(tmp_path / 'checkpoints' / 'ddcl_vae_best.pt')!r})\n"
         "assert not model.training\n"
         "train, val = load_dataset(config['dataset'], config['data_dir'])\n"
         "x = val[:4].float() / 255; r = model(x)[0]; assert r.shape == x.shape and 0 <= r.min() and r.max() <= 1\n"
-        "print(json.dumps(evaluate(model, val, batch_size=config['eval_batch_size'])['mse']))\n")
+        "print(json.dumps(evaluate(model, val)['mse']))\n")
     result = run_script("-c", code)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["mse"], rel=1e-5)
@@ -58,7 +62,7 @@ def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_
 @pytest.mark.parametrize("quantizer", ["fsq", "ddcl"])
 def test_validation_loss_falls(run_train, quantizer):
     # the default widths: with [8, 16, 16] DDCL under Muon (the default optimizer) stays at the mean
-    # image for these 60 steps where Adam does not (README: Training recipe, Muon)
+    # image for these 60 steps where Adam does not (docs/recipe.md, Muon)
     config, _ = run_train(quantizer=quantizer, epochs=5, batch_size=8, lr=5e-3, channels=[16, 32, 64])
     rows = utils.read_jsonl(os.path.join(config["output_dir"], f"{quantizer}_metrics.jsonl"))
     losses = [r["val_loss"] for r in rows]
@@ -72,18 +76,19 @@ def test_data_dir_without_images_is_one_clear_error(tmp_path):
     result = run_script("train.py", *tiny_args(tmp_path, str(tmp_path / "empty")))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no readable .png/.jpg images under {str(tmp_path / 'empty' / 'train')!r}"]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "checkpoints").exists()  # nothing left behind
 
 
 def test_folder_without_splits_names_the_layout(tmp_path):
     with pytest.raises(DataError, match="needs data_dir with train/ and test/ subfolders"):
-        utils.load_dataset("folder", str(tmp_path))
+        data.load_dataset("folder", str(tmp_path))
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
     from conftest import write_images
     write_images(tmp_path / "f", 3, seed=0)
     (tmp_path / "f" / "broken.png").write_bytes(b"not a png")
-    images = utils.load_image_folder(str(tmp_path / "f"))
+    images = data.load_image_folder(str(tmp_path / "f"))
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
 
@@ -168,7 +173,7 @@ def test_cifar10_python_format_loads_as_uint8_tensors(tmp_path, monkeypatch):
     # the tiny files have other MD5s than the real ones
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
-    train_u8, val_u8 = utils.load_dataset("cifar10", str(tmp_path))
+    train_u8, val_u8 = data.load_dataset("cifar10", str(tmp_path))
     assert train_u8.shape == (50, 3, 32, 32) and val_u8.shape == (4, 3, 32, 32) and train_u8.dtype == torch.uint8
     raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"))["data"][0]
     assert torch.equal(train_u8[0].flatten(), torch.from_numpy(raw))  # CHW order preserved
@@ -183,7 +188,27 @@ def test_missing_cifar10_says_where_to_put_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
     with pytest.raises(DataError) as err:
-        utils.load_dataset("cifar10", str(tmp_path))
+        data.load_dataset("cifar10", str(tmp_path))
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message and "--dataset=folder" in message
     assert "\n" not in message
+
+
+def test_offline_first_run_names_the_offline_route_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.cifar as cifar
+    from urllib.error import URLError
+
+    import train
+    from errors import cli
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    folders = {k: tmp_path / k for k in ("data", "outputs", "checkpoints")}
+    with pytest.raises(SystemExit) as exit_:
+        cli(train.main, "", [f"--data_dir={folders['data']}", f"--output_dir={folders['outputs']}",
+                             f"--checkpoint_dir={folders['checkpoints']}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "scripts/make_patches.py" in err
+    assert not any(f.exists() for f in folders.values())  # no empty folders, no lock file

@@ -1,363 +1,40 @@
-"""Entropy models and real bitstreams: what the indices cost, and the bytes themselves.
+"""Priors: the probabilities the coder (coding.py) gives each transmitted integer.
 
-Two kinds of prior give each transmitted integer a probability (train.py's `entropy_model`):
+Three kinds (train.py's `entropy_model`):
 
-  fitted   `fit_prior`: a histogram of the training split's indices per stream, Krichevsky-Trofimov
-           add-1/2 counts, fitted by evaluate.py after (or during) training. Stored in the
-           bottleneck's state_dict, so a loaded checkpoint can compress on its own.
-  learned  `CategoricalPrior` (FSQ: one per channel over its levels; VQ: one over the codebook) and
-           `LogisticMixturePrior` (DDCL: a density per channel), trained jointly with the
+  fitted   `fit_prior`: a histogram of the training split's integers per stream, Krichevsky-Trofimov
+           add-1/2 counts, fitted by evaluate.py after (or during) training and stored in the
+           bottleneck's state_dict, so a loaded checkpoint compresses on its own.
+  learned  `CategoricalPrior` (FSQ: one per channel over its levels; the other codebooks: one over
+           the codes) and `LogisticMixturePrior` (DDCL: a density per channel), trained with the
            autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
            Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
-  context  `ContextMixturePrior` (DDCL) and `ContextCategoricalPrior` (FSQ): the same densities,
-           their parameters predicted for each value from the values sent before it in raster
-           order (Minnen, Balle, Toderici, "Joint Autoregressive and Hierarchical Priors for
-           Learned Image Compression", NeurIPS 2018, section 2, without the hyperprior). Their
-           tables are `SequentialTables`: the decoder computes each position's table from the
-           positions it has already read.
+  context  `ContextMixturePrior` (DDCL) and `ContextCategoricalPrior` (FSQ): the same, their
+           parameters predicted for each value from the values sent before it in raster order
+           (Minnen, Balle, Toderici, "Joint Autoregressive and Hierarchical Priors for Learned
+           Image Compression", NeurIPS 2018, section 2, without the hyperprior).
 
-Either way a bottleneck describes its integers to the coder as a list of `Table`s, one per group of
-symbols (a stream): the values' offset, their probabilities and whether an escape is needed. The
-same tables give the ideal code length (`ideal_bits`), one range-coded stream over a whole split
-(`stream_bits`) and one byte string per image (`compress` / `decompress`), so the three rates
-can never disagree about the model. The range coder is constriction's (Bamler, "Understanding
-Entropy Coding With Asymmetric Numeral Systems (ANS): a Statistician's Perspective", 2022).
-
-Per-image byte string, format version 1 (a 3-byte header, then the payload):
-
-    byte  0     MAGIC (high 4 bits) and FORMAT_VERSION (low 4 bits)
-    bytes 1-2   CRC-16/CCITT of (the model's fingerprint, the seed, the decoded integers)
-    bytes 3-    the range coder's 32-bit words, big-endian, cut after the last byte the decoder
-                needs (it reads missing bytes as zeros; the cut is checked by decoding)
-
-The checksum covers what the decoder produces, not the bytes it read: a truncated or corrupted
-string, one written by another model or prior, or one decoded with another seed fails it and raises
-`BitstreamError` instead of returning a wrong image.
+A logistic mixture's CDF has two implementations, one per numeric need: `_bin_probability` for
+training (float32, differentiable, accurate in the tails) and `mixture_cdf` for coding tables
+(float64, through exp alone, components summed in a fixed order, so a table is the same bits in
+any batch).
 """
-import binascii
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import BitstreamError
+from coding import ESCAPE_OFFSET, SequentialTables, Table
 
 PRIOR_PSEUDOCOUNT = 0.5  # Krichevsky-Trofimov add-1/2: no symbol of the support gets probability 0
-ESCAPE_BITS = 16  # a value outside an open alphabet's support is sent raw in 16 bits
-ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)  # raw values are sent as value + offset in [0, 2^16)
 LIKELIHOOD_BOUND = 1e-9  # no bin is given less probability (CompressAI's bound): <= ~30 bits a value
 TAIL_MASS = 1e-9  # a learned density's support for coding leaves out this much probability
 MAX_SUPPORT = 4096  # values per coding table at most; the rest goes through the escape
 DITHER_LEVELS = 256  # DDCL's coding tables condition on the dither rounded to this many cells per bin
-MAGIC = 0xD  # 4 bits: a random string passes this test 1 time in 16 and then the checksum 1 in 65,536
-FORMAT_VERSION = 1  # 4 bits
-HEADER_BYTES = 3
 LN2 = math.log(2.0)
-
-
-# ----------------------------------------------------------------------------- tables
-
-class Table(NamedTuple):
-    """How one group (stream) of `count` symbols per image is coded.
-
-    The values lo .. lo + K - 1 (lo .. lo + K - 2 when `open`) have probabilities `probs`, a float64
-    array (B or 1, count or 1, K) whose rows sum to 1 and hold no zero: one row for every image and
-    position, or one shared row. With `open`, the last column is an escape symbol, after which the
-    value itself follows in ESCAPE_BITS raw bits."""
-    lo: int
-    probs: np.ndarray
-    open: bool
-    count: int
-
-    def row(self, i):
-        """The table of image i alone."""
-        return self._replace(probs=self.probs[i:i + 1] if self.probs.shape[0] > 1 else self.probs)
-
-
-class SequentialTables(NamedTuple):
-    """The tables of a context model: group g's Table depends on the integers of groups 0 .. g-1,
-    which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table.
-
-    The encoder computes every table from the values it sends (`materialise`), the decoder from
-    the values it has decoded (`_decode_batch`, `_decode_strings`): the same function of the same
-    integers, so the two agree bit for bit as long as `make` computes each image's table
-    independently of the other images in the batch (`_CausalContext` says how)."""
-    groups: int
-    count: int
-    make: Callable
-
-
-def materialise(tables, values):
-    """A list of Tables for `values` (B, G, n): context tables computed from the values before each
-    group, as the decoder will compute them; a plain list is returned as it is."""
-    if isinstance(tables, SequentialTables):
-        return [tables.make(g, values[:, :g]) for g in range(tables.groups)]
-    return tables
-
-
-def _shape(tables):
-    """(groups, values per group) of a list of Tables or of SequentialTables."""
-    if isinstance(tables, SequentialTables):
-        return tables.groups, tables.count
-    return len(tables), tables[0].count if tables else 0
-
-
-def _symbols(values, table):
-    """values (B, n) int64 -> (symbol ids (B, n) int32, the escaped values in order)."""
-    size = table.probs.shape[-1] - table.open
-    ids = values - table.lo
-    outside = (ids < 0) | (ids >= size)
-    if outside.any():
-        if not table.open:
-            raise ValueError(f"value outside the closed alphabet [{table.lo}, {table.lo + size})")
-        if np.abs(values[outside]).max() >= ESCAPE_OFFSET:
-            raise ValueError(f"value too large for the {ESCAPE_BITS}-bit escape code")
-    return np.where(outside, size, ids).astype(np.int32), values[outside]
-
-
-def ideal_bits(values, tables):
-    """(B,) ideal code length of `values` (B, G, n) under `tables` (one per group): -log2 p plus
-    ESCAPE_BITS per escaped value."""
-    values = np.asarray(values, dtype=np.int64)
-    bits = np.zeros(values.shape[0])
-    for g, table in enumerate(materialise(tables, values)):
-        ids, _ = _symbols(values[:, g], table)
-        probs = np.broadcast_to(table.probs, (len(values), table.count, table.probs.shape[-1]))
-        p = np.take_along_axis(probs, ids[..., None].astype(np.int64), axis=-1)[..., 0]
-        bits += -np.log2(p).sum(1) + ESCAPE_BITS * (ids == table.probs.shape[-1] - 1).sum(1) * table.open
-    return bits
-
-
-class _Coder:
-    """constriction models for `tables` over `batch` images, prepared once and reused by every
-    encode and decode: a fixed categorical where a table is one shared row, the categorical family
-    with one contiguous row per symbol otherwise."""
-
-    def __init__(self, tables, batch):
-        import constriction
-
-        model = constriction.stream.model
-        self.queue = constriction.stream.queue
-        self.tables, self.batch = tables, batch
-        self.escape = model.Uniform(2 ** ESCAPE_BITS)
-        family = model.Categorical(perfect=False)
-        self.models = []  # (model, () or (rows (batch * count, K),)) per table
-        for t in tables:
-            if t.probs.shape[:2] == (1, 1):
-                self.models.append((model.Categorical(t.probs[0, 0], perfect=False), ()))
-            else:
-                rows = np.broadcast_to(t.probs, (batch, t.count, t.probs.shape[-1])).reshape(-1, t.probs.shape[-1])
-                self.models.append((family, (np.ascontiguousarray(rows),)))
-
-    def row(self, i):
-        """The coder of image i alone (fixed models shared, per-symbol rows sliced)."""
-        one = object.__new__(_Coder)
-        one.queue, one.escape, one.batch = self.queue, self.escape, 1
-        one.tables = [t.row(i) for t in self.tables]
-        one.models = [(m, tuple(r[i * t.count:(i + 1) * t.count] for r in rows))
-                      for (m, rows), t in zip(self.models, self.tables)]
-        return one
-
-    def encode(self, encoder, values):
-        """Append `values` (batch, G, n) to `encoder`, group by group, escaped values after their group."""
-        for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
-            ids, escaped = _symbols(values[:, g], table)
-            encoder.encode(ids.ravel(), model, *rows)
-            if len(escaped):
-                encoder.encode((escaped + ESCAPE_OFFSET).astype(np.int32), self.escape)
-
-    def decode(self, decoder):
-        """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
-        out = np.empty((self.batch, len(self.tables), self.tables[0].count if self.tables else 0), dtype=np.int64)
-        for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
-            ids = (decoder.decode(model, *rows) if rows else decoder.decode(model, self.batch * table.count)).astype(np.int64)
-            values = ids + table.lo
-            if table.open:
-                escaped = ids == table.probs.shape[-1] - 1
-                if escaped.any():
-                    values[escaped] = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64) - ESCAPE_OFFSET
-            out[:, g] = values.reshape(self.batch, table.count)
-        return out
-
-
-class Stream:
-    """One range-coded stream over many batches (a whole split): `add` each batch's values (B, G, n)
-    with their tables, read `bits_per_image`, then `decodes_back` with the same tables in the same
-    order. The tables are passed again rather than kept: per-symbol tables of a whole split would
-    not fit in memory."""
-
-    def __init__(self):
-        import constriction
-
-        self.encoder = constriction.stream.queue.RangeEncoder()
-        self.decoder_type = constriction.stream.queue.RangeDecoder
-        self.values = []
-
-    def add(self, values, tables):
-        values = np.asarray(values, dtype=np.int64)
-        _Coder(materialise(tables, values), len(values)).encode(self.encoder, values)
-        self.values.append(values)
-
-    def bits_per_image(self):
-        return self.encoder.get_compressed().size * 32.0 / max(1, sum(len(v) for v in self.values))
-
-    def decodes_back(self, tables_per_batch):
-        decoder = self.decoder_type(self.encoder.get_compressed())
-        return all(np.array_equal(_decode_batch(decoder, tables, len(want)), want)
-                   for tables, want in zip(tables_per_batch, self.values))
-
-
-def _table(tables, g, decoded):
-    """Group g's Table: from the list, or computed from the groups before it (`decoded` (B, >= g, n))."""
-    return tables.make(g, decoded[:, :g]) if isinstance(tables, SequentialTables) else tables[g]
-
-
-def _decode_batch(decoder, tables, batch):
-    """(batch, G, n) values of `batch` images read from one decoder, group by group (each group of
-    all the images, then its escaped values: the order `_Coder.encode` wrote)."""
-    groups, count = _shape(tables)
-    out = np.zeros((batch, groups, count), dtype=np.int64)
-    for g in range(groups):
-        out[:, g] = _Coder([_table(tables, g, out)], batch).decode(decoder)[:, 0]
-    return out
-
-
-def stream_bits(values, tables):
-    """(bits per image of one range-coded stream of `values` (B, G, n), whether it decodes back)."""
-    stream = Stream()
-    stream.add(values, tables)
-    return stream.bits_per_image(), stream.decodes_back([tables])
-
-
-# ----------------------------------------------------------------------------- per-image byte strings
-
-def _checksum(key, values):
-    """CRC-16/CCITT of the stream key (model fingerprint and seed) and one image's values."""
-    return binascii.crc_hqx(np.ascontiguousarray(values, dtype="<i8").tobytes(), binascii.crc_hqx(key, 0))
-
-
-def _words(payload):
-    """Big-endian bytes, zero-padded to whole words -> uint32 words."""
-    padded = payload + b"\0" * (-len(payload) % 4)
-    return np.frombuffer(padded, dtype=">u4").astype(np.uint32)
-
-
-def _decodes_to(coder, payload, values):
-    try:
-        got = coder.decode(coder.queue.RangeDecoder(_words(payload)))
-    except Exception:  # constriction refuses data it cannot decode
-        return False
-    return np.array_equal(got, values)
-
-
-def _shortest_payload(coder, words, values):
-    """The coder's words as bytes, cut after the last byte the decoder needs. A range coder's final
-    word carries more precision than the message needs (a measured ~15 bits per image here);
-    dropping the last byte, or dropping it and rounding the one before up, keeps the decoded
-    values when the remaining number still lies in the final interval: checked by decoding."""
-    payload = words.astype(">u4").tobytes().rstrip(b"\0")
-    while payload:
-        shorter = payload[:-1]
-        rounded = (int.from_bytes(shorter, "big") + 1).to_bytes(len(shorter), "big") if shorter and shorter != b"\xff" * len(shorter) else None
-        for candidate in (shorter, rounded):
-            if candidate is not None and _decodes_to(coder, candidate, values):
-                payload = candidate
-                break
-        else:
-            break
-    return payload
-
-
-def compress(values, tables, key):
-    """(B, G, n) integer values -> B byte strings (header + payload), one per image.
-
-    key: bytes both sides know (the model's fingerprint and the seed); it enters the checksum."""
-    import constriction
-
-    values = np.asarray(values, dtype=np.int64)
-    coder, strings = _Coder(materialise(tables, values), len(values)), []
-    for i in range(len(values)):
-        one = coder.row(i)
-        encoder = constriction.stream.queue.RangeEncoder()
-        one.encode(encoder, values[i:i + 1])
-        payload = _shortest_payload(one, encoder.get_compressed(), values[i:i + 1])
-        header = bytes([MAGIC << 4 | FORMAT_VERSION]) + _checksum(key, values[i]).to_bytes(2, "big")
-        strings.append(header + payload)
-    return strings
-
-
-def decompress(strings, tables, key):
-    """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
-    Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
-    payloads = [_payload(i, s) for i, s in enumerate(strings)]
-    values, readable = _decode_strings(payloads, tables)
-    for i, s in enumerate(strings):
-        if not readable[i] or _checksum(key, values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
-            raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
-                                 "another model (or prior), or with another seed than the one passed to decompress")
-    return values
-
-
-def _payload(i, s):
-    """String i's payload after its header is checked."""
-    if not isinstance(s, (bytes, bytearray)):
-        raise BitstreamError(f"string {i} is a {type(s).__name__}, not bytes")
-    if len(s) < HEADER_BYTES:
-        raise BitstreamError(f"string {i} has {len(s)} bytes, fewer than the {HEADER_BYTES}-byte header: truncated")
-    if s[0] >> 4 != MAGIC:
-        raise BitstreamError(f"string {i} does not start with this repo's magic 0x{MAGIC:X} "
-                             f"(got 0x{s[0] >> 4:X}): not written by model.compress")
-    if s[0] & 0xF != FORMAT_VERSION:
-        raise BitstreamError(f"string {i} is bitstream format version {s[0] & 0xF}; this code reads version "
-                             f"{FORMAT_VERSION}: decode it with the version of this repo that wrote it")
-    return bytes(s[HEADER_BYTES:])
-
-
-def _decode_strings(payloads, tables):
-    """Per-image payloads -> ((B, G, n) values, (B,) whether each image decoded). Group by group
-    across the images, so that a context model computes each group's tables once for the batch."""
-    import constriction
-
-    groups, count = _shape(tables)
-    out = np.zeros((len(payloads), groups, count), dtype=np.int64)
-    readable = np.ones(len(payloads), dtype=bool)
-    decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
-    for g in range(groups):
-        coder = _Coder([_table(tables, g, out)], len(payloads))
-        for i, decoder in enumerate(decoders):
-            if readable[i]:
-                try:
-                    out[i, g] = coder.row(i).decode(decoder)[0, 0]
-                except Exception:  # constriction refuses data it cannot decode
-                    readable[i] = False
-    return out, readable
-
-
-def fingerprint(module):
-    """8 bytes that change with any tensor or setting in `module`'s state_dict (fitted prior included)."""
-    h = hashlib.sha256()
-
-    def feed(obj):
-        if isinstance(obj, torch.Tensor):
-            h.update(str((obj.dtype, tuple(obj.shape))).encode())
-            h.update(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if obj.numel() else b"")
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                feed(v)
-        else:
-            h.update(repr(obj).encode())
-
-    feed(module.state_dict())
-    return h.digest()[:8]
 
 
 # ----------------------------------------------------------------------------- fitted priors
@@ -380,18 +57,33 @@ class StreamPrior:
         return Table(self.lo, probs[None, None], is_open, count)
 
 
+def _densest_window(stream, width):
+    """(lo, hi) of the `width` consecutive integers that hold the most of `stream` (1-D int64)."""
+    values, counts = torch.unique(stream, return_counts=True)  # sorted
+    if int(values[-1] - values[0]) < width:
+        return int(values[0]), int(values[-1])
+    total = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    ends = torch.searchsorted(values, values + width, right=False)  # first value beyond each window
+    best = int((total[ends] - total[:-1]).argmax())
+    return int(values[best]), int(values[best]) + width - 1
+
+
 def fit_prior(values, alphabet_size=None):
     """One StreamPrior per stream from training values (N, S, P).
 
     alphabet_size: K for a closed alphabet [0, K); None for unbounded integers (DDCL), whose
-    support is the training range plus an escape symbol for values outside it."""
+    support is the training range, at most MAX_SUPPORT - 1 values wide (the densest such window: a
+    diverged latent cannot ask for a table of billions of entries), plus an escape symbol for
+    values outside it, counted."""
     values = values.cpu().long()
     priors = []
     for s in range(values.shape[1]):
         stream = values[:, s].flatten()
         if alphabet_size is None:
-            lo, hi = int(stream.min()), int(stream.max())
-            escape_count = PRIOR_PSEUDOCOUNT
+            lo, hi = _densest_window(stream, MAX_SUPPORT - 1)
+            inside = (stream >= lo) & (stream <= hi)
+            escape_count = PRIOR_PSEUDOCOUNT + float((~inside).sum())
+            stream = stream[inside]
         else:
             lo, hi, escape_count = 0, alphabet_size - 1, 0.0
         counts = torch.bincount(stream - lo, minlength=hi - lo + 1).double().numpy() + PRIOR_PSEUDOCOUNT
@@ -532,7 +224,7 @@ class LogisticMixturePrior(nn.Module):
             a, b = -span.clone(), span.clone()
             for _ in range(64):
                 mid = (a + b) / 2
-                below = torch.stack([_mixture_cdf(mid[c], *(t[c] for t in params)) for c in range(len(mid))]) < target
+                below = torch.stack([mixture_cdf(mid[c:c + 1], *(t[c] for t in params))[0] for c in range(len(mid))]) < target
                 a, b = torch.where(below, mid, a), torch.where(below, b, mid)
             bounds.append(b)
         out = []
@@ -563,17 +255,12 @@ class LogisticMixturePrior(nn.Module):
             edges = (torch.arange(lo, hi + 2, dtype=torch.float64) - 0.5) * delta  # (K + 1,)
             # CDF of z at the bin edges of z_hat = m delta - u for each cell centre u and every m;
             # float64 keeps the differences accurate down to LIKELIHOOD_BOUND without the sign trick
-            cdf = _mixture_cdf(edges - centres[:, None], *(t[c] for t in params))  # (L, K + 1)
+            cdf = mixture_cdf(edges - centres[:, None], *(t[c] for t in params))  # (L, K + 1)
             p = cdf[:, 1:] - cdf[:, :-1]
             escape = (1.0 - p.sum(-1, keepdim=True)).clamp(min=0.0)
             rows = _normalised(torch.cat([p, escape], -1).numpy())  # (L, K + 1)
             tables.append(Table(lo, rows[cell[:, c]], True, u.shape[-1]))
         return tables
-
-
-def _mixture_cdf(x, loc, log_scale, weight_logits):
-    """CDF of one channel's logistic mixture at x (any shape); parameters (K,)."""
-    return (torch.sigmoid((x[..., None] - loc) * torch.exp(-log_scale)) * torch.softmax(weight_logits, -1)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- context prior (DDCL)
@@ -590,7 +277,7 @@ def _silu(x):
     return x / (1.0 + torch.exp(-x))
 
 
-def _mixture_cdf_exp(x, loc, log_scale, weight_logits):
+def mixture_cdf(x, loc, log_scale, weight_logits):
     """Mixture-of-logistics CDF at x (..., N) with parameters (..., K) -> (..., N), through exp
     alone (see _silu) and with the components summed in a fixed order."""
     w = torch.exp(weight_logits - weight_logits.max(-1, keepdim=True).values)
@@ -702,8 +389,8 @@ class ContextMixturePrior(_CausalContext):
 
         def table_at(g, earlier):
             z_hat = torch.where(torch.arange(u.shape[-1]) < g, earlier * delta - u, 0.0)  # the decoded z_hat, 0 beyond
-            loc, log_scale, logits = (t[:, :, g] for t in self.params(z_hat.reshape(len(u), self.channels, *self.grid)))
-            cdf = _mixture_cdf_exp(edges - u[:, :, g, None], loc, log_scale, logits)  # (B, C, K + 1)
+            loc, log_scale, logits = (t[:, :, g] for t in self.params(z_hat.reshape(len(z_hat), self.channels, *self.grid)))
+            cdf = mixture_cdf(edges - u[:, :, g, None], loc, log_scale, logits)  # (B, C, K + 1)
             escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
             return Table(lo, _normalised(torch.cat([cdf[..., 1:] - cdf[..., :-1], escape], -1).numpy()), True, self.channels)
 

@@ -1,0 +1,106 @@
+"""train.py's config: the defaults of its config block, --key=value overrides, and on --resume the
+checkpoint's own settings, checked into one `config` dict (saved into every checkpoint and run folder).
+
+What a resume takes from the checkpoint: every knob you do not pass, except where the run writes
+and reads (`output_dir`, `checkpoint_dir`, `device`, and the data, which must be named again when
+it differs from the defaults): a file from elsewhere never chooses a folder. Its run name is
+taken when you pass none (runs.py checks it is a plain name).
+"""
+import math
+import os
+
+from data import SYMMETRIES, check_dataset
+from errors import CheckpointError, ConfigError
+from models import build_model, model_args_from_config
+from quantizers import implied_latent_dim
+from runs import RunFiles, check_run_name
+from utils import coerce, parse_overrides, read_checkpoint
+
+AMP_CHOICES = ("auto", "bf16", "off")
+OPTIMIZERS = ("muon", "adam")
+NEVER_FROM_CHECKPOINT = ("output_dir", "checkpoint_dir", "resume", "device", "dataset", "data_dir")
+
+
+def validate_config(config, given=(), fresh=True):
+    """Stop with one line on any value that cannot work; fill in derived values."""
+    if config["batch_size"] <= 0:
+        raise ConfigError(f"batch_size={config['batch_size']} must be > 0")
+    for key in ("epochs", "checkpoint_every", "max_train_images"):
+        if config[key] < 0:
+            raise ConfigError(f"{key}={config[key]} must be >= 0")
+    if fresh and config["epochs"] == 0:
+        raise ConfigError("epochs=0: a new run trains at least one epoch (--epochs=N)")
+    for key in ("lr", "muon_lr"):
+        if not (config[key] > 0 and math.isfinite(config[key])):
+            raise ConfigError(f"{key}={config[key]} must be a finite number > 0")
+    if config["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={config['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if config["symmetries"] not in SYMMETRIES:
+        raise ConfigError(f"symmetries={config['symmetries']}; choose one of {SYMMETRIES} (views of each training crop)")
+    if not 0 <= config["color_gain"] < 1:
+        raise ConfigError(f"color_gain={config['color_gain']} must be in [0, 1) (gains are drawn from [1 - c, 1 + c]), e.g. 0.2")
+    if config["amp"] not in AMP_CHOICES:
+        raise ConfigError(f"amp={config['amp']!r}; choose one of {', '.join(AMP_CHOICES)}")
+    if config["run_name"]:
+        check_run_name(config["run_name"])
+    check_dataset(config["dataset"])
+    implied = implied_latent_dim(config)  # FSQ, FSP, residual FSQ: one channel per level; LFQ: one per bit
+    if implied is not None and "latent_dim" not in given:
+        config["latent_dim"] = implied  # a contradicting --latent_dim is refused by build_model
+    build_model(model_args_from_config(config))  # every architecture check, before any data is read
+    return config
+
+
+def resolve_config(argv, defaults):
+    """Defaults + --key=value overrides (+ the resumed checkpoint's config) -> (checked config,
+    the resumed checkpoint's state or None)."""
+    config, given = parse_overrides(argv, defaults)
+    if not config["resume"]:
+        return validate_config(config, given), None
+    path = resume_path(config, given)
+    state = read_checkpoint(path)
+    saved = state["config"]
+    if "context_prior_fitted_to" in saved:
+        raise CheckpointError(f"{path} holds a context prior fitted after training (scripts/fit_context_prior.py): it "
+                              f"evaluates and compresses but does not train on; resume {saved['context_prior_fitted_to']}")
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise CheckpointError(f"{path} was written with config keys this train.py does not know: {', '.join(unknown)}")
+    try:
+        saved = {k: coerce(k, v, defaults[k]) for k, v in saved.items()}
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds an invalid config: {err}") from None
+    changed = [k for k in model_args_from_config(saved) if k in given and config[k] != saved[k]]
+    if changed:
+        raise ConfigError(f"cannot resume {path} with a different architecture: "
+                          + ", ".join(f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in changed))
+    if "optimizer" in given and config["optimizer"] != saved["optimizer"]:
+        raise ConfigError(f"cannot resume {path} with optimizer={config['optimizer']!r}: it holds the state of "
+                          f"optimizer={saved['optimizer']!r}; drop --optimizer, or start a new run without --resume")
+    if not given & {"dataset", "data_dir"} and (saved["dataset"], saved["data_dir"]) != (config["dataset"], config["data_dir"]):
+        raise ConfigError(f"{path} was trained on dataset={saved['dataset']!r} data_dir={saved['data_dir']!r}: pass "
+                          f"--dataset={saved['dataset']} --data_dir={saved['data_dir']} to continue on it, or another "
+                          "--data_dir to continue on other data")
+    taken = {k: v for k, v in saved.items() if k not in given and k not in NEVER_FROM_CHECKPOINT}
+    if taken.get("run_name"):
+        check_run_name(taken["run_name"], f"the run name stored in {path}")
+    config = {**config, **taken, "resume": path}
+    return validate_config(config, given, fresh=False), state
+
+
+def resume_path(config, given):
+    """`resume` as a path; "last" is the run's last checkpoint, or the newest one in checkpoint_dir
+    when neither run_name nor quantizer was given."""
+    if config["resume"] != "last":
+        return config["resume"]
+    folder = config["checkpoint_dir"]
+    if given & {"run_name", "quantizer"}:
+        path = RunFiles(config["output_dir"], folder, config["run_name"] or config["quantizer"]).checkpoint("last")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--resume=last: no {path}; train first or pass a checkpoint path")
+        return path
+    found = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
+    found = [p for p in found if p.endswith("_vae_last.pt")]
+    if not found:
+        raise CheckpointError(f"--resume=last: no *_vae_last.pt in {folder!r}; train first or pass a checkpoint path")
+    return max(found, key=os.path.getmtime)
