@@ -63,7 +63,7 @@ class SequentialTables(NamedTuple):
     which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table.
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
-    the values it has decoded (`_decode_batch`, `_decode_strings`): the same function of the same
+    the values it has decoded (`_decode_batch`, `decode_payloads`): the same function of the same
     integers, so the two agree bit for bit as long as `make` computes each image's table
     independently of the other images in the batch (`_CausalContext` says how)."""
     groups: int
@@ -253,31 +253,44 @@ def _shortest_payload(coder, words, values):
     return payload
 
 
-def compress(values, tables, key):
-    """(B, G, n) integer values -> B byte strings (header + payload), one per image.
+def _keys(key, count):
+    return list(key) if isinstance(key, (list, tuple)) else [key] * count
 
-    key: bytes both sides know (the model's fingerprint and the seed); it enters the checksum."""
+
+def encode_payloads(values, tables):
+    """(B, G, n) integer values -> B range-coded payloads, one per image, each cut after the last
+    byte its decoder needs (no header: `compress` adds this repo's, codec.py a file's)."""
     import constriction
 
     values = np.asarray(values, dtype=np.int64)
-    coder, strings = _Coder(materialise(tables, values), len(values)), []
+    coder, payloads = _Coder(materialise(tables, values), len(values)), []
     for i in range(len(values)):
         one = coder.row(i)
         encoder = constriction.stream.queue.RangeEncoder()
         one.encode(encoder, values[i:i + 1])
-        payload = _shortest_payload(one, encoder.get_compressed(), values[i:i + 1])
-        header = bytes([MAGIC << 4 | FORMAT_VERSION]) + _checksum(key, values[i]).to_bytes(2, "big")
-        strings.append(header + payload)
-    return strings
+        payloads.append(_shortest_payload(one, encoder.get_compressed(), values[i:i + 1]))
+    return payloads
+
+
+def compress(values, tables, key):
+    """(B, G, n) integer values -> B byte strings (header + payload), one per image.
+
+    key: bytes both sides know (the model's fingerprint and the seed), or one per image; it enters
+    the checksum."""
+    values = np.asarray(values, dtype=np.int64)
+    keys = _keys(key, len(values))
+    return [bytes([MAGIC << 4 | FORMAT_VERSION]) + _checksum(k, v).to_bytes(2, "big") + p
+            for k, v, p in zip(keys, values, encode_payloads(values, tables))]
 
 
 def decompress(strings, tables, key):
     """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
     Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
     payloads = [_payload(i, s) for i, s in enumerate(strings)]
-    values, readable = _decode_strings(payloads, tables)
+    keys = _keys(key, len(strings))
+    values, readable = decode_payloads(payloads, tables)
     for i, s in enumerate(strings):
-        if not readable[i] or _checksum(key, values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
+        if not readable[i] or _checksum(keys[i], values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
             raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
                                  "another model (or prior), or with another seed than the one passed to decompress")
     return values
@@ -298,7 +311,7 @@ def _payload(i, s):
     return bytes(s[HEADER_BYTES:])
 
 
-def _decode_strings(payloads, tables):
+def decode_payloads(payloads, tables):
     """Per-image payloads -> ((B, G, n) values, (B,) whether each image decoded). Group by group
     across the images, so that a context model computes each group's tables once for the batch."""
     import constriction

@@ -8,6 +8,7 @@ library, so it sits at the bottom of the import graph.
 import json
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -55,7 +56,8 @@ def _report_to_torchrun(message):
     if path:
         try:
             with open(path, "w") as f:
-                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": "0"}}}, f)
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                         "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass
 

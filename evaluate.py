@@ -44,11 +44,16 @@ EVAL_BATCH_SIZE = 500
 def model_outputs(model, images, batch_size=EVAL_BATCH_SIZE):
     """Yield (x, output) over uint8 `images` (N, 3, 32, 32) in order, in eval mode.
 
-    Batch b uses dither seed b (DDCL), so a receiver regenerates the dither from its batch number."""
+    Image n uses dither seed n (DDCL): every image has its own dither, which a receiver
+    regenerates from the image's number."""
     device = next(model.parameters()).device
-    for b, start in enumerate(range(0, len(images), batch_size)):
+    for start in range(0, len(images), batch_size):
         x = to_float_images(images[start:start + batch_size].to(device, non_blocking=True))
-        yield x, model(x, seed=b)
+        yield x, model(x, seed=image_numbers(start, len(x)))
+
+
+def image_numbers(start, count):
+    return list(range(start, start + count))
 
 
 def collect_indices(model, images, batch_size=EVAL_BATCH_SIZE):
@@ -87,7 +92,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     device = next(model.parameters()).device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
     sums = dict.fromkeys(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), torch.zeros((), dtype=dtype, device=device))
-    indices = []  # (indices of batch b, whose dither seed is b)
+    indices = []  # the indices of each batch
     for x, out in model_outputs(model, images, batch_size):
         recon = out.recon.float()
         batch_sums = {"mse": (recon - x).square().flatten(1).mean(1).sum(), "psnr": psnr_per_image(recon, x).sum(),
@@ -113,7 +118,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
 
 def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
     """Fixed-length, ideal, one-stream and per-image rates (bits per image) of the indices of each
-    evaluation batch (batch b was quantized with dither seed b)."""
+    evaluation batch (image n was quantized with dither seed n)."""
     q = model.quantizer
     if not batches:
         return {}
@@ -127,12 +132,14 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
         fit_rate_prior(model, train_images, batch_size)
     positions = LATENT_HW[0] * LATENT_HW[1]
 
-    def tables(seed, ind):  # DDCL's learned and context tables depend on the batch's dither seed
-        return q.coding_tables(len(ind), positions, seed)
+    starts = np.cumsum([0] + [len(b) for b in batches])
+
+    def tables(b, ind):  # DDCL's learned and context tables depend on each image's dither seed
+        return q.coding_tables(len(ind), positions, image_numbers(int(starts[b]), len(ind)))
 
     stream, ideal, lengths, strings_exact = coding.Stream(), 0.0, [], True
-    for seed, ind in enumerate(batches):
-        values, t = q.coding_values(ind).numpy(), tables(seed, ind)
+    for b, ind in enumerate(batches):
+        values, t = q.coding_values(ind).numpy(), tables(b, ind)
         sent = coding.materialise(t, values)  # a context model's tables, computed once from the values sent
         ideal += coding.ideal_bits(values, sent).sum()
         if entropy_coding:
@@ -146,7 +153,7 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
         out["bits_coded"] = stream.bits_per_image()
         out["bits_per_image_coded"] = 8.0 * sum(lengths) / len(lengths)
         # both the one stream and every per-image string decode back to the same integers
-        out["roundtrip_exact"] = strings_exact and stream.decodes_back(tables(seed, ind) for seed, ind in enumerate(batches))
+        out["roundtrip_exact"] = strings_exact and stream.decodes_back(tables(b, ind) for b, ind in enumerate(batches))
     return out
 
 
@@ -225,12 +232,13 @@ def per_image_mse(model, images):
 @torch.inference_mode()
 def reconstructions(model, images, picks, batch_size=EVAL_BATCH_SIZE):
     """(len(picks), 3, 32, 32) reconstructions of images[picks], each from its own evaluation batch
-    and seed, so they are the exact images `evaluate` scored."""
+    with its own seed, so they are the exact images `evaluate` scored."""
     model.eval()
     device = next(model.parameters()).device
     out = torch.empty(len(picks), *images.shape[1:])
     for b in sorted({i // batch_size for i in picks}):
-        recon = model(to_float_images(images[b * batch_size:(b + 1) * batch_size].to(device)), seed=b).recon.float().cpu()
+        batch = to_float_images(images[b * batch_size:(b + 1) * batch_size].to(device))
+        recon = model(batch, seed=image_numbers(b * batch_size, len(batch))).recon.float().cpu()
         for k, i in enumerate(picks):
             if i // batch_size == b:
                 out[k] = recon[i - b * batch_size]

@@ -20,7 +20,7 @@ import torch.nn as nn
 import coding
 from bottleneck import LATENT_HW
 from errors import BitstreamError, ConfigError
-from quantizers import build_quantizer, implied_latent_dim
+from quantizers import build_quantizer, image_seeds, implied_latent_dim
 
 DOWNSCALE = 8  # three stride-2 stages
 IMAGE_SHAPE = (3, 32, 32)
@@ -115,7 +115,8 @@ class QuantizedVAE(nn.Module):
         init_weights(self.decoder)
 
     def forward(self, x, seed=0):
-        """x: (B, 3, 32, 32) in [0, 1]. `seed` fixes the DDCL evaluation dither of this batch."""
+        """x: (B, 3, 32, 32) in [0, 1]. `seed` fixes DDCL's evaluation dither: one integer for the
+        batch, or one per image."""
         q = self.quantizer(self.encoder(x), seed=seed)
         return ModelOutput(self.decoder(q.z_q), *q)
 
@@ -129,8 +130,13 @@ class QuantizedVAE(nn.Module):
         """Indices (from `encode` with the same seed) -> images in [0, 1]."""
         return self.decoder(self.quantizer.decode_indices(indices, seed=seed))
 
-    def _stream_key(self, seed):
-        return coding.fingerprint(self) + int(seed).to_bytes(8, "big", signed=True)
+    def _stream_keys(self, seed, count):
+        """What the checksum of each string covers besides its integers: the model and its seed."""
+        seeds, per_image = image_seeds(seed)
+        if per_image and len(seeds) != count:
+            raise ConfigError(f"{len(seeds)} seeds for {count} images: pass one integer, or one seed per image")
+        model = coding.fingerprint(self)
+        return [model + s.to_bytes(8, "big", signed=True) for s in (seeds if per_image else seeds * count)]
 
     def _coder(self, action):
         q = self.quantizer
@@ -141,7 +147,7 @@ class QuantizedVAE(nn.Module):
     @torch.no_grad()
     def compress(self, x, seed=0):
         """Images (B, 3, 32, 32) in [0, 1] -> B byte strings, one per image, holding everything the
-        decoder needs besides this model and `seed` (coding.py: format). float16 and float64 images
+        decoder needs besides this model and `seed` (an integer, or one per image; coding.py: format). float16 and float64 images
         are converted to float32; NaN, inf or values outside [0, 1] are refused. Uses the learned
         prior, or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
         decode(encode(x, s), s) bit for bit on the CPU, for any subset of the strings in any order."""
@@ -155,8 +161,9 @@ class QuantizedVAE(nn.Module):
             indices = self.encode(x.to(next(self.parameters()).device), seed=seed)
         finally:
             self.train(was_training)
+        keys = self._stream_keys(seed, len(x))
         tables = q.coding_tables(len(x), LATENT_HW[0] * LATENT_HW[1], seed)
-        return coding.compress(q.coding_values(indices).cpu().numpy(), tables, self._stream_key(seed))
+        return coding.compress(q.coding_values(indices).cpu().numpy(), tables, keys)
 
     @torch.no_grad()
     def decompress(self, strings, seed=0):
@@ -168,8 +175,9 @@ class QuantizedVAE(nn.Module):
         device = next(self.parameters()).device
         if not len(strings):
             return torch.empty(0, *IMAGE_SHAPE, device=device)
+        keys = self._stream_keys(seed, len(strings))
         tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
-        values = torch.from_numpy(coding.decompress(strings, tables, self._stream_key(seed)))
+        values = torch.from_numpy(coding.decompress(strings, tables, keys))
         # decoding does not depend on the mode (no noise, no batch statistics): no mode switch
         return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)
 

@@ -99,9 +99,10 @@ class DDCL_Bottleneck(Bottleneck):
     Evaluation: real quantization with subtractive dither, mid-tread (Ziv's universal quantization;
     Agustsson & Theis, NeurIPS 2020): m = round((z + u)/delta) are the integers sent and
     z_hat = m*delta - u. Then z_hat - z is uniform on [-delta/2, delta/2] and independent of z, the
-    same channel as in training. u (C, H, W) comes from a CPU generator seeded with `seed` and is
-    shared by the images of a batch, so a receiver regenerates it from the seed alone, for any
-    image in any order. Mid-tread (round, not floor) because E|m| = |z|/delta then, so by Jensen
+    same channel as in training. u comes from a CPU generator seeded with an integer both sides
+    know: `seed` is one integer shared by the batch, or one per image (evaluate.py gives image n of
+    a split seed n, so every image has its own dither); a receiver regenerates u from the seed
+    alone, for any image in any order. Mid-tread (round, not floor) because E|m| = |z|/delta then, so by Jensen
     the surrogate upper-bounds the length of a signed integer code.
 
     With entropy_model="learned" the surrogate is replaced by a learned density per channel
@@ -130,9 +131,11 @@ class DDCL_Bottleneck(Bottleneck):
         return f"delta={self.delta:.4g}{weight}" + self.prior_label()
 
     def dither(self, shape, seed, device):
-        """u ~ U(-delta/2, delta/2) of `shape` (one image's latent), reproducible from `seed` anywhere."""
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        return ((torch.rand(tuple(shape), generator=gen) - 0.5) * self.delta).to(device)
+        """u ~ U(-delta/2, delta/2) for one image's latent `shape` (C, H, W), reproducible anywhere:
+        an integer seed gives (C, H, W), shared by a batch; B seeds give (B, C, H, W), one per image."""
+        seeds, per_image = image_seeds(seed)
+        u = torch.stack([torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return ((u if per_image else u[0]) - 0.5).mul_(self.delta).to(device)
 
     def comm_bits(self, z):
         """log2(2|z|/delta + 1) per latent value, (B, C, H, W). Keep the factor 2 (see the notes)."""
@@ -144,7 +147,7 @@ class DDCL_Bottleneck(Bottleneck):
             z_hat = z + (torch.rand_like(z) - 0.5) * self.delta
             m = torch.round(z_hat.detach() / self.delta)  # what the dithered quantizer would send
         else:
-            u = self.dither(z.shape[1:], seed, z.device)  # (C, H, W), shared by the batch
+            u = self.dither(z.shape[1:], seed, z.device)  # (C, H, W) shared, or (B, C, H, W) per image
             m = torch.round((z + u) / self.delta)
             z_hat = m * self.delta - u
         if self.prior is not None:  # bits of z_hat's delta-wide bin; the exact code length at evaluation
@@ -168,13 +171,24 @@ class DDCL_Bottleneck(Bottleneck):
 
     def learned_tables(self, batch, positions, seed):
         """P(m | u) for the dither u that `forward(z, seed)` draws (under the context prior:
-        coding.SequentialTables, P(m | u, earlier positions)), one row shared by the batch."""
-        return self.prior.tables(self.dither((1, self.in_channels, positions), seed, "cpu"), self.delta)
+        coding.SequentialTables, P(m | u, earlier positions)): one row shared by the batch for an
+        integer seed, one per image for a seed per image."""
+        u = self.dither((self.in_channels, positions), seed, "cpu")
+        return self.prior.tables(u if u.dim() == 3 else u[None], self.delta)
 
     def fixed_length_bits(self, indices):
         """The naive code: every value gets ceil(log2(number of distinct values seen)) bits."""
         distinct = torch.unique(indices).numel()
         return indices[0].numel() * (math.ceil(math.log2(distinct)) if distinct > 1 else 0)
+
+
+def image_seeds(seed):
+    """(list of int seeds, whether there is one per image) from an int or a sequence/tensor of ints."""
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0:
+        seed = int(seed)
+    if isinstance(seed, (list, tuple, torch.Tensor)):
+        return [int(s) for s in seed], True
+    return [int(seed)], False
 
 
 def validate_ddcl(delta, comm_weight):

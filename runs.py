@@ -120,10 +120,14 @@ class RunFiles:
     # ownership -----------------------------------------------------------------------------
     def __enter__(self):
         try:
+            locked = set()
             for key, folder in (("checkpoint_dir", self.checkpoint_dir), ("output_dir", self.output_dir)):
                 if not os.path.isdir(folder):
                     self.created.append(folder)
                 ensure_writable_dir(folder, key)
+                if os.path.realpath(folder) in locked:  # both folders are one: one lock
+                    continue
+                locked.add(os.path.realpath(folder))
                 lock = RunLock(os.path.join(folder, f".{self.name}.lock"), f"run {self.name!r} in {folder!r}")
                 self.locks.append(lock.__enter__())
             self._remove_temporaries()

@@ -239,9 +239,9 @@ def train_loop(config, state, run, rank, world, dev):
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, run)
-    if not master:
-        return model, {}
-    return model, finish(run, val_u8, prior_u8, train_u8, dev)
+    metrics = finish(run, val_u8, prior_u8, train_u8, dev) if master else {}
+    barrier(world)  # the ranks leave together: a process group torn down under a busy rank aborts it
+    return model, metrics
 
 
 def wrap_model(model, world, dev):

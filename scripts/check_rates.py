@@ -1,6 +1,6 @@
 """Check trained checkpoints' rates and bitstreams on their validation split.
 
-    python scripts/check_rates.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--images=1000] [--seed=0]
+    python scripts/check_rates.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--images=1000] [--seed=0] [--fuzz=0]
 
 For each checkpoint of a bottleneck that sends integers, one line:
   - the one-stream rate (bits_coded) beside the ideal code length and the bottleneck's own estimate;
@@ -8,7 +8,11 @@ For each checkpoint of a bottleneck that sends integers, one line:
     in training (DDCL: fresh uniform noise instead of the dither), and their gap to the coded bits;
   - the mean per-image string length and its overhead over the one stream (header and padding);
   - whether model.decompress(model.compress(x)) equals model.decode(model.encode(x)) bit for bit on
-    the first --images validation images.
+    the first --images validation images;
+  - with --fuzz=N, N damaged strings (a random byte replaced, a bit flipped, or bytes cut off the
+    end, one damage each, numpy seed 0): how many raise BitstreamError, decode to the image itself
+    (a byte the decoder does not need), or decode to another image (the 16-bit checksum lets about
+    1 in 65,536 through; docs/reliability.md).
 docs/entropy_models.md's numbers come from this script.
 """
 import os
@@ -17,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import head, load_dataset, to_float_images  # noqa: E402
@@ -24,7 +29,7 @@ from errors import cli  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
 from utils import load_checkpoint, parse_paths_and_options  # noqa: E402
 
-DEFAULTS = dict(data_dir="", images=1000, seed=0)
+DEFAULTS = dict(data_dir="", images=1000, seed=0, fuzz=0)
 
 
 @torch.no_grad()
@@ -62,8 +67,45 @@ def check(path, opts):
     back = model.decompress(strings, seed=opts["seed"])
     t2 = time.perf_counter()
     same = torch.equal(back, model.decode(model.encode(x, seed=opts["seed"]), seed=opts["seed"]))
-    return line + (f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
-                   f" (compress {t1 - t0:.2f} s, decompress {t2 - t1:.2f} s)")
+    line += (f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
+             f" (compress {t1 - t0:.2f} s, decompress {t2 - t1:.2f} s)")
+    if opts["fuzz"]:
+        caught, same_image, wrong = fuzz(model, strings, opts["seed"], opts["fuzz"])
+        line += f" | {opts['fuzz']} damaged strings: {caught} refused, {same_image} decoded to their own image, {wrong} to another"
+    return line
+
+
+def fuzz(model, strings, seed, count):
+    """(refused, decoded to the same integers, decoded to other integers) over `count` damaged strings."""
+    import coding
+    from errors import BitstreamError
+
+    q = model.quantizer
+    keys = model._stream_keys(seed, 1)
+    tables = q.coding_tables(1, 16, seed)
+    rng = np.random.default_rng(0)
+    wants = coding.decompress(strings, q.coding_tables(len(strings), 16, seed), keys * len(strings))
+    caught = same = wrong = 0
+    for n in range(count):
+        i = int(rng.integers(len(strings)))
+        damaged = bytearray(strings[i])
+        kind = rng.integers(3)
+        if kind == 0:
+            damaged[rng.integers(len(damaged))] = int(rng.integers(256))
+        elif kind == 1:
+            damaged[rng.integers(len(damaged))] ^= 1 << int(rng.integers(8))
+        else:
+            del damaged[len(damaged) - int(rng.integers(1, len(damaged))):]
+        try:
+            got = coding.decompress([bytes(damaged)], tables, keys)
+        except BitstreamError:
+            caught += 1
+            continue
+        if np.array_equal(got[0], wants[i]):
+            same += 1
+        else:
+            wrong += 1
+    return caught, same, wrong
 
 
 def main(argv):

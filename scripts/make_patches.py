@@ -20,6 +20,10 @@ set "wallpapers" (35 photographs from Debian 12's wallpaper packages, checked by
     OUT/test/    2,000 crops of 6 other photos
     each photo is scaled to a short side of 96, 160 and 256 pixels, so a 32x32 crop holds a third
     to an eighth of the picture's height, near CIFAR-10's framing.
+
+Both sets also write OUT/photos/: the held-out photos whole, at the middle of the crops' scales
+(wallpapers: a short side of 160 pixels, where a 32x32 block holds a fifth of the height;
+skimage: downscaled 2.5x), as PNG without metadata: what codec.py's evaluation compresses.
 """
 import glob
 import hashlib
@@ -75,6 +79,8 @@ WALLPAPER_TEST = (LOMIRI.format("picosdeeuropa", "Aitzol_Berasategi"), LOMIRI.fo
                   LOMIRI.format("friends", "Aitzol_Berasategi"), MATE.format("LadyBird"),
                   PLASMA.format("EveningGlow"), PLASMA.format("Path"))
 SHORT_SIDES = (96, 160, 256)  # set "wallpapers": each photo is scaled to these short sides
+PHOTO_SHORT_SIDE = 160  # set "wallpapers": the whole held-out photos, the middle of SHORT_SIDES
+PHOTO_DOWNSCALE = 2.5  # set "skimage": the whole held-out photos, between SCALES
 
 
 def fetch_wheel(folder):
@@ -161,6 +167,12 @@ def to_short_side(photo, side):
     return np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC))
 
 
+def photo_name(path):
+    """A file name for a photo: the plasma wallpapers are all 2560x1600.jpg, in folders of their name."""
+    parts = path.split("/")
+    return parts[3] if parts[-1] == "2560x1600.jpg" else os.path.splitext(parts[-1])[0]
+
+
 USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers] [--wheel=PATH] [--debs=DIR]"
 
 
@@ -172,10 +184,12 @@ def main(argv):
             photos = read_skimage_photos(opts["wheel"] or fetch_wheel(tmp))
         names = {"train": TRAIN_PHOTOS + ("grace_hopper.jpg",), "test": TEST_PHOTOS}
         scale = [(downscaled, s) for s in SCALES]
+        whole = lambda photo: to_short_side(photo, round(min(photo.size) / PHOTO_DOWNSCALE))  # noqa: E731
     elif set_name == "wallpapers":
         photos = read_wallpaper_photos(opts["debs"])
         names = {"train": WALLPAPER_TRAIN, "test": WALLPAPER_TEST}
         scale = [(to_short_side, s) for s in SHORT_SIDES]
+        whole = lambda photo: to_short_side(photo, PHOTO_SHORT_SIDE)  # noqa: E731
     else:
         raise UserError(f"unknown --set={set_name}; use --set=skimage or --set=wallpapers")
     rng = np.random.default_rng(0)
@@ -186,6 +200,11 @@ def main(argv):
         for i, crop in enumerate(crops(scaled, count, rng)):
             Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.png"))
         print(f"wrote {count} crops of {len(names[split])} photos to {folder}")
+    folder = os.path.join(out_dir, "photos")
+    os.makedirs(folder, exist_ok=True)
+    for name in names["test"]:
+        Image.fromarray(whole(photos[name])).save(os.path.join(folder, photo_name(name) + ".png"))
+    print(f"wrote the {len(names['test'])} held-out photos whole to {folder}")
 
 
 if __name__ == "__main__":

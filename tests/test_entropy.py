@@ -1,4 +1,4 @@
-"""Rates (entropy.py): fitted priors, ideal code lengths, one range-coded stream, learned priors
+"""Rates (priors.py): fitted priors, ideal code lengths, one range-coded stream, learned priors
 and the per-image byte strings."""
 import math
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import entropy
-from entropy import ESCAPE_BITS, fit_prior
+import coding
+import priors
+from coding import ESCAPE_BITS
+from priors import fit_prior
 from quantizers import DDCL_Bottleneck
 
 
@@ -16,11 +18,11 @@ def tables_of(priors, count=16):
 
 
 def cross_entropy_bits(priors, values):
-    return float(entropy.ideal_bits(values.numpy(), tables_of(priors, values.shape[-1])).mean())
+    return float(coding.ideal_bits(values.numpy(), tables_of(priors, values.shape[-1])).mean())
 
 
 def entropy_code(priors, values):
-    return entropy.stream_bits(values.numpy(), tables_of(priors, values.shape[-1]))
+    return coding.stream_bits(values.numpy(), tables_of(priors, values.shape[-1]))
 
 
 def gaussian_ints(n, scale, seed):
@@ -60,8 +62,8 @@ def test_ddcl_entropy_of_a_gaussian_latent_matches_the_analytic_value():
     sigma, delta = 1.0, 0.25
     q = DDCL_Bottleneck(latent_dim=1, delta=delta, comm_weight=0.0).eval()
     gen = torch.Generator().manual_seed(0)
-    m_train = q(torch.randn(20000, 1, 4, 4, generator=gen) * sigma, seed=1).indices.reshape(20000, 1, 16)
-    m_val = q(torch.randn(20000, 1, 4, 4, generator=gen) * sigma, seed=2).indices.reshape(20000, 1, 16)
+    m_train = q(torch.randn(20000, 1, 4, 4, generator=gen) * sigma, seed=list(range(20000))).indices.reshape(20000, 1, 16)
+    m_val = q(torch.randn(20000, 1, 4, 4, generator=gen) * sigma, seed=list(range(20000, 40000))).indices.reshape(20000, 1, 16)
     measured = cross_entropy_bits(fit_prior(m_train), m_val) / 16
 
     normal = torch.distributions.Normal(0.0, sigma)
@@ -80,7 +82,7 @@ def test_ddcl_entropy_of_a_uniform_latent_matches_log2_of_its_bins():
     q = DDCL_Bottleneck(latent_dim=1, delta=delta, comm_weight=0.0).eval()
     gen = torch.Generator().manual_seed(0)
     z = lambda: torch.rand(20000, 1, 4, 4, generator=gen) * L * delta
-    m_train, m_val = (q(z(), seed=s).indices.reshape(20000, 1, 16) for s in (1, 2))
+    m_train, m_val = (q(z(), seed=list(range(s, s + 20000))).indices.reshape(20000, 1, 16) for s in (0, 20000))
     # exact: z+u is a trapezoid; interior bins get 1/L, the two edge bins 1/(2L) each
     analytic = (L - 1) / L * math.log2(L) + 2 * (1 / (2 * L)) * math.log2(2 * L)
     assert cross_entropy_bits(fit_prior(m_train), m_val) / 16 == pytest.approx(analytic, abs=0.01)
@@ -91,7 +93,7 @@ def test_ddcl_entropy_of_a_uniform_latent_matches_log2_of_its_bins():
 def test_categorical_prior_bits_and_their_two_gradients():
     """Value: -log2 p(symbol). The encoder's gradient is the slope between neighbouring symbols;
     the prior's gradient is the cross-entropy's (the symbols held fixed)."""
-    prior = entropy.CategoricalPrior([4, 3])
+    prior = priors.CategoricalPrior([4, 3])
     with torch.no_grad():
         prior.logits.copy_(torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 5.0, 9.0]]))
     symbols = torch.tensor([[[1.0, 3.0], [0.0, 2.0]]], requires_grad=True)  # (B=1, S=2, P=2)
@@ -112,7 +114,7 @@ def test_categorical_prior_bits_and_their_two_gradients():
 def fitted_mixture(z, delta, steps=100):
     """A LogisticMixturePrior trained by its own loss on z + uniform noise (as in training)."""
     torch.manual_seed(0)
-    prior = entropy.LogisticMixturePrior(z.shape[1])
+    prior = priors.LogisticMixturePrior(z.shape[1])
     opt = torch.optim.Adam(prior.parameters(), lr=0.05)
     for _ in range(steps):
         _, bits = prior.bits(z + (torch.rand_like(z) - 0.5) * delta, delta)
@@ -135,37 +137,38 @@ def test_ddcl_learned_bits_in_training_match_the_range_coded_dithered_integers()
         train_bits = prior.bits(z + (torch.rand(z.shape, generator=gen) - 0.5) * delta, delta)[0].sum((1, 2)).mean().item()
     q = DDCL_Bottleneck(latent_dim=2, delta=delta, comm_weight=0.0, entropy_model="learned").eval()
     q.prior = prior
-    m = q(z.reshape(n, 2, 4, 4), seed=5).indices  # dithered integers, (N, 2, 4, 4)
-    tables = q.coding_tables(n, 16, seed=5)
+    m = q(z.reshape(n, 2, 4, 4), seed=list(range(n))).indices  # dithered integers, (N, 2, 4, 4)
+    tables = q.coding_tables(n, 16, seed=list(range(n)))
     values = q.coding_values(m).numpy()
-    coded, exact = entropy.stream_bits(values, tables)
-    ideal = entropy.ideal_bits(values, tables).mean()
+    coded, exact = coding.stream_bits(values, tables)
+    ideal = coding.ideal_bits(values, tables).mean()
     assert exact
     assert coded == pytest.approx(train_bits, rel=0.02)
     assert ideal <= coded <= 1.01 * ideal
 
 
 def test_learned_tables_hold_no_zero_and_escape_far_values():
-    prior = entropy.LogisticMixturePrior(1)
+    prior = priors.LogisticMixturePrior(1)
     tables = prior.tables(torch.zeros(2, 1, 16), 0.1)
     (table,) = tables
     assert table.open and table.probs.shape[:2] == (2, 16) and (table.probs > 0).all()
     assert np.allclose(table.probs.sum(-1), 1.0)
     values = np.zeros((2, 1, 16), dtype=np.int64)
     values[0, 0, 3] = 20000  # far outside the support: escaped, still exact
-    bits, exact = entropy.stream_bits(values, tables)
-    assert exact and entropy.ideal_bits(values, tables)[0] > ESCAPE_BITS
+    bits, exact = coding.stream_bits(values, tables)
+    assert exact and coding.ideal_bits(values, tables)[0] > ESCAPE_BITS
 
 
 def test_the_learned_prior_trains_at_its_own_learning_rate():
-    import train
-    from models import model_args_from_config
+    from conftest import resolve
+    from models import build_model, model_args_from_config
+    from optim import PRIOR_LR_SCALE, build_optimizer
 
-    config = train.validate_config({**train.DEFAULT_CONFIG, "quantizer": "ddcl", "entropy_model": "learned",
-                                    "prior_lr_scale": 10.0})
-    model, optimizer, _ = train.build_training(model_args_from_config(config), config, torch.device("cpu"))
+    config = resolve(["--quantizer=ddcl", "--entropy_model=learned"])
+    model = build_model(model_args_from_config(config))
+    optimizer = build_optimizer(model, config)
     main, filters, prior = optimizer.param_groups  # Adam, Muon (the hidden filters), Adam
-    assert prior["lr"] == pytest.approx(10 * main["lr"])
+    assert prior["lr"] == pytest.approx(PRIOR_LR_SCALE * main["lr"])
     assert {id(p) for p in prior["params"]} == {id(p) for p in model.quantizer.prior.parameters()}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
@@ -173,7 +176,7 @@ def test_the_learned_prior_trains_at_its_own_learning_rate():
 def test_the_context_prior_sees_only_the_values_sent_before_each_position():
     """Raster order: position g's mixture is a function of positions < g alone, bit for bit."""
     torch.manual_seed(0)
-    prior = entropy.ContextMixturePrior(2, (4, 4)).double()
+    prior = priors.ContextMixturePrior(2, (4, 4)).double()
     z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     base = prior.params(z)
     for g in (0, 5, 15):
@@ -191,14 +194,14 @@ def test_context_tables_are_the_same_bits_in_any_batch(kind):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     if kind == "mixture":  # DDCL: signed integers, tables conditioned on the dither
-        prior = entropy.ContextMixturePrior(4, (4, 4))
+        prior = priors.ContextMixturePrior(4, (4, 4))
         u = (torch.rand(37, 4, 16) - 0.5) / 15
         values = rng.integers(-10, 10, (37, 16, 4))
 
         def tables(rows):
             return prior.tables(u[rows], 1 / 15)
     else:  # FSQ: levels of [8, 6, 6, 5]
-        prior = entropy.ContextCategoricalPrior([8, 6, 6, 5], (4, 4))
+        prior = priors.ContextCategoricalPrior([8, 6, 6, 5], (4, 4))
         values = rng.integers(0, 5, (37, 16, 4))
 
         def tables(rows):
@@ -206,11 +209,11 @@ def test_context_tables_are_the_same_bits_in_any_batch(kind):
     with torch.no_grad():
         for p in prior.parameters():
             p.normal_(0, 0.3)
-    batch = entropy.materialise(tables(slice(None)), values)
+    batch = coding.materialise(tables(slice(None)), values)
     for i in (0, 5, 36):
-        alone = entropy.materialise(tables(slice(i, i + 1)), values[i:i + 1])
+        alone = coding.materialise(tables(slice(i, i + 1)), values[i:i + 1])
         assert all(np.array_equal(a.probs[i], b.probs[0]) for a, b in zip(batch, alone))
-    bits, exact = entropy.stream_bits(values, tables(slice(None)))  # the stream decodes position by position
+    bits, exact = coding.stream_bits(values, tables(slice(None)))  # the stream decodes position by position
     assert exact and bits > 0
 
 
@@ -219,7 +222,7 @@ def test_context_categorical_bits_reach_the_symbol_and_its_context():
     reaches the level itself (slope to its neighbours) and the earlier levels it is predicted from,
     never the prior; the prior's bits train the prior only."""
     torch.manual_seed(0)
-    prior = entropy.ContextCategoricalPrior([5, 3], (2, 2))
+    prior = priors.ContextCategoricalPrior([5, 3], (2, 2))
     symbols = torch.tensor([[[1.0, 4.0, 2.0, 0.0], [0.0, 2.0, 1.0, 1.0]]], requires_grad=True)  # (1, C=2, P=4)
     enc, pri = prior.bits(symbols)
     logp = torch.log_softmax(prior.logits(symbols.detach()), -1) / math.log(2)  # (1, 2, 4, 5)
@@ -242,7 +245,7 @@ def test_context_bits_in_training_match_the_coded_integers_and_pay_on_correlated
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(n, 2, 1, generator=gen) * 0.5 + torch.randn(n, 2, 16, generator=gen) * 0.05  # (N, 2, 16)
     torch.manual_seed(0)
-    prior = entropy.ContextMixturePrior(2, (4, 4))
+    prior = priors.ContextMixturePrior(2, (4, 4))
     opt = torch.optim.Adam(prior.parameters(), lr=0.01)
     for _ in range(100):
         _, bits = prior.bits(z + (torch.rand_like(z) - 0.5) * delta, delta)
@@ -253,8 +256,8 @@ def test_context_bits_in_training_match_the_coded_integers_and_pay_on_correlated
         train_bits = prior.bits(z + (torch.rand(z.shape, generator=gen) - 0.5) * delta, delta)[0].sum((1, 2)).mean().item()
 
     def coded(q):
-        m = q(z.reshape(n, 2, 4, 4), seed=5).indices
-        bits, exact = entropy.stream_bits(q.coding_values(m).numpy(), q.coding_tables(n, 16, seed=5))
+        m = q(z.reshape(n, 2, 4, 4), seed=list(range(n))).indices
+        bits, exact = coding.stream_bits(q.coding_values(m).numpy(), q.coding_tables(n, 16, seed=list(range(n))))
         assert exact
         return bits
 

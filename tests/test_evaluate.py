@@ -1,22 +1,27 @@
-"""evaluate.py: one table, CompressAI-style JSON and a plot; clear errors for bad files."""
+"""evaluate.py: one table, BD lines, CompressAI-style JSON and a plot; clear errors for bad files;
+Bjontegaard deltas on curves whose answer is known."""
 import json
 
 import pytest
 import torch
 
+from bjontegaard import bd_psnr, bd_rate, interval, monotone, verdict
 from conftest import run_script
+from data import load_dataset
+from errors import cli
 from evaluate import evaluate
 from evaluate import main as evaluate_main
-from utils import load_checkpoint, load_dataset
+from quantizers import QUANTIZERS
+from utils import load_checkpoint
 
 
-@pytest.mark.parametrize("quantizer", ["fsq", "ddcl", "vq", "none", "vae"])
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_each_bottleneck_trains_and_round_trips_through_its_checkpoint(run_train, tmp_path, quantizer):
-    config, metrics = run_train(quantizer=quantizer, vq_codebook_size=64)
+    config, metrics = run_train(quantizer=quantizer, codebook_size=64, fsq_levels=[5, 4, 4])
     model, saved = load_checkpoint(str(tmp_path / "checkpoints" / f"{quantizer}_vae_best.pt"))
     assert saved == config
     train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
-    again = evaluate(model, val_u8, train_u8, batch_size=config["eval_batch_size"])
+    again = evaluate(model, val_u8, train_u8)
     assert again["mse"] == pytest.approx(metrics["mse"], rel=1e-5)
     assert again["bits"] == pytest.approx(metrics["bits"], rel=1e-6)
     indices = model.encode(val_u8[:4].float() / 255)
@@ -24,8 +29,10 @@ def test_each_bottleneck_trains_and_round_trips_through_its_checkpoint(run_train
         assert 0 <= indices.min() and indices.max() < model.quantizer.codebook_size
         assert metrics["rate_source"] == "bitstream" and metrics["roundtrip_exact"]
         assert 0 < metrics["codebook_usage"] <= 100 and metrics["perplexity"] >= 1
-    expected_source = {"fsq": "bitstream", "ddcl": "bitstream", "vq": "bitstream", "none": "float32", "vae": "KL"}
-    assert metrics["rate_source"] == expected_source[quantizer]
+    assert metrics["rate_source"] == {"none": "float32", "vae": "KL"}.get(quantizer, "bitstream")
+    if model.quantizer.has_indices:
+        x = val_u8[:5].float() / 255
+        assert torch.equal(model.decompress(model.compress(x, seed=4), seed=4), model.decode(model.encode(x, seed=4), seed=4))
     assert metrics["bpp"] == pytest.approx(metrics["bits"] / 1024)
 
 
@@ -65,25 +72,56 @@ def test_cli_refuses_non_checkpoints_and_foreign_configs(run_train, tmp_path, ca
     for argv, message in (([str(tmp_path / "foreign.pt")], "quantizer='rvq' is unknown"),
                           ([], "usage: python evaluate.py CHECKPOINT")):
         with pytest.raises(SystemExit) as exit_:
-            evaluate_main(argv)
+            cli(evaluate_main, "", argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_psnr_gain_at_equal_bits_interpolates_in_log_rate():
-    from evaluate import equal_bits_lines, psnr_gain_at_equal_bits
+def test_bd_rate_and_bd_psnr_of_curves_whose_answer_is_known():
+    rates, psnrs = [100.0, 150.0, 200.0, 300.0], [22.0, 23.5, 24.4, 25.6]
+    assert bd_rate([0.9 * r for r in rates], psnrs, rates, psnrs) == pytest.approx(-10.0)  # the notes' check
+    assert bd_rate([1.25 * r for r in rates], psnrs, rates, psnrs) == pytest.approx(25.0)
+    assert bd_psnr(rates, [p + 0.5 for p in psnrs], rates, psnrs) == pytest.approx(0.5)
+    assert bd_psnr(rates, psnrs, rates, psnrs) == pytest.approx(0.0) and bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0)
+    # a curve shifted by a constant in log rate is a constant PSNR shift for a line in log rate
+    line = [20 + 3 * __import__("math").log(r / 100) for r in rates]
+    assert bd_psnr(rates, line, [2 * r for r in rates], line) == pytest.approx(3 * __import__("math").log(2), rel=1e-6)
 
-    a = [{"bits": 100.0, "psnr": 22.0, "curve": "a"}, {"bits": 400.0, "psnr": 26.0, "curve": "a"}]
-    b = [{"bits": 200.0, "psnr": 23.0, "curve": "b"}, {"bits": 800.0, "psnr": 25.0, "curve": "b"}]
-    gain, lo, hi, inside_a, inside_b = psnr_gain_at_equal_bits(a, b)
-    # over log-bits [200, 400]: a goes 24 -> 26, b goes 23 -> 24; the mean difference is 1.5 dB
-    assert (lo, hi) == pytest.approx((200.0, 400.0)) and gain == pytest.approx(1.5, abs=1e-3)
-    assert (inside_a, inside_b) == (1, 1)  # a's 400 and b's 200 lie in [200, 400]
-    assert psnr_gain_at_equal_bits(a, [{"bits": 900.0, "psnr": 1.0}, {"bits": 999.0, "psnr": 2.0}]) is None
-    # the line says how many measured points of each curve lie in the compared range
-    assert equal_bits_lines(a + b) == ["a vs b at equal bits (200-400 bits/img, 1 + 1 measured points): +1.50 dB PSNR"]
-    denser = a + [{"bits": 300.0, "psnr": 25.5, "curve": "a"}]
-    assert equal_bits_lines(denser + b)[0].startswith("a vs b at equal bits (200-400 bits/img, 2 + 1 measured points)")
+
+def test_curves_that_do_not_overlap_get_no_number():
+    a = ([100.0, 120.0, 140.0], [20.0, 21.0, 22.0])
+    b = ([200.0, 250.0, 300.0], [25.0, 26.0, 27.0])
+    assert bd_psnr(*a, *b) is None and bd_rate(*a, *b) is None
+    c = ([200.0, 250.0, 300.0], [19.0, 20.0, 20.5])  # rates apart, PSNR overlapping: BD-rate only
+    assert bd_psnr(*a, *c) is None and bd_rate(*a, *c) is not None
+
+
+def test_a_noisy_curve_is_made_monotone_before_the_fit():
+    r, p = monotone([100.0, 150.0, 200.0], [23.0, 22.8, 24.0])
+    assert list(p) == pytest.approx([22.9, 22.9, 24.0])  # pooled, never falling with the rate
+    assert bd_rate([100.0, 150.0, 200.0], [23.0, 22.8, 24.0], [100.0, 150.0, 200.0], [22.0, 23.0, 24.0]) is not None
+
+
+def test_intervals_over_seeds_and_their_reading():
+    mean, lo, hi = interval([1.0, 2.0, 3.0])
+    half = 4.303 / 3 ** 0.5  # t(0.975, 2 degrees of freedom) x sd 1 / sqrt(3)
+    assert mean == 2.0 and (lo, hi) == pytest.approx((2.0 - half, 2.0 + half))
+    assert interval([5.0]) == (5.0, None, None)
+    assert verdict(-3.0, 1.0, True) == "level" and verdict(-3.0, -1.0, True) == "better" and verdict(1.0, 3.0, True) == "worse"
+
+
+def test_cli_says_why_two_curves_have_no_equal_bits_line(capsys):
+    from evaluate import comparison_lines
+
+    def row(curve, bits, psnr):
+        return {"curve": curve, "bits": bits, "psnr": psnr, "rate_source": "bitstream"}
+
+    rows = [row("a", 100, 20), row("a", 120, 21), row("b", 300, 25), row("b", 330, 26), row("c", 110, 20.5)]
+    lines = comparison_lines(rows)
+    assert lines[0] == "a vs b: the rates do not overlap (a 100-120 bits, b 300-330 bits): no equal-bits comparison"
+    assert lines[1].startswith("a vs c: no BD numbers, a curve needs 2 points or more")
+    both = comparison_lines([row("a", 100, 20), row("a", 200, 24), row("b", 110, 20.5), row("b", 220, 24.2)])
+    assert both[0].startswith("a vs b: BD-rate ") and "% bits at equal PSNR, BD-PSNR " in both[0]
 
 
 def test_learned_and_fitted_runs_of_one_bottleneck_are_separate_curves():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import utils
 from conftest import REPO, run_script, tiny_args, write_images
 from errors import CheckpointError, UserError
@@ -19,7 +20,7 @@ def test_sixteen_bit_greyscale_pngs_are_scaled_not_saturated(tmp_path):
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # really a 16-bit image
-    images = utils.load_image_folder(str(tmp_path))
+    images = data.load_image_folder(str(tmp_path))
     expected = np.round(ramp / 257.0)  # 65535 -> 255, as an 8-bit export would
     assert torch.equal(images[0, 0], images[0, 2])  # grey stays grey
     assert np.abs(images[0, 0].numpy().astype(float) - expected).max() <= 2  # bicubic resize to the same size
@@ -32,7 +33,7 @@ def test_decompression_bomb_is_skipped_with_a_warning(tmp_path, monkeypatch, cap
     # PIL refuses images above 2 x MAX_IMAGE_PIXELS (a 14,000 x 14,000 PNG by default); lower the
     # limit so a small file takes the same path
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)
-    images = utils.load_image_folder(str(tmp_path))
+    images = data.load_image_folder(str(tmp_path))
     assert images.shape[0] == 2
     err = capsys.readouterr().err
     assert "skipped 1 unreadable image(s)" in err and "huge.png" in err and "decompression-bomb limit" in err
@@ -40,35 +41,35 @@ def test_decompression_bomb_is_skipped_with_a_warning(tmp_path, monkeypatch, cap
 
 def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     write_images(tmp_path, 4, seed=0)
-    first = utils.load_image_folder(str(tmp_path))
-    assert os.path.isfile(utils.image_cache_path(str(tmp_path)))
+    first = data.load_image_folder(str(tmp_path))
+    assert os.path.isfile(data.image_cache_path(str(tmp_path)))
     calls = []
-    monkeypatch.setattr(utils, "_decode_all", lambda paths, size: calls.append(len(paths)) or [])
-    assert torch.equal(utils.load_image_folder(str(tmp_path)), first) and calls == []  # served from the cache
+    monkeypatch.setattr(data, "_decode_all", lambda paths, size: calls.append(len(paths)) or [])
+    assert torch.equal(data.load_image_folder(str(tmp_path)), first) and calls == []  # served from the cache
     monkeypatch.undo()
     write_images(tmp_path / "more", 1, seed=5)  # a new file changes the key
-    assert utils.load_image_folder(str(tmp_path)).shape[0] == 5
+    assert data.load_image_folder(str(tmp_path)).shape[0] == 5
     path = tmp_path / "0000.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(path)  # same name, new content and mtime
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
-    assert utils.load_image_folder(str(tmp_path))[0, 0].float().mean() == 255
+    assert data.load_image_folder(str(tmp_path))[0, 0].float().mean() == 255
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
     write_images(tmp_path, 3, seed=0)
-    first = utils.load_image_folder(str(tmp_path))
-    with open(utils.image_cache_path(str(tmp_path)), "wb") as f:
+    first = data.load_image_folder(str(tmp_path))
+    with open(data.image_cache_path(str(tmp_path)), "wb") as f:
         f.write(b"garbage")
-    assert torch.equal(utils.load_image_folder(str(tmp_path)), first)
+    assert torch.equal(data.load_image_folder(str(tmp_path)), first)
 
 
 def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
     write_images(tmp_path, 12, seed=3)
-    serial = utils.load_image_folder(str(tmp_path))
-    os.remove(utils.image_cache_path(str(tmp_path)))
-    monkeypatch.setattr(utils, "PARALLEL_DECODE_MIN", 1)
-    monkeypatch.setattr(utils, "DECODE_CHUNK", 5)
-    assert torch.equal(utils.load_image_folder(str(tmp_path)), serial)
+    serial = data.load_image_folder(str(tmp_path))
+    os.remove(data.image_cache_path(str(tmp_path)))
+    monkeypatch.setattr(data, "PARALLEL_DECODE_MIN", 1)
+    monkeypatch.setattr(data, "DECODE_CHUNK", 5)
+    assert torch.equal(data.load_image_folder(str(tmp_path)), serial)
 
 
 def test_checkpoint_calling_os_system_is_refused_for_safety(tmp_path):
@@ -84,36 +85,40 @@ def test_checkpoint_calling_os_system_is_refused_for_safety(tmp_path):
     assert "corrupt" not in str(err.value)
 
 
-def test_a_second_run_of_the_same_name_stops_while_the_first_lives(tmp_path, image_folder):
-    from process import RunLock
+@pytest.mark.parametrize("folder", ["checkpoints", "outputs"])
+def test_a_second_run_of_the_same_name_stops_while_the_first_lives(tmp_path, image_folder, folder):
+    """In either folder: two runs of one name with another checkpoint_dir still share output_dir."""
+    from runs import RunLock
 
-    lock = tmp_path / "checkpoints" / ".fsq.lock"
+    lock = tmp_path / folder / ".fsq.lock"
     lock.parent.mkdir()
-    with RunLock(str(lock), "run 'fsq'"):
+    with RunLock(str(lock), f"run 'fsq' in {str(lock.parent)!r}"):
         result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq"))
         assert result.returncode == 2
         line = result.stderr.strip()
-        assert line.startswith("error: run 'fsq' is already being trained by pid ") and "\n" not in line
+        assert line.startswith(f"error: run 'fsq' in {str(tmp_path / folder)!r} is in use by pid ") and "\n" not in line
         assert not os.path.exists(tmp_path / "checkpoints" / "fsq_vae_last.pt")
 
 
 def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
     lock = tmp_path / "r.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from process import RunLock\nwith RunLock(sys.argv[2], 'r'):\n print('held', flush=True); time.sleep(60)",
+                               "from runs import RunLock\nwith RunLock(sys.argv[2], 'r'):\n print('held', flush=True); time.sleep(60)",
                                REPO, str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from process import RunLock
-    with pytest.raises(UserError, match="already being trained"):
+    from runs import RunLock
+    with pytest.raises(UserError, match="is in use by pid"):
         RunLock(str(lock), "r").__enter__()
     holder.kill()
     holder.wait()
     with RunLock(str(lock), "r"):  # the kernel released the dead process's lock
         assert open(lock).read().strip() == f"pid {os.getpid()}"
+    assert not lock.exists()  # a holder that finishes removes it
 
 
 def test_output_to_a_file_has_plain_progress_lines(tmp_path, image_folder):
-    result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=2, log_interval=2))
+    result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=2, batch_size=1,
+                                               max_train_images=60))  # 60 steps: a line at step 50
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stdout + result.stderr  # no progress-bar redraws in a log
     steps = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 step ")]

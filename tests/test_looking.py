@@ -46,13 +46,14 @@ def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, mo
     draw = plots.plot_samples
 
     def spy(path, originals, columns, row_labels):
-        seen.update(originals=originals, runs=[r["run"] for r, _ in columns], labels=row_labels)
+        seen.update(originals=originals, runs=[r["run"] for r, _ in columns], bits=[r["bits"] for r, _ in columns],
+                    labels=row_labels)
         draw(path, originals, columns, row_labels)
 
     monkeypatch.setattr(evaluate, "plot_samples", spy)
     out = tmp_path / "rd"
     evaluate_main([str(p) for p in sorted(two_runs.glob("*_best.pt"))] + [f"--output_dir={out}"])
-    assert seen["runs"] == ["ddcl_a", "ddcl_b", "fsq"]
+    assert sorted(seen["runs"]) == ["ddcl_a", "ddcl_b", "fsq"] and seen["bits"] == sorted(seen["bits"])  # by rate
     assert len(seen["labels"]) == evaluate.SAMPLE_FIXED + evaluate.SAMPLE_HARDEST
     assert seen["labels"][:2] == ["val #0", "val #1"] and all("(hard)" in s for s in seen["labels"][evaluate.SAMPLE_FIXED:])
     sheet = Image.open(out / "rate_distortion_samples.png")
@@ -62,12 +63,13 @@ def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, mo
 def test_reconstructions_are_the_images_evaluate_scored(two_runs):
     import torch
 
+    from data import load_dataset
     from evaluate import model_outputs, reconstructions
-    from utils import load_checkpoint, load_dataset
+    from utils import load_checkpoint
 
     model, config = load_checkpoint(str(two_runs / "ddcl_a_vae_best.pt"))
     _, val = load_dataset(config["dataset"], config["data_dir"])
-    batch = 10  # several batches, so the dither seed of each pick matters
+    batch = 10  # several batches: each image's dither seed is its number in the split
     every = torch.cat([out.recon for _, out in model_outputs(model, val, batch)])
     picks = [0, 13, 27, 31]
     assert torch.equal(reconstructions(model, val, picks, batch), every[picks])

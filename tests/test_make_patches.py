@@ -14,6 +14,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import make_patches  # noqa: E402
+from errors import UserError  # noqa: E402
 
 TRAIN_RGB, TEST_RGB = (200, 30, 30), (30, 30, 200)
 
@@ -69,7 +70,7 @@ def test_wallpapers_set_refuses_a_changed_package(tmp_path, debs):
     pool = next(iter(make_patches.DEBS))
     path = debs / os.path.basename(pool)
     path.write_bytes(path.read_bytes() + b"x")
-    with pytest.raises(SystemExit, match="SHA-256"):
+    with pytest.raises(UserError, match="SHA-256"):
         make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
 
 
@@ -78,17 +79,17 @@ def test_failed_download_is_a_one_line_error(tmp_path, debs, monkeypatch):
         raise make_patches.urllib.error.URLError("no network")
 
     monkeypatch.setattr(make_patches.urllib.request, "urlopen", offline)
-    with pytest.raises(SystemExit, match="could not download .*no network.*--debs=DIR"):
+    with pytest.raises(UserError, match="could not download .*no network.*--debs=DIR"):
         make_patches.main([str(tmp_path / "out"), "--set=wallpapers"])
 
 
 def test_missing_package_and_unknown_set_are_one_line_errors(tmp_path, debs):
     os.remove(debs / os.path.basename(next(iter(make_patches.DEBS))))
-    with pytest.raises(SystemExit, match="download it from https://deb.debian.org"):
+    with pytest.raises(UserError, match="download it from https://deb.debian.org"):
         make_patches.main([str(tmp_path / "out"), "--set=wallpapers", f"--debs={debs}"])
-    with pytest.raises(SystemExit, match="unknown --set=photos"):
+    with pytest.raises(UserError, match="unknown --set=photos"):
         make_patches.main([str(tmp_path / "out"), "--set=photos"])
-    with pytest.raises(SystemExit, match="unknown config key 'sets'"):  # not ignored, building the other set
+    with pytest.raises(UserError, match="unknown option 'sets'"):  # not ignored, building the other set
         make_patches.main([str(tmp_path / "out"), "--sets=wallpapers"])
-    with pytest.raises(SystemExit, match="usage"):
+    with pytest.raises(UserError, match="usage"):
         make_patches.main(["--set=wallpapers"])

@@ -1,11 +1,11 @@
-"""Muon for the hidden convolution filters, Adam for the rest (optim.py), and how train.py groups them."""
+"""Muon for the hidden convolution filters, Adam for the rest (optim.py), and how they are grouped."""
 import pytest
 import torch
 
-import train
+from conftest import resolve
 from errors import ConfigError
-from models import model_args_from_config
-from optim import MuonAdam, orthogonalize
+from models import build_model, model_args_from_config
+from optim import MuonAdam, build_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (64, 576), (64, 36), (4, 64)])
@@ -49,9 +49,10 @@ def test_muon_groups_move_a_filter_by_its_orthogonalised_momentum():
 
 
 @pytest.mark.parametrize("optimizer, groups", [("muon", [False, True]), ("adam", [False])])
-def test_build_training_gives_the_filters_to_muon_and_the_rest_to_adam(optimizer, groups):
-    config = train.validate_config({**train.DEFAULT_CONFIG, "quantizer": "ddcl", "optimizer": optimizer})
-    model, opt, _ = train.build_training(model_args_from_config(config), config, torch.device("cpu"))
+def test_build_optimizer_gives_the_filters_to_muon_and_the_rest_to_adam(optimizer, groups):
+    config = resolve(["--quantizer=ddcl", f"--optimizer={optimizer}"])
+    model = build_model(model_args_from_config(config))
+    opt = build_optimizer(model, config)
     assert [g.get("muon", False) for g in opt.param_groups] == groups
     convs = [p for part in (model.encoder, model.decoder) for p in part.parameters() if p.dim() == 4]
     if optimizer == "muon":  # every filter but the first (reads pixels) and the last (writes pixels)
@@ -70,4 +71,4 @@ def test_build_training_gives_the_filters_to_muon_and_the_rest_to_adam(optimizer
 ])
 def test_bad_optimizer_knobs_are_one_clear_line(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.resolve_config(args)
+        resolve(args)

@@ -1,11 +1,12 @@
-"""Every bottleneck returns the same named result; FSQ and DDCL behave as their papers say."""
+"""Every bottleneck returns the same named result; FSQ and DDCL behave as their papers say; the
+library's other bottlenecks are wired the way their modules need."""
 import math
 
 import pytest
 import torch
 
 from models import build_model, model_args_from_config
-from quantizers import DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
+from quantizers import QUANTIZERS, DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
 
 FITTED = dict(entropy_model="fitted", rate_weight=0.0)
 
@@ -53,7 +54,7 @@ def test_ddcl_eval_error_is_uniform_and_independent_of_z():
     q = DDCL_Bottleneck(latent_dim=4, delta=delta, comm_weight=1e-3).eval()
     z = torch.linspace(-3, 3, 4096 * 64).reshape(4096, 4, 4, 4)  # deterministic, covers many bins
     z = z[torch.randperm(4096, generator=torch.Generator().manual_seed(0))]
-    out = q(z, seed=7)
+    out = q(z, seed=list(range(len(z))))  # a dither per image, as evaluate.py draws them
     err = (out.z_q - z).flatten()
     assert err.abs().max() <= delta / 2 + 1e-6
     # uniform: 10 equal bins each hold ~10% of the errors
@@ -75,7 +76,7 @@ def test_ddcl_eval_is_truly_discrete_and_decodable_from_seed():
     z = torch.randn(8, 4, 4, 4)
     out = q(z, seed=123)
     assert out.indices.dtype == torch.int64
-    assert torch.equal(out.indices.float(), torch.round((z + q.dither(z.shape, 123, z.device)) / q.delta))
+    assert torch.equal(out.indices.float(), torch.round((z + q.dither(z.shape[1:], 123, z.device)) / q.delta))
     assert torch.equal(q.decode_indices(out.indices, seed=123), out.z_q)
     assert not torch.equal(q.decode_indices(out.indices, seed=124), out.z_q)
     assert torch.equal(q(z, seed=123).z_q, out.z_q)  # the same seed gives the same dither
@@ -86,19 +87,28 @@ def test_ddcl_surrogate_upper_bounds_mid_tread_code_on_average():
     q = DDCL_Bottleneck(latent_dim=1, delta=1.0, comm_weight=0.0).eval()
     for value in (0.0, 0.3, 1.7, 5.2):
         z = torch.full((20000, 1, 1, 1), value)
-        m = q(z, seed=1).indices.float()
+        m = q(z, seed=list(range(len(z)))).indices.float()  # averaged over the dither: one per image
         assert torch.log2(2 * m.abs() + 1).mean().item() <= math.log2(2 * value + 1) + 1e-3
 
 
-@pytest.mark.parametrize("name", ["fsq", "ddcl", "vq", "none", "vae"])
+def model_of(name, **knobs):
+    from conftest import resolve
+
+    config = resolve([f"--quantizer={name}", "--channels=[8,8,16]", "--codebook_size=64", "--fsq_levels=[5,4,4]",
+                      *(f"--{k}={v}" for k, v in knobs.items())])
+    return build_model(model_args_from_config(config))
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
 def test_every_quantizer_plugs_into_the_model(name):
-    from train import DEFAULT_CONFIG
-    model = build_model(model_args_from_config({**DEFAULT_CONFIG, "quantizer": name, "channels": [8, 8, 16]}))
+    model = model_of(name)
     x = torch.rand(5, 3, 32, 32)
     out = model(x)
+    c = model.decoder.net[0].in_channels
     assert out.recon.shape == x.shape and 0 <= out.recon.min() and out.recon.max() <= 1
-    assert out.z_q.shape == (5, 4, 4, 4) and out.bits.shape == (5,) and out.aux_loss.dim() == 0
+    assert out.z_q.shape == (5, c, 4, 4) and out.bits.shape == (5,) and out.aux_loss.dim() == 0
     (out.recon.square().mean() + out.aux_loss).backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())  # the gradient reaches the encoder
     model.eval()
     indices = model.encode(x, seed=3)
     if model.quantizer.num_streams:
@@ -107,17 +117,58 @@ def test_every_quantizer_plugs_into_the_model(name):
         assert indices is None
 
 
-def test_vq_indices_in_range_and_usage_settings():
-    q = build_quantizer(dict(quantizer="vq", latent_dim=4, vq_codebook_size=32, vq_decay=0.9, **FITTED,
-                             vq_commitment_weight=0.5, vq_dead_code_threshold=1))
-    out = q(torch.randn(6, 4, 4, 4))
-    assert out.indices.shape == (6, 4, 4) and 0 <= out.indices.min() and out.indices.max() < 32
-    assert q.vq.commitment_weight == 0.5 and q.vq._codebook.threshold_ema_dead_code == 1
+@pytest.mark.parametrize("name", ["vq", "lfq", "fsp", "simvq", "rfsq"])
+def test_library_bottlenecks_read_the_channel_axis_and_decode_their_indices(name):
+    """Flipping the latent grid flips the codes: channels are dim 1, never confused with the width
+    (FSP, SimVQ and ResidualFSQ default to channel-last and would read a (B, 4, 4, 4) latent wrongly)."""
+    torch.manual_seed(0)
+    q = model_of(name).quantizer.eval()
+    z = torch.randn(6, q.in_channels, 4, 4)
+    out = q(z)
+    shape = (6, 4, 4) if q.num_streams == 1 else (6, q.num_streams, 4, 4)
+    assert out.indices.shape == shape and 0 <= out.indices.min() and out.indices.max() < q.codebook_size
+    assert torch.equal(q(z.flip(3)).indices, out.indices.flip(-1))
+    assert torch.allclose(q.decode_indices(out.indices), out.z_q, atol=1e-6)
+    assert q.fixed_length_bits(out.indices) == pytest.approx(16 * q.num_streams * math.log2(q.codebook_size))
+
+
+def test_residual_fsq_sends_one_code_per_stage_and_each_stage_refines():
+    q = model_of("rfsq", num_quantizers=3).quantizer.eval()
+    z = torch.randn(64, 3, 4, 4) * 0.5
+    out = q(z)
+    assert out.indices.shape == (64, 3, 4, 4) and q.num_streams == 3
+    first_only = q.decode_indices(torch.cat([out.indices[:, :1], torch.full_like(out.indices[:, 1:], 0)], 1))
+    assert (out.z_q - z).square().mean() < (first_only - z).square().mean()
+
+
+def test_fsp_perturbs_within_half_a_bin_in_training_and_sends_bin_centres_at_evaluation():
+    torch.manual_seed(0)
+    q = model_of("fsp").quantizer
+    z = torch.randn(32, 3, 4, 4)
+    centres = q.eval()(z).z_q
+    noisy = q.train()(z).z_q
+    assert not torch.equal(noisy, centres)  # the library's quantize_rate 0: every value perturbed
+    half_bin = 0.5 / torch.tensor([5.0, 4.0, 4.0])[None, :, None, None] / 0.28867513459481287  # in the decoder's units
+    assert ((noisy - centres).abs() <= 2 * half_bin + 1e-5).all()
+
+
+def test_vq_uses_the_constants_it_documents():
+    from library_quantizers import VQ_COMMITMENT_WEIGHT, VQ_DEAD_CODE_THRESHOLD
+
+    q = model_of("vq").quantizer
+    assert q.vq.commitment_weight == VQ_COMMITMENT_WEIGHT and q.vq._codebook.threshold_ema_dead_code == VQ_DEAD_CODE_THRESHOLD
 
 
 def test_vae_bits_are_the_kl_in_bits():
-    q = build_quantizer(dict(quantizer="vae", latent_dim=2, vae_kl_weight=1.0, **FITTED)).eval()
+    q = build_quantizer(dict(quantizer="vae", latent_dim=2, vae_kl_weight=1.0, fsq_levels=[8], codebook_size=2, **FITTED)).eval()
     mu, logvar = torch.full((1, 2, 4, 4), 1.0), torch.zeros(1, 2, 4, 4)
     out = q(torch.cat([mu, logvar], 1))
     assert out.bits.item() == pytest.approx(32 * 0.5 / math.log(2))  # 32 values of KL = mu^2/2 nats
     assert torch.equal(out.z_q, mu)
+
+
+def test_an_integer_seed_shares_the_dither_and_a_seed_per_image_gives_each_its_own():
+    q = DDCL_Bottleneck(latent_dim=2, delta=0.1, comm_weight=0.0)
+    shared, own = q.dither((2, 4, 4), 5, "cpu"), q.dither((2, 4, 4), [5, 6, 7], "cpu")
+    assert shared.shape == (2, 4, 4) and own.shape == (3, 2, 4, 4)
+    assert torch.equal(own[0], shared) and not torch.equal(own[1], own[0])

@@ -46,7 +46,7 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
 
 def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_path, image_folder):
     config, metrics = run_train(quantizer="ddcl")
-    assert config["curves_every"] == 0 and not (tmp_path / "outputs" / "ddcl_curves.png").exists()  # 0: never drawn
+    assert not (tmp_path / "outputs" / "ddcl_curves.png").exists()  # one epoch: no curves to draw
     code = (
         "import sys, json; from utils import load_checkpoint; from data import load_dataset; from evaluate import evaluate\n"
         f"model, config = load_checkpoint({str(tmp_path / 'checkpoints' / 'ddcl_vae_best.pt')!r})\n"
@@ -118,9 +118,10 @@ def test_corrupt_and_truncated_checkpoints(run_train, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
         load_checkpoint(str(tmp_path / "other.pt"))
+    from errors import cli
     from evaluate import main as evaluate_main
     with pytest.raises(SystemExit) as exit_:
-        evaluate_main([str(tmp_path / "trunc.pt")])
+        cli(evaluate_main, "", [str(tmp_path / "trunc.pt")])
     assert exit_.value.code == 2
 
 

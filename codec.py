@@ -1,0 +1,370 @@
+"""Whole photos to files with a trained checkpoint, and back; and the comparison with JPEG, WebP
+and AVIF at equal bytes.
+
+    python codec.py compress CKPT photo.png photo.bin      # any size; every byte of photo.bin is the rate
+    python codec.py decompress CKPT photo.bin photo_out.png
+    python codec.py evaluate CKPT [CKPT ...] --photos=DIR [--output_dir=outputs/codec] [--results=]
+
+The model is fully convolutional, so a photo is coded as one latent, an eighth of its size on each
+side (the photo padded to a multiple of 8 by repeating its edge), in one range-coded stream under
+the checkpoint's prior (fitted or learned; a context prior is tied to the 4x4 grid of a 32x32
+image and is refused). The decoder sees the whole latent: no block borders, one header.
+
+File format 1 (a 13-byte header, then the payload):
+
+    byte  0      0xA0 | FORMAT (this file's magic nibble and version)
+    bytes 1-4    width, height (big-endian uint16 each)
+    bytes 5-8    the first 4 bytes of the model's fingerprint (coding.fingerprint)
+    bytes 9-12   CRC-32 of (bytes 0-4, the whole fingerprint, the decoded integers)
+    bytes 13-    the range coder's payload, cut after the last byte the decoder needs
+
+A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
+prior each stop with one line. The integers decode the same on any machine (integer coding under
+float64 tables); the decoder network runs on one thread, so the pixels are the same bits for any
+thread count of the calling process on one machine (tested), and may differ in rounding across
+CPU types.
+
+`evaluate`: for every photo in DIR and every checkpoint, the file's bytes (bpp of the whole file),
+PSNR and SSIM, encode and decode megapixels per second; and Pillow's JPEG (optimised Huffman
+tables), WebP (method 6) and AVIF (aom, speed 4), each at the highest quality whose file is no
+larger than the model's, searched from quality 0, with no metadata (an embedded ICC profile alone
+is ~3 KB), plus each codec's curve over qualities for BD-rate against WebP. Writes
+OUTPUT_DIR/codec.json and codec.png (with --results=DIR, there instead).
+"""
+import binascii
+import io
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import coding
+from bjontegaard import bd_psnr, bd_rate
+from errors import BitstreamError, ConfigError, DataError, cli
+from metrics import psnr_per_image, ssim_per_image
+from models import DOWNSCALE
+from utils import atomic_write, load_checkpoint, parse_overrides, save_json
+
+MAGIC = 0xA
+FORMAT = 1
+HEADER = 13
+SEED = 0  # DDCL's dither seed for every file: both sides know it
+MAX_SIDE = 65535  # the header's uint16
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CLASSICAL = {  # Pillow's save options at their best for small files (../shared/notes: search quality from 0)
+    "jpeg": dict(format="JPEG", optimize=True),
+    "webp": dict(format="WEBP", method=6),
+    "avif": dict(format="AVIF", speed=4),
+}
+CURVE_QUALITIES = (0, 2, 5, 10, 15, 20, 30, 40, 50, 60, 75)
+EVAL_DEFAULTS = dict(photos="", output_dir="outputs/codec", results="", device="cpu")
+
+
+@contextmanager
+def one_thread():
+    """Run the decoder network on one thread: convolution sums may be ordered by the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_photo(path):
+    """A photo file -> uint8 (H, W, 3), turned upright by its EXIF orientation."""
+    from PIL import Image, ImageOps
+
+    from data import _to_8bit_rgb
+
+    try:
+        with Image.open(path) as img:
+            rgb = _to_8bit_rgb(ImageOps.exif_transpose(img))
+    except FileNotFoundError:
+        raise DataError(f"no photo at {str(path)!r}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path} is not a photo Pillow can read ({type(err).__name__}: {str(err)[:80]})") from None
+    if max(rgb.shape[:2]) > MAX_SIDE:
+        raise DataError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}: the format holds sides up to {MAX_SIDE} pixels")
+    return rgb
+
+
+def _to_tensor(rgb, device):
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def _coder(model):
+    q = model.quantizer
+    if not q.has_indices:
+        raise ConfigError(f"this checkpoint's bottleneck ({type(q).__name__}) sends no integers: nothing to code")
+    if getattr(q.prior, "sequential", False):
+        raise ConfigError("this checkpoint has a context prior, which is tied to the 4x4 latent of a 32x32 image; "
+                          "codec.py needs a fitted or learned prior")
+    return q
+
+
+def _crc(header, full_fingerprint, values):
+    data = header + full_fingerprint + np.ascontiguousarray(values, dtype="<i8").tobytes()
+    return binascii.crc32(data).to_bytes(4, "big")
+
+
+def _latent_hw(width, height):
+    return -(-height // DOWNSCALE), -(-width // DOWNSCALE)
+
+
+@torch.no_grad()
+def encode_photo(model, rgb):
+    """uint8 (H, W, 3) -> the file's bytes."""
+    q = _coder(model)
+    height, width = rgb.shape[:2]
+    device = next(model.parameters()).device
+    x = _to_tensor(rgb, device)
+    h, w = _latent_hw(width, height)
+    x = F.pad(x, (0, w * DOWNSCALE - width, 0, h * DOWNSCALE - height), mode="replicate")
+    model.eval()
+    indices = q(model.encoder(x), seed=SEED).indices
+    values = q.coding_values(indices).cpu().numpy()
+    payload = coding.encode_payloads(values, q.coding_tables(1, h * w, SEED))[0]
+    fingerprint = coding.fingerprint(model)
+    header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
+    return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
+
+
+@torch.no_grad()
+def decode_photo(model, blob):
+    """The file's bytes -> uint8 (H, W, 3); BitstreamError names what is wrong with a bad file."""
+    q = _coder(model)
+    if len(blob) < HEADER:
+        raise BitstreamError(f"the file has {len(blob)} bytes, fewer than the {HEADER}-byte header: truncated")
+    if blob[0] >> 4 != MAGIC:
+        raise BitstreamError("the file does not start with codec.py's magic: not written by `python codec.py compress`")
+    if blob[0] & 0xF != FORMAT:
+        raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
+    width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
+    fingerprint = coding.fingerprint(model)
+    if blob[5:9] != fingerprint[:4]:
+        raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
+                             f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
+    h, w = _latent_hw(width, height)
+    values, readable = coding.decode_payloads([bytes(blob[HEADER:])], q.coding_tables(1, h * w, SEED))
+    if not readable[0] or _crc(bytes(blob[:5]), fingerprint, values[0]) != bytes(blob[9:13]):
+        raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
+    device = next(model.parameters()).device
+    indices = q.indices_from_values(torch.from_numpy(values), (h, w)).to(device)
+    with one_thread():
+        image = model.decode(indices, seed=SEED)[0, :, :height, :width]
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _model(path, device="cpu"):
+    model, _ = load_checkpoint(path, device)
+    return model
+
+
+def compress_file(checkpoint, source, target):
+    blob = encode_photo(_model(checkpoint), read_photo(source))
+    atomic_write(target, lambda f: f.write(blob))
+    return len(blob)
+
+
+def decompress_file(checkpoint, source, target):
+    from PIL import Image
+
+    try:
+        blob = Path(source).read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {source}: {err.strerror}") from None
+    image = Image.fromarray(decode_photo(_model(checkpoint), blob))
+    atomic_write(target, lambda f: image.save(f, format="PNG"))
+    return image.size
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def quality(a_u8, b_u8):
+    """(PSNR, SSIM) of two uint8 (H, W, 3) images."""
+    a, b = _to_tensor(a_u8, "cpu"), _to_tensor(b_u8, "cpu")
+    return float(psnr_per_image(a, b)[0]), float(ssim_per_image(a, b)[0])
+
+
+def classical(rgb, codec, q):
+    """(file bytes, decoded uint8 image, encode s, decode s) of Pillow's `codec` at quality q."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)  # no metadata: nothing but the picture is counted
+    buffer = io.BytesIO()
+    t0 = time.perf_counter()
+    image.save(buffer, quality=q, **CLASSICAL[codec])
+    t1 = time.perf_counter()
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    return buffer.getvalue(), decoded, t1 - t0, time.perf_counter() - t1
+
+
+def at_most(rgb, codec, budget):
+    """The highest quality whose file has at most `budget` bytes (bisection from 0; sizes rise with
+    quality), as a result row; with `reached` False when even quality 0 is larger."""
+    lo, hi, best = 0, 100, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        blob, _, _, _ = classical(rgb, codec, mid)
+        if len(blob) <= budget:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return row(rgb, codec, 0 if best is None else best, reached=best is not None)
+
+
+def row(rgb, codec, q, reached=True):
+    blob, decoded, enc, dec = classical(rgb, codec, q)
+    psnr, ssim = quality(rgb, decoded)
+    pixels = rgb.shape[0] * rgb.shape[1]
+    return {"codec": codec, "quality": q, "bytes": len(blob), "bpp": 8 * len(blob) / pixels, "psnr": psnr, "ssim": ssim,
+            "reached": reached, "encode_mp_s": pixels / 1e6 / enc, "decode_mp_s": pixels / 1e6 / dec}
+
+
+def model_row(model, name, rgb):
+    t0 = time.perf_counter()
+    blob = encode_photo(model, rgb)
+    t1 = time.perf_counter()
+    decoded = decode_photo(model, blob)
+    t2 = time.perf_counter()
+    psnr, ssim = quality(rgb, decoded)
+    pixels = rgb.shape[0] * rgb.shape[1]
+    return {"codec": name, "bytes": len(blob), "bpp": 8 * len(blob) / pixels, "psnr": psnr, "ssim": ssim,
+            "encode_mp_s": pixels / 1e6 / (t1 - t0), "decode_mp_s": pixels / 1e6 / (t2 - t1)}
+
+
+def tiled_row(model, name, rgb):
+    """The same photo as 32x32 tiles, one `model.compress` string each (3-byte header per tile,
+    no context across tile borders) plus this format's header: what the whole-image latent saves."""
+    height, width = rgb.shape[:2]
+    x = F.pad(_to_tensor(rgb, "cpu"), (0, -width % 32, 0, -height % 32), mode="replicate")
+    rows, cols = x.shape[2] // 32, x.shape[3] // 32
+    tiles = x.reshape(3, rows, 32, cols, 32).permute(1, 3, 0, 2, 4).reshape(-1, 3, 32, 32)
+    device = next(model.parameters()).device
+    strings = model.compress(tiles.to(device), seed=SEED)
+    with one_thread():
+        back = model.decompress(strings, seed=SEED).cpu()
+    image = back.reshape(rows, cols, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, rows * 32, cols * 32)[:, :height, :width]
+    decoded = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    psnr, ssim = quality(rgb, decoded)
+    size = HEADER + sum(len(s) for s in strings)
+    return {"codec": f"{name} (32x32 tiles)", "bytes": size, "bpp": 8 * size / (height * width), "psnr": psnr, "ssim": ssim}
+
+
+def mean_curve(rows):
+    """{codec: [(mean bpp, mean PSNR)] over photos, one point per quality (or checkpoint)}."""
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["codec"], {}).setdefault(r.get("quality", r.get("checkpoint")), []).append((r["bpp"], r["psnr"]))
+    return {c: sorted((float(np.mean([p[0] for p in pts])), float(np.mean([p[1] for p in pts]))) for pts in by.values())
+            for c, by in curves.items()}
+
+
+def evaluate_photos(checkpoints, opts):
+    folder = opts["photos"]
+    photos = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in PHOTO_EXTENSIONS) if os.path.isdir(folder) else []
+    if not photos:
+        raise DataError(f"--photos={folder!r} holds no .png/.jpg photos (scripts/make_patches.py writes OUT/photos/)")
+    models = {}
+    for path in checkpoints:
+        model = _model(path, opts["device"])
+        _coder(model)
+        q = model.quantizer  # a curve per bottleneck and prior; its checkpoints are the points
+        models[path] = (model, q_name(load_checkpoint(path)[1], q))
+    equal_bytes, curve_rows = [], []
+    for photo in photos:
+        rgb = read_photo(photo)
+        for path, (model, name) in models.items():
+            ours = {**model_row(model, name, rgb), "checkpoint": path, "settings": model.quantizer.settings(),
+                    "photo": photo.name}
+            curve_rows += [ours, {**tiled_row(model, name, rgb), "checkpoint": path, "photo": photo.name}]
+            equal_bytes.append({**ours, "classical": {c: at_most(rgb, c, ours["bytes"]) for c in CLASSICAL}})
+            print(line_of(equal_bytes[-1]), flush=True)
+        curve_rows += [{**row(rgb, c, q), "photo": photo.name} for c in CLASSICAL for q in CURVE_QUALITIES]
+    return photos, equal_bytes, curve_rows
+
+
+def q_name(config, q):
+    return config["quantizer"] + ("" if q.entropy_model == "fitted" else "_" + q.entropy_model)
+
+
+def line_of(r):
+    parts = [f"{r['photo']}: {r['codec']} ({r['settings']}) {r['bytes']} B ({r['bpp']:.3f} bpp) {r['psnr']:.2f} dB"]
+    for c, other in r["classical"].items():
+        gap = r["psnr"] - other["psnr"]
+        parts.append(f"{c} q{other['quality']} {other['bytes']} B {other['psnr']:.2f} dB ({gap:+.2f})" if other["reached"]
+                     else f"{c} cannot reach it (smallest {other['bytes']} B, {other['psnr']:.2f} dB)")
+    return " | ".join(parts)
+
+
+def summary(photos, equal_bytes, curve_rows):
+    curves = mean_curve(curve_rows)
+    bd = {}
+    for name in {r["codec"] for r in curve_rows} - set(CLASSICAL):
+        rates, psnrs = zip(*curves[name]) if len(curves[name]) else ((), ())
+        w_rates, w_psnrs = zip(*curves["webp"])
+        bd[name] = {"bd_rate_vs_webp": bd_rate(rates, psnrs, w_rates, w_psnrs),
+                    "bd_psnr_vs_webp": bd_psnr(rates, psnrs, w_rates, w_psnrs)}
+    speed = {}
+    for r in curve_rows:
+        if "encode_mp_s" in r:
+            speed.setdefault(r["codec"], []).append((r["encode_mp_s"], r["decode_mp_s"]))
+    speed = {c: {"encode_mp_s": float(np.median([s[0] for s in v])), "decode_mp_s": float(np.median([s[1] for s in v]))}
+             for c, v in speed.items()}
+    return {"photos": [p.name for p in photos], "equal_bytes": equal_bytes, "curves": curves, "bd_vs_webp": bd,
+            "speed_median": speed, "threads": torch.get_num_threads(), "curve_rows": curve_rows}
+
+
+def plot(path, result):
+    from plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for name, pts in sorted(result["curves"].items()):
+        style = "--" if name in CLASSICAL else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=name)
+    ax.set(xlabel="bits per pixel of the whole file (mean over photos)", ylabel="PSNR (dB, mean over photos)",
+           title=f"Whole photos, every byte counted ({len(result['photos'])} held-out photos)")
+    top = max(r["bpp"] for r in result["equal_bytes"]) * 2.5
+    ax.set_xlim(0, top)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(path, fig)
+
+
+def evaluate_main(argv):
+    checkpoints = [a for a in argv if not a.startswith("--")]
+    opts, _ = parse_overrides([a for a in argv if a.startswith("--")], EVAL_DEFAULTS)
+    if not checkpoints:
+        raise ConfigError("usage: python codec.py evaluate CHECKPOINT [...] --photos=DIR (see --help)")
+    photos, equal_bytes, curve_rows = evaluate_photos(checkpoints, opts)
+    result = summary(photos, equal_bytes, curve_rows)
+    out = opts["results"] or opts["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, "codec.json"), result)
+    plot(os.path.join(out, "codec.png"), result)
+    for name, bd in sorted(result["bd_vs_webp"].items()):
+        rate = "no overlap" if bd["bd_rate_vs_webp"] is None else f"{bd['bd_rate_vs_webp']:+.1f}%"
+        print(f"{name}: BD-rate against WebP {rate} (mean curves over the photos)")
+    print(f"wrote {out}/codec.json and codec.png")
+
+
+def main(argv):
+    commands = {"compress": compress_file, "decompress": decompress_file}
+    if argv and argv[0] == "evaluate":
+        return evaluate_main(argv[1:])
+    if len(argv) != 4 or argv[0] not in commands:
+        raise ConfigError("usage: python codec.py compress|decompress CHECKPOINT SOURCE TARGET, or "
+                          "python codec.py evaluate CHECKPOINT [...] --photos=DIR (see --help)")
+    done = commands[argv[0]](*argv[1:])
+    print(f"wrote {argv[3]} ({done} bytes)" if argv[0] == "compress" else f"wrote {argv[3]} ({done[0]}x{done[1]})")
+
+
+if __name__ == "__main__":
+    cli(main, __doc__, sys.argv[1:])

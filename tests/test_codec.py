@@ -1,0 +1,139 @@
+"""codec.py: whole photos to files and back, every byte counted; bad files are one line; the
+same file decodes to the same pixels whatever the thread count."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import codec
+from conftest import REPO, run_script
+from errors import BitstreamError, ConfigError, DataError
+from utils import load_checkpoint
+
+
+def photo(path, width, height, seed=0):
+    """A smooth photo-like image of any size."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
+    small.resize((width, height), Image.BILINEAR).save(path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(run_train, tmp_path):
+    def make(**knobs):
+        config, _ = run_train(**knobs)
+        return str(tmp_path / "checkpoints" / f"{config['run_name'] or config['quantizer']}_vae_best.pt")
+
+    return make
+
+
+@pytest.mark.parametrize("knobs", [dict(quantizer="fsq"), dict(quantizer="ddcl", entropy_model="learned"),
+                                   dict(quantizer="rfsq", fsq_levels=[4, 3, 3]), dict(quantizer="vq", codebook_size=32)])
+def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, knobs):
+    ck = checkpoint(**knobs)
+    src = photo(tmp_path / "p.png", 45, 37)
+    size = codec.compress_file(ck, src, tmp_path / "p.bin")
+    assert size == os.path.getsize(tmp_path / "p.bin") and size > codec.HEADER
+    codec.decompress_file(ck, tmp_path / "p.bin", tmp_path / "back.png")
+    back = np.asarray(Image.open(tmp_path / "back.png"))
+    assert back.shape == (37, 45, 3)
+    model, _ = load_checkpoint(ck)
+    x = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate")  # to 48 x 40
+    with codec.one_thread():
+        expected = model.decode(model.encode(x, seed=codec.SEED), seed=codec.SEED)[0, :, :37, :45]
+    assert np.array_equal(back, (expected.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+DECODE = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(int(sys.argv[1]))
+import codec
+codec.decompress_file(sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+
+def test_a_file_decodes_to_the_same_pixels_in_another_process_with_other_threads(checkpoint, tmp_path):
+    ck = checkpoint(quantizer="fsq", channels=[16, 32, 64])
+    codec.compress_file(ck, photo(tmp_path / "p.png", 200, 120, seed=3), tmp_path / "p.bin")
+    outs = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}.png"
+        done = subprocess.run([sys.executable, "-c", DECODE.format(repo=REPO), str(threads), ck, str(tmp_path / "p.bin"),
+                               str(out)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        assert done.returncode == 0, done.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_bad_files_and_bad_checkpoints_are_one_line(checkpoint, tmp_path):
+    ck = checkpoint(quantizer="fsq")
+    codec.compress_file(ck, photo(tmp_path / "p.png", 40, 40), tmp_path / "p.bin")
+    blob = (tmp_path / "p.bin").read_bytes()
+    model, _ = load_checkpoint(ck)
+    cases = [(blob[:5], "fewer than the 13-byte header"), (blob[:-2], "fails its checksum"),
+             (blob[:14] + bytes([blob[14] ^ 0x40]) + blob[15:], "fails its checksum"),
+             (b"\x89PNG" + blob[4:], "not written by `python codec.py compress`"),
+             (bytes([blob[0] + 1]) + blob[1:], "codec format 2; this code reads format 1")]
+    for bad, message in cases:
+        with pytest.raises(BitstreamError, match=message):
+            codec.decode_photo(model, bad)
+    other = checkpoint(quantizer="fsq", run_name="other", seed=7)
+    with pytest.raises(BitstreamError, match="written with another model"):
+        codec.decode_photo(load_checkpoint(other)[0], blob)
+    context = checkpoint(quantizer="fsq", entropy_model="context", run_name="ctx")
+    with pytest.raises(ConfigError, match="context prior, which is tied to the 4x4 latent"):
+        codec.compress_file(context, tmp_path / "p.png", tmp_path / "c.bin")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="is not a photo Pillow can read"):
+        codec.compress_file(ck, tmp_path / "notes.txt", tmp_path / "n.bin")
+    (tmp_path / "cut.bin").write_bytes(blob[:-3])
+    result = run_script("codec.py", "decompress", ck, str(tmp_path / "cut.bin"), str(tmp_path / "never.png"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: the file fails its checksum: it is truncated or corrupted"]
+    assert not (tmp_path / "never.png").exists()  # no half-written output
+    result = run_script("codec.py", "squash", ck)
+    assert result.returncode == 2 and "usage: python codec.py compress|decompress" in result.stderr
+
+
+def test_a_checkpoint_without_a_prior_says_how_to_get_one(checkpoint, tmp_path):
+    from utils import read_checkpoint, save_checkpoint
+
+    ck = checkpoint(quantizer="fsq")
+    model, _ = load_checkpoint(ck)
+    model.quantizer.fitted_prior = None
+    save_checkpoint(ck, {**read_checkpoint(ck), "model": model.state_dict()})
+    with pytest.raises(Exception, match="--save_prior=True"):
+        codec.compress_file(ck, photo(tmp_path / "p.png", 32, 32), tmp_path / "p.bin")
+
+
+def test_evaluate_sets_each_checkpoint_against_jpeg_webp_and_avif(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        photo(folder / f"{i}.png", 96, 64, seed=i)
+    cks = [checkpoint(quantizer="fsq", fsq_levels=levels, run_name=name)
+           for name, levels in (("a", [5, 4, 4]), ("b", [8, 6, 6, 5]))]
+    codec.main(["evaluate", *cks, f"--photos={folder}", f"--output_dir={tmp_path / 'out'}"])
+    result = json.load(open(tmp_path / "out" / "codec.json"))
+    assert result["photos"] == ["0.png", "1.png"] and len(result["equal_bytes"]) == 4
+    for r in result["equal_bytes"]:
+        assert r["bytes"] * 8 / (96 * 64) == pytest.approx(r["bpp"])
+        for c, other in r["classical"].items():
+            assert other["bytes"] <= r["bytes"] or not other["reached"]
+    assert set(result["curves"]) == {"fsq", "fsq (32x32 tiles)", "jpeg", "webp", "avif"}
+    assert len(result["curves"]["fsq"]) == 2  # one point per checkpoint
+    assert set(result["speed_median"]) == {"fsq", "jpeg", "webp", "avif"}
+    assert set(result["bd_vs_webp"]) == {"fsq", "fsq (32x32 tiles)"}
+    assert (tmp_path / "out" / "codec.png").stat().st_size > 1000
+    assert "BD-rate against WebP" in capsys.readouterr().out
+    with pytest.raises(DataError, match="holds no .png/.jpg photos"):
+        codec.main(["evaluate", cks[0], f"--photos={tmp_path / 'none'}"])
