@@ -351,7 +351,8 @@ def evaluate_main(argv):
     plot(os.path.join(out, "codec.png"), result)
     for name, bd in sorted(result["bd_vs_webp"].items()):
         rate = "no overlap" if bd["bd_rate_vs_webp"] is None else f"{bd['bd_rate_vs_webp']:+.1f}%"
-        print(f"{name}: BD-rate against WebP {rate} (mean curves over the photos)")
+        psnr = "no overlap" if bd["bd_psnr_vs_webp"] is None else f"{bd['bd_psnr_vs_webp']:+.2f} dB"
+        print(f"{name}: against WebP, BD-rate {rate}, BD-PSNR {psnr} (mean curves over the photos)")
     print(f"wrote {out}/codec.json and codec.png")
 
 

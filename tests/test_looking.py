@@ -90,3 +90,57 @@ def test_notebook_runs_top_to_bottom(two_runs, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "decode(encode(x)) equals the model's reconstruction: True" in text
     assert "ddcl_a" in text and "fsq" in text
+
+
+def captured_figure(monkeypatch):
+    import plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "save_figure", lambda path, fig: seen.update(fig=fig))
+    return seen
+
+
+def test_curves_have_a_title_labelled_axes_and_whole_epochs(monkeypatch):
+    import plots
+
+    seen = captured_figure(monkeypatch)
+    rows = [{"epoch": e, "train_loss": 0.01 / e, "val_loss": 0.012 / e, "val_mse": 0.011 / e, "val_psnr": 20 + e,
+             "val_bits": 150.0 + e, "val_bits_estimate": 160.0, "val_rate_source": "bitstream"} for e in (1, 2, 3)]
+    plots.plot_curves("unused.png", rows, "fsq")
+    fig = seen["fig"]
+    assert fig._suptitle.get_text() == "fsq: training curves"
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_ylabel() and ax.get_xlabel() == "epoch"
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_the_rd_plot_keeps_the_coded_range_and_draws_references_as_lines(monkeypatch):
+    import plots
+
+    seen = captured_figure(monkeypatch)
+
+    def row(run, curve, bits, psnr, source="bitstream"):
+        return {"run": run, "curve": curve, "quantizer": curve, "bits": bits, "psnr": psnr, "rate_source": source}
+
+    plots.plot_rate_distortion("unused.png", [row("a", "fsq", 120, 23), row("b", "fsq", 180, 25), row("c", "ddcl", 150, 24),
+                                              row("none", "none", 2048, 27, "float32"), row("vae", "vae", 150, 26, "KL")])
+    ax = seen["fig"].axes[0]
+    assert ax.get_xscale() == "linear" and ax.get_xlim()[1] < 500  # 2,048 float bits do not squeeze the curves
+    assert not [t for t in ax.texts if t.get_text() in ("a", "b", "c")]  # no point labels to collide
+    assert any("not a code length" in t.get_text() for t in ax.texts) and len(ax.lines) == 4  # 2 curves, 2 references
+
+
+def test_the_samples_sheet_calls_a_kl_a_kl(monkeypatch):
+    import torch
+
+    import plots
+
+    seen = captured_figure(monkeypatch)
+    x = torch.rand(2, 3, 32, 32)
+    rows = [{"run": "vae", "bits": 147.0, "psnr": 26.0, "rate_source": "KL"},
+            {"run": "fsq", "bits": 150.0, "psnr": 24.0, "rate_source": "bitstream"}]
+    plots.plot_samples("unused.png", x, [(r, x) for r in rows], ["a", "b"])
+    titles = [ax.get_title() for ax in seen["fig"].axes[1:3]]
+    assert titles == ["vae\nKL 147 bits, 26.00 dB", "fsq\n150 bits, 24.00 dB"]
