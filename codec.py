@@ -5,10 +5,11 @@ and AVIF at equal bytes.
     python codec.py decompress CKPT photo.bin photo_out.png
     python codec.py evaluate CKPT [CKPT ...] --photos=DIR [--output_dir=outputs/codec] [--results=]
 
-The model is fully convolutional, so a photo is coded as one latent, an eighth of its size on each
-side (the photo padded to a multiple of 8 by repeating its edge), in one range-coded stream under
-the checkpoint's prior (fitted or learned; a context prior is tied to the 4x4 grid of a 32x32
-image and is refused). The decoder sees the whole latent: no block borders, one header.
+A photo is coded as the 32x32 blocks the model was trained on (padded to whole blocks by repeating
+its edge), all of their integers in one range-coded stream under the checkpoint's prior (fitted,
+learned or context) behind one header: no per-block header, one final partial byte. One latent for
+the whole photo was measured and not kept: the model, trained on 32x32 crops, reconstructs interior
+positions worse than the blocks it knows (docs/codec.md).
 
 File format 1 (a 13-byte header, then the payload):
 
@@ -16,7 +17,8 @@ File format 1 (a 13-byte header, then the payload):
     bytes 1-4    width, height (big-endian uint16 each)
     bytes 5-8    the first 4 bytes of the model's fingerprint (coding.fingerprint)
     bytes 9-12   CRC-32 of (bytes 0-4, the whole fingerprint, the decoded integers)
-    bytes 13-    the range coder's payload, cut after the last byte the decoder needs
+    bytes 13-    the range coder's payload: blocks in raster order, group by group, cut after
+                 the last byte the decoder needs
 
 A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
 prior each stop with one line. The integers decode the same on any machine (integer coding under
@@ -47,13 +49,16 @@ import coding
 from bjontegaard import bd_psnr, bd_rate
 from errors import BitstreamError, ConfigError, DataError, cli
 from metrics import psnr_per_image, ssim_per_image
-from models import DOWNSCALE
+from bottleneck import LATENT_HW
 from utils import atomic_write, load_checkpoint, parse_overrides, save_json
 
 MAGIC = 0xA
 FORMAT = 1
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
+BLOCK = 32  # the photo is coded as the 32x32 images the model was trained on
+POSITIONS = LATENT_HW[0] * LATENT_HW[1]  # latent positions per block
+PER_BLOCK = " (a string per block)"  # the curve of model.compress's strings: in codec.json, not drawn
 MAX_SIDE = 65535  # the header's uint16
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CLASSICAL = {  # Pillow's save options at their best for small files (../shared/notes: search quality from 0)
@@ -102,9 +107,6 @@ def _coder(model):
     q = model.quantizer
     if not q.has_indices:
         raise ConfigError(f"this checkpoint's bottleneck ({type(q).__name__}) sends no integers: nothing to code")
-    if getattr(q.prior, "sequential", False):
-        raise ConfigError("this checkpoint has a context prior, which is tied to the 4x4 latent of a 32x32 image; "
-                          "codec.py needs a fitted or learned prior")
     return q
 
 
@@ -113,8 +115,20 @@ def _crc(header, full_fingerprint, values):
     return binascii.crc32(data).to_bytes(4, "big")
 
 
-def _latent_hw(width, height):
-    return -(-height // DOWNSCALE), -(-width // DOWNSCALE)
+def to_blocks(x):
+    """(1, 3, H, W) -> (N, 3, 32, 32) blocks in raster order, the photo padded to whole blocks by
+    repeating its last row and column; and the (rows, columns) of blocks."""
+    height, width = x.shape[2:]
+    x = F.pad(x, (0, -width % BLOCK, 0, -height % BLOCK), mode="replicate")
+    rows, cols = x.shape[2] // BLOCK, x.shape[3] // BLOCK
+    return x.reshape(3, rows, BLOCK, cols, BLOCK).permute(1, 3, 0, 2, 4).reshape(-1, 3, BLOCK, BLOCK), (rows, cols)
+
+
+def from_blocks(blocks, grid, height, width):
+    """(N, 3, 32, 32) -> uint8 (H, W, 3): the blocks put back and the padding cut off."""
+    rows, cols = grid
+    image = blocks.reshape(rows, cols, 3, BLOCK, BLOCK).permute(2, 0, 3, 1, 4).reshape(3, rows * BLOCK, cols * BLOCK)
+    return (image[:, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 @torch.no_grad()
@@ -122,14 +136,10 @@ def encode_photo(model, rgb):
     """uint8 (H, W, 3) -> the file's bytes."""
     q = _coder(model)
     height, width = rgb.shape[:2]
-    device = next(model.parameters()).device
-    x = _to_tensor(rgb, device)
-    h, w = _latent_hw(width, height)
-    x = F.pad(x, (0, w * DOWNSCALE - width, 0, h * DOWNSCALE - height), mode="replicate")
+    blocks, _ = to_blocks(_to_tensor(rgb, next(model.parameters()).device))
     model.eval()
-    indices = q(model.encoder(x), seed=SEED).indices
-    values = q.coding_values(indices).cpu().numpy()
-    payload = coding.encode_payloads(values, q.coding_tables(1, h * w, SEED))[0]
+    values = q.coding_values(model.encode(blocks, seed=SEED)).cpu().numpy()  # (N, G, 16)
+    payload = coding.encode_batch(values, q.coding_tables(len(blocks), POSITIONS, SEED))
     fingerprint = coding.fingerprint(model)
     header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
     return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
@@ -150,15 +160,14 @@ def decode_photo(model, blob):
     if blob[5:9] != fingerprint[:4]:
         raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
                              f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
-    h, w = _latent_hw(width, height)
-    values, readable = coding.decode_payloads([bytes(blob[HEADER:])], q.coding_tables(1, h * w, SEED))
-    if not readable[0] or _crc(bytes(blob[:5]), fingerprint, values[0]) != bytes(blob[9:13]):
+    count = -(-height // BLOCK) * -(-width // BLOCK)
+    values, readable = coding.decode_batch(bytes(blob[HEADER:]), q.coding_tables(count, POSITIONS, SEED), count)
+    if not readable or _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
         raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
     device = next(model.parameters()).device
-    indices = q.indices_from_values(torch.from_numpy(values), (h, w)).to(device)
     with one_thread():
-        image = model.decode(indices, seed=SEED)[0, :, :height, :width]
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        blocks = model.decode(q.indices_from_values(torch.from_numpy(values), LATENT_HW).to(device), seed=SEED)
+    return from_blocks(blocks, (-(-height // BLOCK), -(-width // BLOCK)), height, width)
 
 
 def _model(path, device="cpu"):
@@ -240,21 +249,16 @@ def model_row(model, name, rgb):
 
 
 def tiled_row(model, name, rgb):
-    """The same photo as 32x32 tiles, one `model.compress` string each (3-byte header per tile,
-    no context across tile borders) plus this format's header: what the whole-image latent saves."""
+    """The same blocks as one `model.compress` string each (a 3-byte header and a last partial byte
+    per block) plus this format's header: what coding the blocks as one stream saves."""
     height, width = rgb.shape[:2]
-    x = F.pad(_to_tensor(rgb, "cpu"), (0, -width % 32, 0, -height % 32), mode="replicate")
-    rows, cols = x.shape[2] // 32, x.shape[3] // 32
-    tiles = x.reshape(3, rows, 32, cols, 32).permute(1, 3, 0, 2, 4).reshape(-1, 3, 32, 32)
-    device = next(model.parameters()).device
-    strings = model.compress(tiles.to(device), seed=SEED)
+    blocks, grid = to_blocks(_to_tensor(rgb, next(model.parameters()).device))
+    strings = model.compress(blocks, seed=SEED)
     with one_thread():
-        back = model.decompress(strings, seed=SEED).cpu()
-    image = back.reshape(rows, cols, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, rows * 32, cols * 32)[:, :height, :width]
-    decoded = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        decoded = from_blocks(model.decompress(strings, seed=SEED).cpu(), grid, height, width)
     psnr, ssim = quality(rgb, decoded)
     size = HEADER + sum(len(s) for s in strings)
-    return {"codec": f"{name} (32x32 tiles)", "bytes": size, "bpp": 8 * size / (height * width), "psnr": psnr, "ssim": ssim}
+    return {"codec": name + PER_BLOCK, "bytes": size, "bpp": 8 * size / (height * width), "psnr": psnr, "ssim": ssim}
 
 
 def mean_curve(rows):
@@ -291,7 +295,9 @@ def evaluate_photos(checkpoints, opts):
 
 
 def q_name(config, q):
-    return config["quantizer"] + ("" if q.entropy_model == "fitted" else "_" + q.entropy_model)
+    """A curve's name: the bottleneck, its prior and how long it trained ("ddcl, 50 epochs")."""
+    name = config["quantizer"] + ("" if q.entropy_model == "fitted" else "_" + q.entropy_model)
+    return f"{name}, {config['epochs']} epoch" + ("s" if config["epochs"] != 1 else "")
 
 
 def line_of(r):
@@ -327,6 +333,8 @@ def plot(path, result):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for name, pts in sorted(result["curves"].items()):
+        if name.endswith(PER_BLOCK):
+            continue
         style = "--" if name in CLASSICAL else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=name)
     ax.set(xlabel="bits per pixel of the whole file (mean over photos)", ylabel="PSNR (dB, mean over photos)",

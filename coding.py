@@ -272,6 +272,42 @@ def encode_payloads(values, tables):
     return payloads
 
 
+def encode_batch(values, tables):
+    """(B, G, n) values of B images -> one payload holding them all (group by group, as `Stream`),
+    cut after the last byte the decoder needs: codec.py's one stream for the blocks of a photo."""
+    import constriction
+
+    values = np.asarray(values, dtype=np.int64)
+    coder = _Coder(materialise(tables, values), len(values))
+    encoder = constriction.stream.queue.RangeEncoder()
+    coder.encode(encoder, values)
+    return _shortest_payload(_BatchReader(tables, len(values)), encoder.get_compressed(), values)
+
+
+class _BatchReader:
+    """What `_shortest_payload` needs of a coder: decode(decoder) -> (B, G, n), the tables of a
+    context prior computed from the groups decoded before, as a receiver does."""
+
+    def __init__(self, tables, batch):
+        import constriction
+
+        self.tables, self.batch, self.queue = tables, batch, constriction.stream.queue
+
+    def decode(self, decoder):
+        return _decode_batch(decoder, self.tables, self.batch)
+
+
+def decode_batch(payload, tables, batch):
+    """`encode_batch`'s payload -> ((B, G, n) values, whether it decoded)."""
+    import constriction
+
+    try:
+        return _decode_batch(constriction.stream.queue.RangeDecoder(_words(payload)), tables, batch), True
+    except Exception:  # constriction refuses data it cannot decode
+        groups, count = _shape(tables)
+        return np.zeros((batch, groups, count), dtype=np.int64), False
+
+
 def compress(values, tables, key):
     """(B, G, n) integer values -> B byte strings (header + payload), one per image.
 

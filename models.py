@@ -9,8 +9,7 @@ gets back is a float tensor in [0, 1] of shape (B, 3, 32, 32). Internally the en
                          -> Decoder -> reconstruction (B, 3, 32, 32)
 
 C is `latent_dim` (set by the levels for FSQ, FSP and residual FSQ, by log2(codebook_size) for
-LFQ; the encoder emits 2C for the Gaussian VAE). Both halves are fully convolutional, so an image
-whose sides are multiples of 8 maps to a latent of an eighth of its size (codec.py uses this).
+LFQ; the encoder emits 2C for the Gaussian VAE). codec.py codes whole photos as 32x32 blocks.
 """
 from typing import NamedTuple, Optional
 
@@ -22,7 +21,6 @@ from bottleneck import LATENT_HW
 from errors import BitstreamError, ConfigError
 from quantizers import build_quantizer, image_seeds, implied_latent_dim
 
-DOWNSCALE = 8  # three stride-2 stages
 IMAGE_SHAPE = (3, 32, 32)
 
 

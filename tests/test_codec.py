@@ -34,6 +34,7 @@ def checkpoint(run_train, tmp_path):
 
 
 @pytest.mark.parametrize("knobs", [dict(quantizer="fsq"), dict(quantizer="ddcl", entropy_model="learned"),
+                                   dict(quantizer="ddcl", entropy_model="context"), dict(quantizer="fsq", entropy_model="context"),
                                    dict(quantizer="rfsq", fsq_levels=[4, 3, 3]), dict(quantizer="vq", codebook_size=32)])
 def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, knobs):
     ck = checkpoint(**knobs)
@@ -45,10 +46,15 @@ def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, 
     assert back.shape == (37, 45, 3)
     model, _ = load_checkpoint(ck)
     x = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None].float() / 255
-    x = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate")  # to 48 x 40
+    x = torch.nn.functional.pad(x, (0, 64 - 45, 0, 64 - 37), mode="replicate")  # 2 x 2 blocks of 32
+    blocks = torch.cat([x[..., r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)])  # raster order
     with codec.one_thread():
-        expected = model.decode(model.encode(x, seed=codec.SEED), seed=codec.SEED)[0, :, :37, :45]
-    assert np.array_equal(back, (expected.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        expected = model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED)
+    top = torch.cat([expected[0], expected[1]], 2)
+    whole = torch.cat([top, torch.cat([expected[2], expected[3]], 2)], 1)[:, :37, :45]
+    assert np.array_equal(back, (whole.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    strings = model.compress(blocks, seed=codec.SEED)  # one stream saves the per-block headers
+    assert size < codec.HEADER + sum(len(s) for s in strings)
 
 
 DECODE = """
@@ -89,9 +95,9 @@ def test_bad_files_and_bad_checkpoints_are_one_line(checkpoint, tmp_path):
     other = checkpoint(quantizer="fsq", run_name="other", seed=7)
     with pytest.raises(BitstreamError, match="written with another model"):
         codec.decode_photo(load_checkpoint(other)[0], blob)
-    context = checkpoint(quantizer="fsq", entropy_model="context", run_name="ctx")
-    with pytest.raises(ConfigError, match="context prior, which is tied to the 4x4 latent"):
-        codec.compress_file(context, tmp_path / "p.png", tmp_path / "c.bin")
+    none = checkpoint(quantizer="none", run_name="floats")
+    with pytest.raises(ConfigError, match="sends no integers: nothing to code"):
+        codec.compress_file(none, tmp_path / "p.png", tmp_path / "c.bin")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="is not a photo Pillow can read"):
         codec.compress_file(ck, tmp_path / "notes.txt", tmp_path / "n.bin")
@@ -129,10 +135,11 @@ def test_evaluate_sets_each_checkpoint_against_jpeg_webp_and_avif(checkpoint, tm
         assert r["bytes"] * 8 / (96 * 64) == pytest.approx(r["bpp"])
         for c, other in r["classical"].items():
             assert other["bytes"] <= r["bytes"] or not other["reached"]
-    assert set(result["curves"]) == {"fsq", "fsq (32x32 tiles)", "jpeg", "webp", "avif"}
-    assert len(result["curves"]["fsq"]) == 2  # one point per checkpoint
-    assert set(result["speed_median"]) == {"fsq", "jpeg", "webp", "avif"}
-    assert set(result["bd_vs_webp"]) == {"fsq", "fsq (32x32 tiles)"}
+    ours = "fsq, 1 epoch"
+    assert set(result["curves"]) == {ours, f"{ours} (a string per block)", "jpeg", "webp", "avif"}
+    assert len(result["curves"][ours]) == 2  # one point per checkpoint
+    assert set(result["speed_median"]) == {ours, "jpeg", "webp", "avif"}
+    assert set(result["bd_vs_webp"]) == {ours, f"{ours} (a string per block)"}
     assert (tmp_path / "out" / "codec.png").stat().st_size > 1000
     assert "against WebP, BD-rate " in capsys.readouterr().out
     with pytest.raises(DataError, match="holds no .png/.jpg photos"):
