@@ -2,9 +2,9 @@
 checkpoint's own settings, checked into one `config` dict (saved into every checkpoint and run folder).
 
 What a resume takes from the checkpoint: every knob you do not pass, except where the run writes
-and reads (`output_dir`, `checkpoint_dir`, `device`, and the data, which must be named again when
-it differs from the defaults): a file from elsewhere never chooses a folder. Its run name is
-taken when you pass none (runs.py checks it is a plain name).
+and reads (`output_dir`, `checkpoint_dir`, `device`, and `data_dir`, which must be named again when
+it differs from the default): a file from elsewhere never chooses a folder. Its run name is taken
+when you pass none (runs.py checks it is a plain name).
 """
 import math
 import os
@@ -18,7 +18,7 @@ from utils import coerce, parse_overrides, read_checkpoint
 
 AMP_CHOICES = ("auto", "bf16", "off")
 OPTIMIZERS = ("muon", "adam")
-NEVER_FROM_CHECKPOINT = ("output_dir", "checkpoint_dir", "resume", "device", "dataset", "data_dir")
+NEVER_FROM_CHECKPOINT = ("output_dir", "checkpoint_dir", "resume", "device", "data_dir")
 
 
 def validate_config(config, given=(), fresh=True):
@@ -77,10 +77,10 @@ def resolve_config(argv, defaults):
     if "optimizer" in given and config["optimizer"] != saved["optimizer"]:
         raise ConfigError(f"cannot resume {path} with optimizer={config['optimizer']!r}: it holds the state of "
                           f"optimizer={saved['optimizer']!r}; drop --optimizer, or start a new run without --resume")
-    if not given & {"dataset", "data_dir"} and (saved["dataset"], saved["data_dir"]) != (config["dataset"], config["data_dir"]):
-        raise ConfigError(f"{path} was trained on dataset={saved['dataset']!r} data_dir={saved['data_dir']!r}: pass "
-                          f"--dataset={saved['dataset']} --data_dir={saved['data_dir']} to continue on it, or another "
-                          "--data_dir to continue on other data")
+    if "data_dir" not in given and saved["data_dir"] != config["data_dir"]:
+        raise ConfigError(f"{path} was trained on data_dir={saved['data_dir']!r} ({saved['dataset']}): pass "
+                          f"--data_dir={saved['data_dir']} to continue on it, or another --data_dir to continue on "
+                          "other data")
     taken = {k: v for k, v in saved.items() if k not in given and k not in NEVER_FROM_CHECKPOINT}
     if taken.get("run_name"):
         check_run_name(taken["run_name"], f"the run name stored in {path}")

@@ -76,8 +76,8 @@ def test_a_crafted_checkpoint_chooses_no_folder_and_no_path(tmp_path, image_fold
 def test_resuming_on_other_data_names_it_and_ranks_the_epochs_anew(tmp_path, image_folder, capsys):
     train.train(resolve(tiny_args(tmp_path, image_folder, quantizer="fsq")))
     last = tmp_path / "checkpoints" / "fsq_vae_last.pt"
-    with pytest.raises(ConfigError, match=f"was trained on dataset='folder' data_dir={str(image_folder)!r}: pass "
-                                          f"--dataset=folder --data_dir={image_folder} to continue on it"):
+    with pytest.raises(ConfigError, match=f"was trained on data_dir={str(image_folder)!r} .folder.: pass "
+                                          f"--data_dir={image_folder} to continue on it"):
         resolve([f"--resume={last}", f"--output_dir={tmp_path / 'outputs'}", f"--checkpoint_dir={tmp_path / 'checkpoints'}"])
     noise = tmp_path / "noise"
     for split, n in (("train", 48), ("test", 16)):
