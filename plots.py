@@ -83,10 +83,11 @@ def plot_curves(path, rows, title):
 def _references(ax, refs):
     """Bottlenecks whose rate is no code length (none: 32-bit floats; vae: a KL) as labelled
     horizontal lines, so they do not stretch the axis of the coded rates."""
-    for i, (label, psnr) in enumerate(refs):
+    for i, (label, psnr) in enumerate(sorted(refs, key=lambda r: -r[1])):  # the upper label above, the next below
         ax.axhline(psnr, color="grey", linestyle=":" if i % 2 else "--", linewidth=1)
-        ax.annotate(label, (0.01, psnr), xycoords=("axes fraction", "data"), fontsize=7, color="dimgrey",
-                    xytext=(0, 2), textcoords="offset points")
+        ax.annotate(label, (0.01 if i % 2 == 0 else 0.99, psnr), xycoords=("axes fraction", "data"), fontsize=7,
+                    color="dimgrey", xytext=(0, 2 if i % 2 == 0 else -9), textcoords="offset points",
+                    ha="left" if i % 2 == 0 else "right")
 
 
 def plot_rate_distortion(path, rows):

@@ -223,8 +223,10 @@ def results_table(summary):
     best = summary["best"]
     lines = ["| bottleneck | measured bits per image | PSNR (dB) | BD-rate vs FSQ (95% interval) | BD-PSNR vs FSQ | reading |",
              "| --- | --- | --- | --- | --- | --- |"]
-    order = sorted(best, key=lambda m: (m in REFERENCES, m != ANCHOR,
-                                        (best[m].get("bd_vs_fsq") or {}).get("bd_rate", {}).get("mean") or 0))
+    def bd_mean(m):  # None where the curve does not overlap FSQ's
+        return (best[m].get("bd_vs_fsq") or {}).get("bd_rate", {}).get("mean")
+
+    order = sorted(best, key=lambda m: (m in REFERENCES, m != ANCHOR, bd_mean(m) is None, bd_mean(m) or 0))
     for m in order:
         pts = best[m]["points"]
         bits = " / ".join(f"{p['bits']['mean']:.0f}" for p in pts)
@@ -241,6 +243,10 @@ def results_table(summary):
             reading = {"better": "fewer bits than FSQ", "worse": "more bits than FSQ"}.get(bd["bd_rate"]["verdict"],
                                                                                         bd["bd_rate"]["verdict"])
             lines.append(f"| {m} | {bits} | {psnr} | {rate} | {psnr_bd} | {reading} |")
+    if "runs" in summary:  # the whole summary: say what stands behind the table
+        lines += ["", f"{summary['runs']} runs: {len(summary['seeds'])} seeds of every point, {summary['epochs']} epochs "
+                      f"each, {summary['training_cpu_minutes']:.0f} CPU-minutes of training. Bits are range-coded "
+                      "bits per image on held-out crops; intervals are 95% over the seeds. `" + summary["command"] + "`"]
     return "\n".join(lines)
 
 
@@ -295,6 +301,8 @@ def report(data_dir, opts, plan):
     seeds = [FIRST_SEED + s for s in range(opts["seeds"])]
     total, wall = cpu_minutes(evals, opts["jobs"])
     command = f"python scripts/compare.py {data_dir} --epochs={opts['epochs']} --seeds={opts['seeds']}"
+    if any(opts["only"]):
+        command += f' --only="{[m for m in opts["only"] if m]}"'
     summary = {"command": command, "data": data_dir, "epochs": opts["epochs"], "early_epoch": opts["early"],
                "seeds": seeds, "runs": len([e for e in evals.values() if "best" in e]),
                "training_cpu_minutes": round(total, 1), "jobs": opts["jobs"], "approx_wall_minutes": round(wall, 1),

@@ -66,3 +66,16 @@ def test_the_readme_table_is_the_one_the_committed_results_give():
         readme = f.read()
     assert f"{compare.TABLE_START}\n{compare.results_table(summary)}\n{compare.TABLE_END}" in readme
     assert summary["runs"] >= 3 * 3 * len(compare.POINTS)  # every point over three seeds
+
+
+@pytest.mark.parametrize("results, words", [("comparison.json", "{mean:.1f}% more bits"),
+                                            (os.path.join("skimage", "comparison.json"), "{mean:+.1f}%")])
+def test_the_readme_answer_quotes_the_committed_results(results, words):
+    """The answer above the table is prose; its DDCL-vs-FSQ numbers must be the results file's."""
+    with open(os.path.join(REPO, "docs", "results", results)) as f:
+        bd = json.load(f)["best"]["ddcl"]["bd_vs_fsq"]["bd_rate"]
+    with open(os.path.join(REPO, "README.md")) as f:
+        answer = f.read().split(compare.TABLE_START)[0]
+    low, high = bd["interval"]
+    assert words.format(mean=bd["mean"]) in answer
+    assert f"{low:+.1f} to {high:+.1f}%" in answer
