@@ -117,8 +117,8 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
 
 
 def test_output_to_a_file_has_plain_progress_lines(tmp_path, image_folder):
-    result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=2, batch_size=1,
-                                               max_train_images=60))  # 60 steps: a line at step 50
+    result = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=1, batch_size=1,
+                                               max_train_images=51))  # 51 steps: a line at step 50
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stdout + result.stderr  # no progress-bar redraws in a log
     steps = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 step ")]
