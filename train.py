@@ -9,6 +9,9 @@
 Override any knob of the config block below as --key=value (a Python literal checked against the
 default's type). Every epoch writes a grid of validation images and their reconstructions, a
 metrics row and checkpoints; the run ends with one line saying what it wrote where.
+
+Measured: FSQ [8,5,5,5], 10 epochs on the wallpaper crops, 24.34 dB at 146 bits per held-out image
+(3 seeds), about 2 minutes a run on one CPU core (docs/comparison.md).
 """
 import math
 import os
