@@ -8,6 +8,9 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# pytest.ini runs one worker per core (pytest-xdist): tiny models gain nothing from more threads
+# than that, and each worker's own threads would contend with the other's
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def write_images(folder, n, seed):
