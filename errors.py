@@ -64,13 +64,17 @@ def _report_to_torchrun(message):
 
 def cli(main, doc, argv=None):
     """Run main(argv) as an entry script: --help/-h prints `doc` and exits 0; a UserError prints
-    one line to stderr and exits with its code; Ctrl-C before main handles it exits 130."""
+    one line to stderr and exits with its code; Ctrl-C before main handles it exits 130; a closed
+    pipe on stdout exits 141 without a traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc.strip())
-        return
     try:
+        if any(a in ("-h", "--help") for a in argv):
+            print(doc.strip())
+            return
         main(argv)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(141)
     except UserError as err:
         line = f"{err.prefix}{err}"
         if not _is_quiet_rank():

@@ -126,3 +126,18 @@ def test_every_script_answers_help(script):
     result = run_script(script, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and not result.stderr.strip()
+
+
+def test_help_into_a_pipe_whose_reader_left_is_quiet():
+    """`python codec.py --help | head -1` must not end in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the script writes: EPIPE on the first write, every time
+    try:
+        done = subprocess.run([sys.executable, os.path.join(REPO, "codec.py"), "--help"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
