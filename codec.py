@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import coding
 from bjontegaard import bd_psnr, bd_rate
 from errors import BitstreamError, ConfigError, DataError, cli
+from evaluate import curve_name
 from metrics import psnr_per_image, ssim_per_image
 from bottleneck import LATENT_HW
 from utils import atomic_write, load_checkpoint, parse_overrides, save_json
@@ -295,9 +296,9 @@ def evaluate_photos(checkpoints, opts):
 
 
 def q_name(config, q):
-    """A curve's name: the bottleneck, its prior and how long it trained ("ddcl, 50 epochs")."""
-    name = config["quantizer"] + ("" if q.entropy_model == "fitted" else "_" + q.entropy_model)
-    return f"{name}, {config['epochs']} epoch" + ("s" if config["epochs"] != 1 else "")
+    """A curve's name: evaluate.py's (the bottleneck and its prior) and how long it trained
+    ("ddcl, 50 epochs")."""
+    return f"{curve_name(config, q)}, {config['epochs']} epoch" + ("s" if config["epochs"] != 1 else "")
 
 
 def line_of(r):

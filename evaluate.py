@@ -272,11 +272,17 @@ def evaluate_checkpoint(path, opts, device, datasets):
         print(f"stored the fitted prior in {path}", file=sys.stderr)
     q = model.quantizer
     entropy_model = q.entropy_model if q.has_indices else "-"
-    curve = config["quantizer"] + ("" if entropy_model in ("fitted", "-") else "_" + entropy_model) \
-        + ("_posthoc" if config.get("context_prior_fitted_to") else "")  # scripts/fit_context_prior.py
     row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"], "entropy_model": entropy_model,
-           "curve": curve, "settings": q.settings(), "seed": config["seed"], **metrics}
+           "curve": curve_name(config, q), "settings": q.settings(), "seed": config["seed"], **metrics}
     return row, (model, key)
+
+
+def curve_name(config, q):
+    """The curve a checkpoint belongs to: the bottleneck, then its prior unless fitted ("ddcl_context"),
+    then "_posthoc" for a context prior fitted after training (scripts/fit_context_prior.py)."""
+    entropy_model = q.entropy_model if q.has_indices else "fitted"
+    return (config["quantizer"] + ("" if entropy_model == "fitted" else "_" + entropy_model)
+            + ("_posthoc" if config.get("context_prior_fitted_to") else ""))
 
 
 def write_samples_sheet(path, rows, runs, datasets):

@@ -3,13 +3,13 @@
     python scripts/fit_context_prior.py CHECKPOINT [CHECKPOINT ...] [--data_dir=DIR] [--epochs=4] [--output_dir=DIR]
 
 For each DDCL checkpoint (trained with the surrogate or a per-channel prior), trains an
-entropy.ContextMixturePrior on the dithered latents of its training split and writes
+priors.ContextMixturePrior on the dithered latents of its training split and writes
 OUTPUT_DIR/{run}_posthoc_vae_best.pt: the same weights with entropy_model="context", so that
 evaluate.py and model.compress code its integers position by position under the context prior.
 Its `config` names the source checkpoint (`context_prior_fitted_to`), and evaluate.py draws such
 checkpoints as their own curve ("ddcl_context_posthoc"). This is the fair reference for
-entropy_model="context" (README, "Learned entropy model"): the same coder for a model that was not
-trained against it (docs/entropy_models.md).
+entropy_model="context": the same coder for a model that was not trained against it
+(docs/entropy_models.md).
 """
 import math
 import os
