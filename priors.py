@@ -268,13 +268,16 @@ class LogisticMixturePrior(nn.Module):
 CONTEXT_HIDDEN = 64  # features of the context network
 LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple of DDCL bins wide
 CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
+SILU_EXP_CAP = -40.0  # _silu's exp(-x) stays finite, and its square too (the backward pass), in float32
 
 
 def _silu(x):
     """SiLU through exp alone. torch's sigmoid rounds a value differently in the vectorised body and
     in the tail of a tensor (measured on this CPU), exp does not: so a value's float64 coding table
-    never depends on where the value sits in a batch, which sequential decoding relies on."""
-    return x / (1.0 + torch.exp(-x))
+    never depends on where the value sits in a batch, which sequential decoding relies on. The
+    exponent is capped: below x = -88 exp(-x) is inf in float32 and the backward pass is inf / inf =
+    NaN; at the cap SiLU is already 0 to within 1e-15 of x."""
+    return x / (1.0 + torch.exp(-x.clamp(min=SILU_EXP_CAP)))
 
 
 def mixture_cdf(x, loc, log_scale, weight_logits):

@@ -268,3 +268,13 @@ def test_context_bits_in_training_match_the_coded_integers_and_pay_on_correlated
     context_bits = coded(q)
     assert context_bits == pytest.approx(train_bits, rel=0.03)
     assert context_bits < 0.7 * coded(factorized)
+
+
+def test_the_context_networks_silu_keeps_a_finite_gradient_far_below_zero():
+    """A context prior trained 30 epochs drove a hidden unit below -88, where exp(-x) is inf in
+    float32 and the backward pass gave NaN: the run stopped (docs/comparison.md)."""
+    x = torch.tensor([-1000.0, -90.0, -40.0, -3.0, 0.0, 5.0], requires_grad=True)
+    y = priors._silu(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.allclose(y, torch.nn.functional.silu(x.detach()), atol=1e-6)
