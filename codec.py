@@ -68,6 +68,7 @@ CLASSICAL = {  # Pillow's save options at their best for small files (../shared/
     "avif": dict(format="AVIF", speed=4),
 }
 CURVE_QUALITIES = (0, 2, 5, 10, 15, 20, 30, 40, 50, 60, 75)
+PLOT_MARGIN = 1.6  # the plot's x axis ends at this multiple of the largest model file's bpp
 EVAL_DEFAULTS = dict(photos="", output_dir="outputs/codec", results="", device="cpu")
 
 
@@ -340,10 +341,12 @@ def plot(path, result):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=name)
     ax.set(xlabel="bits per pixel of the whole file (mean over photos)", ylabel="PSNR (dB, mean over photos)",
            title=f"Whole photos, every byte counted ({len(result['photos'])} held-out photos)")
-    top = max(r["bpp"] for r in result["equal_bytes"]) * 2.5
+    top = max(r["bpp"] for r in result["equal_bytes"]) * PLOT_MARGIN  # the models' range, not the codecs' 1-bpp tail
+    shown = [p[1] for pts in result["curves"].values() for p in pts if p[0] <= top]
     ax.set_xlim(0, top)
+    ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     save_figure(path, fig)
 
 
