@@ -162,14 +162,15 @@ def decode_photo(model, blob):
     if blob[5:9] != fingerprint[:4]:
         raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
                              f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
-    count = -(-height // BLOCK) * -(-width // BLOCK)
+    grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
+    count = grid[0] * grid[1]
     values, readable = coding.decode_batch(bytes(blob[HEADER:]), q.coding_tables(count, POSITIONS, SEED), count)
     if not readable or _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
         raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
     device = next(model.parameters()).device
     with one_thread():
         blocks = model.decode(q.indices_from_values(torch.from_numpy(values), LATENT_HW).to(device), seed=SEED)
-    return from_blocks(blocks, (-(-height // BLOCK), -(-width // BLOCK)), height, width)
+    return from_blocks(blocks, grid, height, width)
 
 
 def _model(path, device="cpu"):

@@ -145,8 +145,8 @@ class QuantizedVAE(nn.Module):
     @torch.no_grad()
     def compress(self, x, seed=0):
         """Images (B, 3, 32, 32) in [0, 1] -> B byte strings, one per image, holding everything the
-        decoder needs besides this model and `seed` (an integer, or one per image; coding.py: format). float16 and float64 images
-        are converted to float32; NaN, inf or values outside [0, 1] are refused. Uses the learned
+        decoder needs besides this model and `seed` (an integer, or one per image; coding.py: format).
+        float16 and float64 images are converted to float32; NaN, inf or values outside [0, 1] are refused. Uses the learned
         prior, or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
         decode(encode(x, s), s) bit for bit on the CPU, for any subset of the strings in any order."""
         q = self._coder("compress")

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bottleneck import LATENT_HW  # noqa: E402
 from data import head, load_dataset, to_float_images  # noqa: E402
 from errors import cli  # noqa: E402
 from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
@@ -81,10 +82,11 @@ def fuzz(model, strings, seed, count):
     from errors import BitstreamError
 
     q = model.quantizer
+    positions = LATENT_HW[0] * LATENT_HW[1]
     keys = model._stream_keys(seed, 1)
-    tables = q.coding_tables(1, 16, seed)
+    tables = q.coding_tables(1, positions, seed)
     rng = np.random.default_rng(0)
-    wants = coding.decompress(strings, q.coding_tables(len(strings), 16, seed), keys * len(strings))
+    wants = coding.decompress(strings, q.coding_tables(len(strings), positions, seed), keys * len(strings))
     caught = same = wrong = 0
     for n in range(count):
         i = int(rng.integers(len(strings)))
