@@ -45,20 +45,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import coding
-from bjontegaard import bd_psnr, bd_rate
-from errors import BitstreamError, ConfigError, DataError, cli
+from discrete_ae import coding
+from discrete_ae.bjontegaard import bd_psnr, bd_rate
+from discrete_ae.errors import BitstreamError, ConfigError, DataError, cli
 from evaluate import curve_name
-from metrics import psnr_per_image, ssim_per_image
-from bottleneck import LATENT_HW
-from utils import atomic_write, load_checkpoint, parse_overrides, save_json
+from discrete_ae.metrics import psnr_per_image, ssim_per_image
+from discrete_ae.geometry import IMAGE_SIZE as BLOCK, LATENT_HW, LATENT_POSITIONS as POSITIONS
+from discrete_ae.files import atomic_write, save_json
+from utils import load_checkpoint
+from discrete_ae.overrides import parse_overrides
 
 MAGIC = 0xA
 FORMAT = 1
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
-BLOCK = 32  # the photo is coded as the 32x32 images the model was trained on
-POSITIONS = LATENT_HW[0] * LATENT_HW[1]  # latent positions per block
 PER_BLOCK = " (a string per block)"  # the curve of model.compress's strings: in codec.json, not drawn
 MAX_SIDE = 65535  # the header's uint16
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -87,7 +87,7 @@ def read_photo(path):
     """A photo file -> uint8 (H, W, 3), turned upright by its EXIF orientation."""
     from PIL import Image, ImageOps
 
-    from data import _to_8bit_rgb
+    from discrete_ae.data import _to_8bit_rgb
 
     try:
         with Image.open(path) as img:
@@ -331,7 +331,7 @@ def summary(photos, equal_bytes, curve_rows):
 
 
 def plot(path, result):
-    from plots import pyplot, save_figure
+    from discrete_ae.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6))

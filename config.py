@@ -9,12 +9,13 @@ when you pass none (runs.py checks it is a plain name).
 import math
 import os
 
-from data import SYMMETRIES, check_dataset
-from errors import CheckpointError, ConfigError
+from discrete_ae.data import SYMMETRIES, check_dataset
+from discrete_ae.errors import CheckpointError, ConfigError
 from models import build_model, model_args_from_config
 from quantizers import implied_latent_dim
-from runs import RunFiles, check_run_name
-from utils import coerce, parse_overrides, read_checkpoint
+from discrete_ae.runs import RunFiles, check_run_name
+from discrete_ae.overrides import coerce, parse_overrides
+from utils import read_checkpoint
 
 AMP_CHOICES = ("auto", "bf16", "off")
 OPTIMIZERS = ("muon", "adam")

@@ -26,16 +26,19 @@ import sys
 import numpy as np
 import torch
 
-import coding
-from bjontegaard import bd_psnr, bd_rate
-from bottleneck import LATENT_HW
-from data import head, load_dataset, to_float_images
-from errors import ConfigError, cli
-from metrics import PIXELS_PER_IMAGE, codebook_stats, psnr_per_image, ssim_per_image
-from plots import plot_rate_distortion, plot_samples
-from priors import fit_prior
-from runs import RunLock, run_label
-from utils import load_checkpoint, parse_paths_and_options, pick_device, read_checkpoint, save_checkpoint, save_json, unwrap
+from discrete_ae import coding
+from discrete_ae.bjontegaard import bd_psnr, bd_rate
+from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.errors import ConfigError, cli
+from discrete_ae.geometry import LATENT_POSITIONS, PIXELS_PER_IMAGE
+from discrete_ae.metrics import codebook_stats, psnr_per_image, ssim_per_image
+from discrete_ae.plots import plot_rate_distortion, plot_samples
+from discrete_ae.priors import fit_prior
+from discrete_ae.runs import RunLock, run_label
+from utils import load_checkpoint, read_checkpoint, save_checkpoint
+from discrete_ae.overrides import parse_paths_and_options
+from discrete_ae.device import pick_device, unwrap
+from discrete_ae.files import save_json
 
 EVAL_BATCH_SIZE = 500
 
@@ -130,7 +133,7 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
         if train_images is None or not len(train_images):
             return out
         fit_rate_prior(model, train_images, batch_size)
-    positions = LATENT_HW[0] * LATENT_HW[1]
+    positions = LATENT_POSITIONS
 
     starts = np.cumsum([0] + [len(b) for b in batches])
 

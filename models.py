@@ -16,12 +16,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-import coding
-from bottleneck import LATENT_HW
-from errors import BitstreamError, ConfigError
+from discrete_ae import coding
+from discrete_ae.geometry import IMAGE_SHAPE, LATENT_HW, LATENT_POSITIONS
+from discrete_ae.errors import BitstreamError, ConfigError
 from quantizers import build_quantizer, image_seeds, implied_latent_dim
-
-IMAGE_SHAPE = (3, 32, 32)
 
 
 class ModelOutput(NamedTuple):
@@ -160,7 +158,7 @@ class QuantizedVAE(nn.Module):
         finally:
             self.train(was_training)
         keys = self._stream_keys(seed, len(x))
-        tables = q.coding_tables(len(x), LATENT_HW[0] * LATENT_HW[1], seed)
+        tables = q.coding_tables(len(x), LATENT_POSITIONS, seed)
         return coding.compress(q.coding_values(indices).cpu().numpy(), tables, keys)
 
     @torch.no_grad()
@@ -174,7 +172,7 @@ class QuantizedVAE(nn.Module):
         if not len(strings):
             return torch.empty(0, *IMAGE_SHAPE, device=device)
         keys = self._stream_keys(seed, len(strings))
-        tables = q.coding_tables(len(strings), LATENT_HW[0] * LATENT_HW[1], seed)
+        tables = q.coding_tables(len(strings), LATENT_POSITIONS, seed)
         values = torch.from_numpy(coding.decompress(strings, tables, keys))
         # decoding does not depend on the mode (no noise, no batch statistics): no mode switch
         return self.decode(q.indices_from_values(values, LATENT_HW).to(device), seed=seed)

@@ -6,13 +6,15 @@ import math
 
 import torch
 
-from bottleneck import (LATENT_HW, Bottleneck, CodebookBottleneck, QuantizerOutput, by_position, check_index_range,
-                        zero)
-from errors import ConfigError
-from library_quantizers import FSPWrapper, GaussianBottleneck, Identity, LFQWrapper, ResidualFSQWrapper, SimVQWrapper, VQWrapper
-from priors import CategoricalPrior, ContextCategoricalPrior, ContextMixturePrior, LogisticMixturePrior
+from discrete_ae.bottleneck import (Bottleneck, CodebookBottleneck, QuantizerOutput, by_position, check_index_range,
+                                    zero)
+from discrete_ae.errors import ConfigError
+from discrete_ae.geometry import LATENT_HW
+from discrete_ae.library_quantizers import (FSPWrapper, GaussianBottleneck, Identity, LFQWrapper, ResidualFSQWrapper,
+                                            SimVQWrapper, VQWrapper)
+from discrete_ae.priors import CategoricalPrior, ContextCategoricalPrior, ContextMixturePrior, LogisticMixturePrior
 
-__all__ = ["FSQWrapper", "DDCL_Bottleneck", "QUANTIZERS", "build_quantizer", "implied_latent_dim", "LATENT_HW",
+__all__ = ["FSQWrapper", "DDCL_Bottleneck", "QUANTIZERS", "build_quantizer", "implied_latent_dim",
            "QuantizerOutput", "check_index_range"]
 
 

@@ -24,19 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from config import resolve_config
-from data import (batches_per_epoch, epoch_order, head, load_dataset, random_gains, random_symmetry,
-                  to_float_images)
-from errors import Stop, UserError, cli
+from discrete_ae.data import (batches_per_epoch, epoch_order, head, load_dataset, random_gains, random_symmetry,
+                              to_float_images)
+from discrete_ae.errors import Stop, UserError, cli
 from evaluate import evaluate
-from metrics import psnr_per_image
+from discrete_ae.metrics import psnr_per_image
 from models import build_model, model_args_from_config
-from optim import build_optimizer, build_scheduler, restore
-from plots import plot_curves, save_grid
-from process import (SignalFlag, all_reduce_mean, barrier, gather, setup_distributed, stop_on_sigterm,
-                     teardown_distributed)
-from runs import RunFiles, new_run_id, run_label
-from utils import (get_rng_state, read_checkpoint, read_jsonl, save_checkpoint, save_json, save_jsonl,
-                   seed_everything, set_rng_state, use_bf16)
+from discrete_ae.optim import build_optimizer, build_scheduler, restore
+from discrete_ae.plots import plot_curves, save_grid
+from discrete_ae.process import (SignalFlag, all_reduce_mean, barrier, gather, setup_distributed, stop_on_sigterm,
+                                 teardown_distributed)
+from discrete_ae.runs import RunFiles, new_run_id, run_label
+from discrete_ae.device import get_rng_state, seed_everything, set_rng_state, use_bf16
+from utils import read_checkpoint, save_checkpoint
+from discrete_ae.files import read_jsonl, save_json, save_jsonl
 
 # ----------------------------------------------------------------------------- config
 # the bottleneck (README: Bottlenecks)

@@ -16,19 +16,17 @@ For each checkpoint of a bottleneck that sends integers, one line:
 docs/entropy_models.md's numbers come from this script.
 """
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bottleneck import LATENT_HW  # noqa: E402
-from data import head, load_dataset, to_float_images  # noqa: E402
-from errors import cli  # noqa: E402
-from evaluate import EVAL_BATCH_SIZE, evaluate  # noqa: E402
-from utils import load_checkpoint, parse_paths_and_options  # noqa: E402
+from discrete_ae.geometry import LATENT_POSITIONS
+from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.errors import cli
+from evaluate import EVAL_BATCH_SIZE, evaluate
+from utils import load_checkpoint
+from discrete_ae.overrides import parse_paths_and_options
 
 DEFAULTS = dict(data_dir="", images=1000, seed=0, fuzz=0)
 
@@ -78,11 +76,11 @@ def check(path, opts):
 
 def fuzz(model, strings, seed, count):
     """(refused, decoded to the same integers, decoded to other integers) over `count` damaged strings."""
-    import coding
-    from errors import BitstreamError
+    from discrete_ae import coding
+    from discrete_ae.errors import BitstreamError
 
     q = model.quantizer
-    positions = LATENT_HW[0] * LATENT_HW[1]
+    positions = LATENT_POSITIONS
     keys = model._stream_keys(seed, 1)
     tables = q.coding_tables(1, positions, seed)
     rng = np.random.default_rng(0)

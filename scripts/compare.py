@@ -31,11 +31,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bjontegaard import bd_psnr, bd_rate, interval, verdict  # noqa: E402
-from errors import ConfigError, cli  # noqa: E402
-from utils import parse_paths_and_options, save_json  # noqa: E402
+from discrete_ae.bjontegaard import bd_psnr, bd_rate, interval, verdict
+from discrete_ae.errors import ConfigError, cli
+from discrete_ae.overrides import parse_paths_and_options
+from discrete_ae.files import save_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], out="compare", results="docs/results",
@@ -116,9 +115,10 @@ def evaluate_all(data_dir, opts, plan):
     OUT/evaluations.json by checkpoint path and modification time."""
     import torch
 
-    from data import load_dataset
+    from discrete_ae.data import load_dataset
     from evaluate import evaluate
-    from utils import load_checkpoint, read_jsonl
+    from utils import load_checkpoint
+    from discrete_ae.files import read_jsonl
 
     cache_path = os.path.join(opts["out"], "evaluations.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
@@ -295,7 +295,7 @@ def write_readme(path, summary):
 
 
 def report(data_dir, opts, plan):
-    from plots import plot_comparison
+    from discrete_ae.plots import plot_comparison
 
     evals = evaluate_all(data_dir, opts, plan)
     seeds = [FIRST_SEED + s for s in range(opts["seeds"])]

@@ -13,18 +13,17 @@ entropy_model="context": the same coder for a model that was not trained against
 """
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from data import load_dataset, to_float_images  # noqa: E402
-from errors import ConfigError, cli  # noqa: E402
-from evaluate import EVAL_BATCH_SIZE  # noqa: E402
-from models import build_model  # noqa: E402
-from runs import check_run_name, run_label  # noqa: E402
-from utils import ensure_writable_dir, load_checkpoint, parse_paths_and_options, read_checkpoint, save_checkpoint  # noqa: E402
+from discrete_ae.data import load_dataset, to_float_images
+from discrete_ae.errors import ConfigError, cli
+from evaluate import EVAL_BATCH_SIZE
+from models import build_model
+from discrete_ae.runs import check_run_name, run_label
+from discrete_ae.files import ensure_writable_dir
+from utils import load_checkpoint, read_checkpoint, save_checkpoint
+from discrete_ae.overrides import parse_paths_and_options
 
 DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
 

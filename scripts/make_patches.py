@@ -36,13 +36,11 @@ import tempfile
 import urllib.request
 import zipfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from errors import DataError, UserError, cli  # noqa: E402
-from utils import parse_paths_and_options  # noqa: E402
+from discrete_ae.errors import DataError, UserError, cli
+from discrete_ae.overrides import parse_paths_and_options
 
 WHEEL = "scikit-image==0.26.0"
 TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")

@@ -2,7 +2,7 @@
 import pytest
 
 import bench
-from errors import ConfigError
+from discrete_ae.errors import ConfigError
 
 
 def test_bench_prints_a_row_per_quantizer(capsys, monkeypatch):

@@ -4,15 +4,13 @@ decode alone and in any order, and one clear error for bad strings and bad image
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-import coding
 
-from coding import HEADER_BYTES
+from discrete_ae.coding import HEADER_BYTES
 from conftest import REPO, resolve
-from errors import BitstreamError, CheckpointError, ConfigError
+from discrete_ae.errors import BitstreamError, CheckpointError, ConfigError
 from evaluate import evaluate, fit_rate_prior
 from evaluate import main as evaluate_main
 from models import build_model

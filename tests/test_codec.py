@@ -12,7 +12,7 @@ from PIL import Image
 
 import codec
 from conftest import REPO, run_script
-from errors import BitstreamError, ConfigError, DataError
+from discrete_ae.errors import BitstreamError, ConfigError, DataError
 from utils import load_checkpoint
 
 
@@ -59,7 +59,6 @@ def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, 
 
 DECODE = """
 import sys, torch
-sys.path.insert(0, {repo!r})
 torch.set_num_threads(int(sys.argv[1]))
 import codec
 codec.decompress_file(sys.argv[2], sys.argv[3], sys.argv[4])
@@ -72,7 +71,7 @@ def test_a_file_decodes_to_the_same_pixels_in_another_process_with_other_threads
     outs = []
     for threads in (1, 3):
         out = tmp_path / f"t{threads}.png"
-        done = subprocess.run([sys.executable, "-c", DECODE.format(repo=REPO), str(threads), ck, str(tmp_path / "p.bin"),
+        done = subprocess.run([sys.executable, "-c", DECODE, str(threads), ck, str(tmp_path / "p.bin"),
                                str(out)], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import compare  # noqa: E402
-from errors import ConfigError  # noqa: E402
+from discrete_ae.errors import ConfigError  # noqa: E402
 
 
 def test_every_bottleneck_gets_three_points_per_seed_and_the_knobs_given(capsys):

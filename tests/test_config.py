@@ -5,8 +5,8 @@ import pytest
 
 import train
 from conftest import REPO, resolve, run_script
-from errors import ConfigError
-from utils import parse_overrides
+from discrete_ae.errors import ConfigError
+from discrete_ae.overrides import parse_overrides
 
 DEFAULTS = dict(lr=3e-4, epochs=50, quantizer="ddcl", fsq_levels=[8, 6, 6, 5], compile=False, channels=[16, 32, 64])
 SCRIPTS = ["train.py", "evaluate.py", "bench.py", "codec.py", "scripts/make_patches.py", "scripts/compare.py",

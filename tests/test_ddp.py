@@ -11,7 +11,6 @@ from utils import load_checkpoint
 
 RANK_SCRIPT = """
 import os, sys, torch
-sys.path.insert(0, {repo!r})
 import train
 from config import resolve_config
 model, metrics = train.train(*resolve_config(sys.argv[1:], train.DEFAULT_CONFIG))
@@ -33,7 +32,7 @@ def torchrun(script, *args, check=True):
 
 def test_torchrun_two_cpu_processes_and_resume(tmp_path, image_folder):
     script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT.format(repo=REPO, out=str(tmp_path)))
+    script.write_text(RANK_SCRIPT.format(out=str(tmp_path)))
     args = tiny_args(tmp_path, image_folder, quantizer="ddcl", epochs=1, batch_size=8, device="cpu")
     torchrun(script, *args)
     ck = tmp_path / "checkpoints"

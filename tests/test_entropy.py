@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import coding
-import priors
-from coding import ESCAPE_BITS
-from priors import fit_prior
+from discrete_ae import coding
+from discrete_ae import priors
+from discrete_ae.coding import ESCAPE_BITS
+from discrete_ae.priors import fit_prior
 from quantizers import DDCL_Bottleneck
 
 
@@ -162,7 +162,7 @@ def test_learned_tables_hold_no_zero_and_escape_far_values():
 def test_the_learned_prior_trains_at_its_own_learning_rate():
     from conftest import resolve
     from models import build_model, model_args_from_config
-    from optim import PRIOR_LR_SCALE, build_optimizer
+    from discrete_ae.optim import PRIOR_LR_SCALE, build_optimizer
 
     config = resolve(["--quantizer=ddcl", "--entropy_model=learned"])
     model = build_model(model_args_from_config(config))

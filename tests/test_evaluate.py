@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from bjontegaard import bd_psnr, bd_rate, interval, monotone, verdict
+from discrete_ae.bjontegaard import bd_psnr, bd_rate, interval, monotone, verdict
 from conftest import run_script
-from data import load_dataset
-from errors import cli
+from discrete_ae.data import load_dataset
+from discrete_ae.errors import cli
 from evaluate import evaluate
 from evaluate import main as evaluate_main
 from quantizers import QUANTIZERS

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from discrete_ae import data
 import utils
 from conftest import REPO, run_script, tiny_args, write_images
-from errors import CheckpointError, UserError
+from discrete_ae.errors import CheckpointError, UserError
 
 
 def test_sixteen_bit_greyscale_pngs_are_scaled_not_saturated(tmp_path):
@@ -88,7 +88,7 @@ def test_checkpoint_calling_os_system_is_refused_for_safety(tmp_path):
 @pytest.mark.parametrize("folder", ["checkpoints", "outputs"])
 def test_a_second_run_of_the_same_name_stops_while_the_first_lives(tmp_path, image_folder, folder):
     """In either folder: two runs of one name with another checkpoint_dir still share output_dir."""
-    from runs import RunLock
+    from discrete_ae.runs import RunLock
 
     lock = tmp_path / folder / ".fsq.lock"
     lock.parent.mkdir()
@@ -102,11 +102,11 @@ def test_a_second_run_of_the_same_name_stops_while_the_first_lives(tmp_path, ima
 
 def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
     lock = tmp_path / "r.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from runs import RunLock\nwith RunLock(sys.argv[2], 'r'):\n print('held', flush=True); time.sleep(60)",
-                               REPO, str(lock)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from discrete_ae.runs import RunLock\nwith RunLock(sys.argv[1], 'r'):\n print('held', flush=True); time.sleep(60)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from runs import RunLock
+    from discrete_ae.runs import RunLock
     with pytest.raises(UserError, match="is in use by pid"):
         RunLock(str(lock), "r").__enter__()
     holder.kill()

@@ -40,7 +40,7 @@ def test_one_results_file_per_bottleneck_ordered_by_rate(two_runs, tmp_path, cap
 
 def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, monkeypatch):
     import evaluate
-    import plots
+    from discrete_ae import plots
 
     seen = {}
     draw = plots.plot_samples
@@ -63,7 +63,7 @@ def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, mo
 def test_reconstructions_are_the_images_evaluate_scored(two_runs):
     import torch
 
-    from data import load_dataset
+    from discrete_ae.data import load_dataset
     from evaluate import model_outputs, reconstructions
     from utils import load_checkpoint
 
@@ -93,7 +93,7 @@ def test_notebook_runs_top_to_bottom(two_runs, tmp_path, monkeypatch):
 
 
 def captured_figure(monkeypatch):
-    import plots
+    from discrete_ae import plots
 
     seen = {}
     monkeypatch.setattr(plots, "save_figure", lambda path, fig: seen.update(fig=fig))
@@ -101,7 +101,7 @@ def captured_figure(monkeypatch):
 
 
 def test_curves_have_a_title_labelled_axes_and_whole_epochs(monkeypatch):
-    import plots
+    from discrete_ae import plots
 
     seen = captured_figure(monkeypatch)
     rows = [{"epoch": e, "train_loss": 0.01 / e, "val_loss": 0.012 / e, "val_mse": 0.011 / e, "val_psnr": 20 + e,
@@ -117,7 +117,7 @@ def test_curves_have_a_title_labelled_axes_and_whole_epochs(monkeypatch):
 
 
 def test_the_rd_plot_keeps_the_coded_range_and_draws_references_as_lines(monkeypatch):
-    import plots
+    from discrete_ae import plots
 
     seen = captured_figure(monkeypatch)
 
@@ -135,7 +135,7 @@ def test_the_rd_plot_keeps_the_coded_range_and_draws_references_as_lines(monkeyp
 def test_the_samples_sheet_calls_a_kl_a_kl(monkeypatch):
     import torch
 
-    import plots
+    from discrete_ae import plots
 
     seen = captured_figure(monkeypatch)
     x = torch.rand(2, 3, 32, 32)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics import PSNR_CAP_DB, codebook_stats, psnr_per_image, ssim_per_image
+from discrete_ae.metrics import PSNR_CAP_DB, codebook_stats, psnr_per_image, ssim_per_image
 
 
 def test_psnr_of_identical_images_is_capped():

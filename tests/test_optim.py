@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import resolve
-from errors import ConfigError
+from discrete_ae.errors import ConfigError
 from models import build_model, model_args_from_config
-from optim import MuonAdam, build_optimizer, orthogonalize
+from discrete_ae.optim import MuonAdam, build_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (64, 576), (64, 36), (4, 64)])

@@ -153,7 +153,7 @@ def test_fsp_perturbs_within_half_a_bin_in_training_and_sends_bin_centres_at_eva
 
 
 def test_vq_uses_the_constants_it_documents():
-    from library_quantizers import VQ_COMMITMENT_WEIGHT, VQ_DEAD_CODE_THRESHOLD
+    from discrete_ae.library_quantizers import VQ_COMMITMENT_WEIGHT, VQ_DEAD_CODE_THRESHOLD
 
     q = model_of("vq").quantizer
     assert q.vq.commitment_weight == VQ_COMMITMENT_WEIGHT and q.vq._codebook.threshold_ema_dead_code == VQ_DEAD_CODE_THRESHOLD

@@ -9,12 +9,13 @@ import time
 import pytest
 import torch
 
-import data
-import optim
+from discrete_ae import data
+from discrete_ae import optim
 import train
 import utils
+from discrete_ae import files
 from conftest import REPO, resolve, same_state, tiny_args
-from errors import CheckpointError, ConfigError, Stop, UserError
+from discrete_ae.errors import CheckpointError, ConfigError, Stop, UserError
 from utils import read_checkpoint
 
 
@@ -60,7 +61,7 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, image_folder,
     ended = read_checkpoint(last)
     assert same_state(straight["model"], ended["model"])
     assert same_state(straight["optimizer"], ended["optimizer"])  # Adam's moments and Muon's momenta too
-    rows = utils.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
+    rows = files.read_jsonl(os.path.join(first["output_dir"], f"{quantizer}_metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
     assert ended["epoch"] == 2
 
@@ -117,7 +118,7 @@ def test_resume_with_more_epochs_continues_the_step_count(tmp_path, image_folder
     train.train(resolve(resume_args(tmp_path, image_folder, last, epochs=3)))
     state = read_checkpoint(str(last))
     assert state["scheduler"]["last_epoch"] == 3 * steps
-    rows = utils.read_jsonl(os.path.join(config["output_dir"], "fsq_metrics.jsonl"))
+    rows = files.read_jsonl(os.path.join(config["output_dir"], "fsq_metrics.jsonl"))
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0.0 and rows[2]["lr"] == 0.0
 
 
@@ -202,7 +203,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write(path, dying_write)
+        files.atomic_write(path, dying_write)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
 
@@ -210,7 +211,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        utils.save_json(tmp_path / "a.json", {"x": 1})
+        files.save_json(tmp_path / "a.json", {"x": 1})
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
@@ -218,16 +219,16 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
 
 def test_disk_full_is_one_clear_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
-    utils.save_jsonl(path, [{"epoch": 1}])
+    files.save_jsonl(path, [{"epoch": 1}])
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(UserError, match="the disk is full; free space; the previous file, if any, is intact"):
-        utils.save_jsonl(path, [{"epoch": 1}, {"epoch": 2}])
+        files.save_jsonl(path, [{"epoch": 1}, {"epoch": 2}])
     monkeypatch.undo()
-    assert utils.read_jsonl(path) == [{"epoch": 1}]
+    assert files.read_jsonl(path) == [{"epoch": 1}]
 
 
 KILL_LOOP = """

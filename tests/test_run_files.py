@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from discrete_ae import data
 import train
 from conftest import REPO, resolve, run_script, tiny_args, write_images
-from errors import BitstreamError, CheckpointError, ConfigError, UserError
-from runs import RunLock
-from utils import read_checkpoint, read_jsonl
+from discrete_ae.errors import BitstreamError, CheckpointError, ConfigError, UserError
+from discrete_ae.runs import RunLock
+from utils import read_checkpoint
+from discrete_ae.files import read_jsonl
 
 
 def rows_of(tmp_path, name):
@@ -154,8 +155,8 @@ def test_exif_orientation_is_respected_and_odd_shapes_are_counted(tmp_path, caps
 # ----------------------------------------------------------------------------- diverged latents
 
 def test_a_diverged_ddcl_latent_costs_no_huge_table_and_no_traceback():
-    from coding import compress
-    from priors import MAX_SUPPORT, fit_prior
+    from discrete_ae.coding import compress
+    from discrete_ae.priors import MAX_SUPPORT, fit_prior
 
     values = torch.cat([torch.randint(-5, 6, (200, 1, 16)), torch.full((1, 1, 16), 10 ** 9)])
     prior = fit_prior(values)[0]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from discrete_ae import data
 import utils
+from discrete_ae import files
 from conftest import run_script, tiny_args
-from errors import CheckpointError, DataError
+from discrete_ae.errors import CheckpointError, DataError
 from utils import load_checkpoint, read_checkpoint
 
 
@@ -30,7 +31,7 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     assert {k: saved[k] for k in config} == config and len(saved["run_id"]) == 32
     # grid: 4x4 images of 32 px with 2 px padding, upscaled 4x, and a caption strip
     from PIL import Image
-    from plots import CAPTION_PX
+    from discrete_ae.plots import CAPTION_PX
     grid = Image.open(out / "fsq_epoch_001.png")
     assert grid.size == (4 * (4 * 34 + 2), 4 * (4 * 34 + 2) + CAPTION_PX) and grid.size[0] >= 512
     tiles = np.asarray(grid)[:4 * (4 * 34 + 2)]
@@ -48,7 +49,7 @@ def test_checkpoint_in_a_fresh_process_reproduces_the_logged_mse(run_train, tmp_
     config, metrics = run_train(quantizer="ddcl")
     assert not (tmp_path / "outputs" / "ddcl_curves.png").exists()  # one epoch: no curves to draw
     code = (
-        "import sys, json; from utils import load_checkpoint; from data import load_dataset; from evaluate import evaluate\n"
+        "import sys, json; from utils import load_checkpoint; from discrete_ae.data import load_dataset; from evaluate import evaluate\n"
         f"model, config = load_checkpoint({str(tmp_path / 'checkpoints' / 'ddcl_vae_best.pt')!r})\n"
         "assert not model.training\n"
         "train, val = load_dataset(config['dataset'], config['data_dir'])\n"
@@ -64,7 +65,7 @@ def test_validation_loss_falls(run_train, quantizer):
     # the default widths: with [8, 16, 16] DDCL under Muon (the default optimizer) stays at the mean
     # image for these 60 steps where Adam does not (docs/recipe.md, Muon)
     config, _ = run_train(quantizer=quantizer, epochs=5, batch_size=8, lr=5e-3, channels=[16, 32, 64])
-    rows = utils.read_jsonl(os.path.join(config["output_dir"], f"{quantizer}_metrics.jsonl"))
+    rows = files.read_jsonl(os.path.join(config["output_dir"], f"{quantizer}_metrics.jsonl"))
     losses = [r["val_loss"] for r in rows]
     assert losses[-1] < 0.85 * losses[0], losses
     assert rows[-1]["val_bits"] > 50  # the latent carries information: no collapse to the mean image
@@ -100,7 +101,7 @@ def test_missing_checkpoint(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_loading_onto_a_missing_gpu_is_one_line(run_train, tmp_path):
-    from errors import UserError
+    from discrete_ae.errors import UserError
     run_train(quantizer="fsq")
     with pytest.raises(UserError, match="CUDA is not available here"):
         load_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_best.pt"), "cuda")
@@ -118,7 +119,7 @@ def test_corrupt_and_truncated_checkpoints(run_train, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
         load_checkpoint(str(tmp_path / "other.pt"))
-    from errors import cli
+    from discrete_ae.errors import cli
     from evaluate import main as evaluate_main
     with pytest.raises(SystemExit) as exit_:
         cli(evaluate_main, "", [str(tmp_path / "trunc.pt")])
@@ -200,7 +201,7 @@ def test_offline_first_run_names_the_offline_route_and_leaves_nothing(tmp_path, 
     from urllib.error import URLError
 
     import train
-    from errors import cli
+    from discrete_ae.errors import cli
 
     def offline(*args, **kwargs):
         raise URLError("network is unreachable")

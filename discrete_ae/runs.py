@@ -21,8 +21,8 @@ import uuid
 
 import torch
 
-from errors import CheckpointError, ConfigError, UserError
-from utils import ensure_writable_dir, read_jsonl
+from discrete_ae.errors import CheckpointError, ConfigError, UserError
+from discrete_ae.files import ensure_writable_dir, read_jsonl
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 CHECKPOINT_TAGS = r"(best|last|epoch_\d+)"

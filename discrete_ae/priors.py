@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coding import ESCAPE_OFFSET, SequentialTables, Table
+from discrete_ae.coding import ESCAPE_OFFSET, SequentialTables, Table
 
 PRIOR_PSEUDOCOUNT = 0.5  # Krichevsky-Trofimov add-1/2: no symbol of the support gets probability 0
 LIKELIHOOD_BOUND = 1e-9  # no bin is given less probability (CompressAI's bound): <= ~30 bits a value

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from errors import BitstreamError
+from discrete_ae.errors import BitstreamError
 
 ESCAPE_BITS = 16  # a value outside an open alphabet's support is sent raw in 16 bits
 ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)  # raw values are sent as value + offset in [0, 2^16)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import ConfigError, DataError, UserError
-from utils import save_checkpoint
+from discrete_ae.errors import ConfigError, DataError, UserError
+from discrete_ae.files import save_tensors
+from discrete_ae.geometry import IMAGE_SIZE
 
-IMAGE_SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DATASETS = ("cifar10", "folder")
 IMAGE_CACHE_VERSION = 2  # 2: EXIF orientation applied, non-square images centre-cropped
@@ -177,7 +177,7 @@ def load_image_folder(folder, size=IMAGE_SIZE):
         cached = _decode_folder(folder, paths, size, key)
         if cached["images"] is not None:
             try:
-                save_checkpoint(cache, cached)
+                save_tensors(cache, cached)
             except UserError:  # a read-only data folder: no cache, decode again next time
                 pass
     bad, changed, images = cached["bad"], cached["changed"], cached["images"]

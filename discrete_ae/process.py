@@ -5,8 +5,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from errors import Stop
-from utils import pick_device
+from discrete_ae.errors import Stop
+from discrete_ae.device import pick_device
 
 
 # ----------------------------------------------------------------------------- distributed

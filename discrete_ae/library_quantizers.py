@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from bottleneck import Bottleneck, CodebookBottleneck, QuantizerOutput, constant_bits, zero
-from errors import ConfigError
+from discrete_ae.bottleneck import Bottleneck, CodebookBottleneck, QuantizerOutput, constant_bits, zero
+from discrete_ae.errors import ConfigError
 
 VQ_DECAY = 0.99  # EMA decay of the codebook (van den Oord et al. 2017, appendix)
 VQ_COMMITMENT_WEIGHT = 0.25  # the paper's beta

@@ -2,7 +2,7 @@
 samples sheet. Every file is written atomically (utils.atomic_write); images are in [0, 1]."""
 import torch
 
-from utils import atomic_write
+from discrete_ae.files import atomic_write
 
 GRID_PADDING = 2  # pixels between tiles, before upscaling
 CAPTION_PX = 22  # height of the caption strip under a grid, in output pixels
@@ -132,7 +132,7 @@ def plot_comparison(path, methods, references, title):
 def plot_samples(path, originals, columns, row_labels):
     """Rows: validation images; columns: the originals, then one per run (row, reconstructions)
     in the order given, titled with the run, its rate and PSNR; each tile carries its own PSNR."""
-    from metrics import psnr_per_image
+    from discrete_ae.metrics import psnr_per_image
 
     plt = pyplot()
     n_rows, n_cols = len(originals), 1 + len(columns)

@@ -1,9 +1,9 @@
 """Pure metric functions: distortion (PSNR, SSIM) and codebook use. Rates (priors, ideal code
-lengths, real bitstreams) are in entropy.py.
+lengths, real bitstreams) are in priors.py and coding.py.
 
 Conventions follow CompressAI (InterDigitalInc/CompressAI): images in [0, 1] are rounded to 8 bits
 before PSNR, PSNR is computed per image and averaged, rates are bits per image and
-bpp = bits / (32 * 32).
+bpp = bits / geometry.PIXELS_PER_IMAGE.
 """
 import functools
 import math
@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-PIXELS_PER_IMAGE = 32 * 32
 PSNR_CAP_DB = 100.0  # PSNR of an exact 8-bit reproduction (MSE 0) is reported as this cap
 
 

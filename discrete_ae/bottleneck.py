@@ -24,12 +24,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from errors import CheckpointError, ConfigError
-from metrics import PIXELS_PER_IMAGE
-from priors import CategoricalPrior, priors_from_state, priors_to_state
+from discrete_ae.errors import CheckpointError, ConfigError
+from discrete_ae.geometry import PIXELS_PER_IMAGE
+from discrete_ae.priors import CategoricalPrior, priors_from_state, priors_to_state
 
 ENTROPY_MODELS = ("fitted", "learned", "context")
-LATENT_HW = (4, 4)  # the latent grid of a 32x32 image: three stride-2 stages
 NO_PRIOR = ("this model holds no fitted rate prior (it was never evaluated); fit one in Python with "
             "evaluate.fit_rate_prior(model, train_images), or store one in the checkpoint with "
             "python evaluate.py CHECKPOINT --save_prior=True")

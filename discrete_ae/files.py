@@ -1,0 +1,80 @@
+"""Files written whole or not at all (atomic replace), and one-line errors when they cannot be."""
+import errno
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from discrete_ae.errors import UserError
+
+def ensure_writable_dir(path, key):
+    """Create `path` and prove a file can be written there, or stop with one line naming `key`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{key}={str(path)!r} is not a writable folder ({err.strerror}); choose another with --{key}=PATH") from None
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_failure(path, err):
+    hints = {errno.ENOSPC: "the disk is full; free space", errno.EFBIG: "the file is over the size limit (ulimit -f)",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+    return UserError(f"could not write {path}: {hints.get(err.errno, err.strerror or str(err))}; "
+                     "the previous file, if any, is intact")
+
+
+def atomic_write(path, write):
+    """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
+
+    A crash or kill at any moment leaves either the old file or the new one, never a mix; the
+    temporary file is named `.{name}.{random}.tmp` (runs.py removes those a kill left behind).
+    Any OSError, creating the temporary file included, is one UserError line."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _write_failure(path, err) from None
+        raise
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_jsonl(path, rows):
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_tensors(path, obj):
+    """torch.save `obj` atomically. Serialised in memory first, so a full disk is an OSError of the
+    write (one line), never an error from inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
