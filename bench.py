@@ -26,14 +26,14 @@ import time
 import torch
 
 import train
+from config import validate_config
 from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.device import pick_device, seed_everything, use_bf16
 from discrete_ae.errors import ConfigError, cli
+from discrete_ae.optim import build_optimizer, build_scheduler
+from discrete_ae.overrides import parse_overrides
 from evaluate import evaluate
 from models import build_model, model_args_from_config
-from discrete_ae.optim import build_optimizer, build_scheduler
-from config import validate_config
-from discrete_ae.overrides import parse_overrides
-from discrete_ae.device import pick_device, seed_everything, use_bf16
 
 BENCH_DEFAULTS = dict(quantizers=["fsq", "ddcl"], steps=100, warmup=20, quality=False, data_dir="", budgets=[30, 120],
                       **{k: v for k, v in train.DEFAULT_CONFIG.items() if k not in ("quantizer", "data_dir")})

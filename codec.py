@@ -11,20 +11,7 @@ learned or context) behind one header: no per-block header, one final partial by
 the whole photo was measured and not kept: the model, trained on 32x32 crops, reconstructs interior
 positions worse than the blocks it knows (docs/codec.md).
 
-File format 1 (a 13-byte header, then the payload):
-
-    byte  0      0xA0 | FORMAT (this file's magic nibble and version)
-    bytes 1-4    width, height (big-endian uint16 each)
-    bytes 5-8    the first 4 bytes of the model's fingerprint (coding.fingerprint)
-    bytes 9-12   CRC-32 of (bytes 0-4, the whole fingerprint, the decoded integers)
-    bytes 13-    the range coder's payload: blocks in raster order, group by group, cut after
-                 the last byte the decoder needs
-
-A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
-prior each stop with one line. The integers decode the same on any machine (integer coding under
-float64 tables); the decoder network runs on one thread, so the pixels are the same bits for any
-thread count of the calling process on one machine (tested), and may differ in rounding across
-CPU types.
+The file format is discrete_ae/codec_file.py's.
 
 `evaluate`: for every photo in DIR and every checkpoint, the file's bytes (bpp of the whole file),
 PSNR and SSIM, encode and decode megapixels per second; and Pillow's JPEG (optimised Huffman
@@ -33,36 +20,37 @@ larger than the model's, searched from quality 0, with no metadata (an embedded 
 is ~3 KB), plus each codec's curve over qualities for BD-rate against WebP. Writes
 OUTPUT_DIR/codec.json and codec.png (with --results=DIR, there instead).
 """
-import binascii
 import io
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from discrete_ae import coding
-from discrete_ae.bjontegaard import bd_psnr, bd_rate
-from discrete_ae.errors import BitstreamError, ConfigError, DataError, cli
-from evaluate import curve_name
-from discrete_ae.metrics import psnr_per_image, ssim_per_image
-from discrete_ae.geometry import IMAGE_SIZE as BLOCK, LATENT_HW, LATENT_POSITIONS as POSITIONS
+from discrete_ae.bjontegaard import bd_pair
+from discrete_ae.codec_file import (
+    HEADER,
+    PHOTO_EXTENSIONS,
+    SEED,
+    decode_photo,
+    encode_photo,
+    from_blocks,
+    one_thread,
+    read_photo,
+    to_blocks,
+    to_tensor,
+)
+from discrete_ae.errors import ConfigError, DataError, cli
 from discrete_ae.files import atomic_write, save_json
+from discrete_ae.metrics import psnr_per_image, ssim_per_image
+from discrete_ae.overrides import parse_paths_and_options
+from discrete_ae.runs import curve_name
 from utils import load_checkpoint
-from discrete_ae.overrides import parse_overrides
 
-MAGIC = 0xA
-FORMAT = 1
-HEADER = 13
-SEED = 0  # DDCL's dither seed for every file: both sides know it
 PER_BLOCK = " (a string per block)"  # the curve of model.compress's strings: in codec.json, not drawn
-MAX_SIDE = 65535  # the header's uint16
-PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
-CLASSICAL = {  # Pillow's save options at their best for small files (../shared/notes: search quality from 0)
+CLASSICAL = {  # Pillow's save options at their best for small files; qualities are searched from 0 (docs/codec.md)
     "jpeg": dict(format="JPEG", optimize=True),
     "webp": dict(format="WEBP", method=6),
     "avif": dict(format="AVIF", speed=4),
@@ -70,107 +58,6 @@ CLASSICAL = {  # Pillow's save options at their best for small files (../shared/
 CURVE_QUALITIES = (0, 2, 5, 10, 15, 20, 30, 40, 50, 60, 75)
 PLOT_MARGIN = 1.6  # the plot's x axis ends at this multiple of the largest model file's bpp
 EVAL_DEFAULTS = dict(photos="", output_dir="outputs/codec", results="", device="cpu")
-
-
-@contextmanager
-def one_thread():
-    """Run the decoder network on one thread: convolution sums may be ordered by the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def read_photo(path):
-    """A photo file -> uint8 (H, W, 3), turned upright by its EXIF orientation."""
-    from PIL import Image, ImageOps
-
-    from discrete_ae.data import _to_8bit_rgb
-
-    try:
-        with Image.open(path) as img:
-            rgb = _to_8bit_rgb(ImageOps.exif_transpose(img))
-    except FileNotFoundError:
-        raise DataError(f"no photo at {str(path)!r}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path} is not a photo Pillow can read ({type(err).__name__}: {str(err)[:80]})") from None
-    if max(rgb.shape[:2]) > MAX_SIDE:
-        raise DataError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}: the format holds sides up to {MAX_SIDE} pixels")
-    return rgb
-
-
-def _to_tensor(rgb, device):
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255).to(device)
-
-
-def _coder(model):
-    q = model.quantizer
-    if not q.has_indices:
-        raise ConfigError(f"this checkpoint's bottleneck ({type(q).__name__}) sends no integers: nothing to code")
-    return q
-
-
-def _crc(header, full_fingerprint, values):
-    data = header + full_fingerprint + np.ascontiguousarray(values, dtype="<i8").tobytes()
-    return binascii.crc32(data).to_bytes(4, "big")
-
-
-def to_blocks(x):
-    """(1, 3, H, W) -> (N, 3, 32, 32) blocks in raster order, the photo padded to whole blocks by
-    repeating its last row and column; and the (rows, columns) of blocks."""
-    height, width = x.shape[2:]
-    x = F.pad(x, (0, -width % BLOCK, 0, -height % BLOCK), mode="replicate")
-    rows, cols = x.shape[2] // BLOCK, x.shape[3] // BLOCK
-    return x.reshape(3, rows, BLOCK, cols, BLOCK).permute(1, 3, 0, 2, 4).reshape(-1, 3, BLOCK, BLOCK), (rows, cols)
-
-
-def from_blocks(blocks, grid, height, width):
-    """(N, 3, 32, 32) -> uint8 (H, W, 3): the blocks put back and the padding cut off."""
-    rows, cols = grid
-    image = blocks.reshape(rows, cols, 3, BLOCK, BLOCK).permute(2, 0, 3, 1, 4).reshape(3, rows * BLOCK, cols * BLOCK)
-    return (image[:, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-@torch.no_grad()
-def encode_photo(model, rgb):
-    """uint8 (H, W, 3) -> the file's bytes."""
-    q = _coder(model)
-    height, width = rgb.shape[:2]
-    blocks, _ = to_blocks(_to_tensor(rgb, next(model.parameters()).device))
-    model.eval()
-    values = q.coding_values(model.encode(blocks, seed=SEED)).cpu().numpy()  # (N, G, 16)
-    payload = coding.encode_batch(values, q.coding_tables(len(blocks), POSITIONS, SEED))
-    fingerprint = coding.fingerprint(model)
-    header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
-    return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
-
-
-@torch.no_grad()
-def decode_photo(model, blob):
-    """The file's bytes -> uint8 (H, W, 3); BitstreamError names what is wrong with a bad file."""
-    q = _coder(model)
-    if len(blob) < HEADER:
-        raise BitstreamError(f"the file has {len(blob)} bytes, fewer than the {HEADER}-byte header: truncated")
-    if blob[0] >> 4 != MAGIC:
-        raise BitstreamError("the file does not start with codec.py's magic: not written by `python codec.py compress`")
-    if blob[0] & 0xF != FORMAT:
-        raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
-    width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
-    fingerprint = coding.fingerprint(model)
-    if blob[5:9] != fingerprint[:4]:
-        raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
-                             f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
-    grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
-    count = grid[0] * grid[1]
-    values, readable = coding.decode_batch(bytes(blob[HEADER:]), q.coding_tables(count, POSITIONS, SEED), count)
-    if not readable or _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
-        raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
-    device = next(model.parameters()).device
-    with one_thread():
-        blocks = model.decode(q.indices_from_values(torch.from_numpy(values), LATENT_HW).to(device), seed=SEED)
-    return from_blocks(blocks, grid, height, width)
 
 
 def _model(path, device="cpu"):
@@ -200,7 +87,7 @@ def decompress_file(checkpoint, source, target):
 
 def quality(a_u8, b_u8):
     """(PSNR, SSIM) of two uint8 (H, W, 3) images."""
-    a, b = _to_tensor(a_u8, "cpu"), _to_tensor(b_u8, "cpu")
+    a, b = to_tensor(a_u8, "cpu"), to_tensor(b_u8, "cpu")
     return float(psnr_per_image(a, b)[0]), float(ssim_per_image(a, b)[0])
 
 
@@ -255,7 +142,7 @@ def tiled_row(model, name, rgb):
     """The same blocks as one `model.compress` string each (a 3-byte header and a last partial byte
     per block) plus this format's header: what coding the blocks as one stream saves."""
     height, width = rgb.shape[:2]
-    blocks, grid = to_blocks(_to_tensor(rgb, next(model.parameters()).device))
+    blocks, grid = to_blocks(to_tensor(rgb, next(model.parameters()).device))
     strings = model.compress(blocks, seed=SEED)
     with one_thread():
         decoded = from_blocks(model.decompress(strings, seed=SEED).cpu(), grid, height, width)
@@ -281,7 +168,7 @@ def evaluate_photos(checkpoints, opts):
     models = {}
     for path in checkpoints:
         model = _model(path, opts["device"])
-        _coder(model)
+        model.coder()
         q = model.quantizer  # a curve per bottleneck and prior; its checkpoints are the points
         models[path] = (model, q_name(load_checkpoint(path)[1], q))
     equal_bytes, curve_rows = [], []
@@ -316,10 +203,8 @@ def summary(photos, equal_bytes, curve_rows):
     curves = mean_curve(curve_rows)
     bd = {}
     for name in {r["codec"] for r in curve_rows} - set(CLASSICAL):
-        rates, psnrs = zip(*curves[name]) if len(curves[name]) else ((), ())
-        w_rates, w_psnrs = zip(*curves["webp"])
-        bd[name] = {"bd_rate_vs_webp": bd_rate(rates, psnrs, w_rates, w_psnrs),
-                    "bd_psnr_vs_webp": bd_psnr(rates, psnrs, w_rates, w_psnrs)}
+        rate, psnr = bd_pair(curves[name], curves["webp"])
+        bd[name] = {"bd_rate_vs_webp": rate, "bd_psnr_vs_webp": psnr}
     speed = {}
     for r in curve_rows:
         if "encode_mp_s" in r:
@@ -352,10 +237,8 @@ def plot(path, result):
 
 
 def evaluate_main(argv):
-    checkpoints = [a for a in argv if not a.startswith("--")]
-    opts, _ = parse_overrides([a for a in argv if a.startswith("--")], EVAL_DEFAULTS)
-    if not checkpoints:
-        raise ConfigError("usage: python codec.py evaluate CHECKPOINT [...] --photos=DIR (see --help)")
+    checkpoints, opts = parse_paths_and_options(argv, EVAL_DEFAULTS, "usage: python codec.py evaluate CHECKPOINT [...] "
+                                                "--photos=DIR (see --help)")
     photos, equal_bytes, curve_rows = evaluate_photos(checkpoints, opts)
     result = summary(photos, equal_bytes, curve_rows)
     out = opts["results"] or opts["output_dir"]

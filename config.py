@@ -4,17 +4,17 @@ checkpoint's own settings, checked into one `config` dict (saved into every chec
 What a resume takes from the checkpoint: every knob you do not pass, except where the run writes
 and reads (`output_dir`, `checkpoint_dir`, `device`, and `data_dir`, which must be named again when
 it differs from the default): a file from elsewhere never chooses a folder. Its run name is taken
-when you pass none (runs.py checks it is a plain name).
+when you pass none (discrete_ae/runs.py checks it is a plain name).
 """
 import math
 import os
 
 from discrete_ae.data import SYMMETRIES, check_dataset
 from discrete_ae.errors import CheckpointError, ConfigError
+from discrete_ae.overrides import coerce, parse_overrides
+from discrete_ae.runs import RunFiles, check_run_name
 from models import build_model, model_args_from_config
 from quantizers import implied_latent_dim
-from discrete_ae.runs import RunFiles, check_run_name
-from discrete_ae.overrides import coerce, parse_overrides
 from utils import read_checkpoint
 
 AMP_CHOICES = ("auto", "bf16", "off")

@@ -27,18 +27,18 @@ import numpy as np
 import torch
 
 from discrete_ae import coding
-from discrete_ae.bjontegaard import bd_psnr, bd_rate
+from discrete_ae.bjontegaard import bd_pair
 from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.device import pick_device, unwrap
 from discrete_ae.errors import ConfigError, cli
+from discrete_ae.files import save_json
 from discrete_ae.geometry import LATENT_POSITIONS, PIXELS_PER_IMAGE
 from discrete_ae.metrics import codebook_stats, psnr_per_image, ssim_per_image
+from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.plots import plot_rate_distortion, plot_samples
 from discrete_ae.priors import fit_prior
-from discrete_ae.runs import RunLock, run_label
+from discrete_ae.runs import RunLock, curve_name, run_label
 from utils import load_checkpoint, read_checkpoint, save_checkpoint
-from discrete_ae.overrides import parse_paths_and_options
-from discrete_ae.device import pick_device, unwrap
-from discrete_ae.files import save_json
 
 EVAL_BATCH_SIZE = 500
 
@@ -65,27 +65,30 @@ def collect_indices(model, images, batch_size=EVAL_BATCH_SIZE):
     return torch.cat([q.coding_values(out.indices).cpu() for _, out in model_outputs(model, images, batch_size)])
 
 
-def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE):
-    """Fit the histogram prior of a fitted-prior model on uint8 `train_images` and store it in the
-    model (its state_dict keeps it), so that `model.compress` can use it."""
+def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE, store=True):
+    """Fit the histogram prior of a fitted-prior model on uint8 `train_images`; with `store`, keep it
+    in the model (its state_dict keeps it), so that `model.compress` can use it."""
     model = unwrap(model)
     q = model.quantizer
     if q.prior is not None:
         raise ConfigError(f"this model has a learned prior (entropy_model={q.entropy_model!r}); it needs no fitted one")
     was_training = model.training
     model.eval()  # the integers evaluation sends: DDCL's dithered ones, VQ without codebook updates
-    q.fitted_prior = fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
+    fitted = fit_prior(collect_indices(model, train_images, batch_size), q.codebook_size)
     model.train(was_training)
-    return q.fitted_prior
+    if store:
+        q.fitted_prior = fitted
+    return fitted
 
 
-def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True):
+def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True, store_prior=False):
     """Metrics of `model` on uint8 `images` (N, 3, 32, 32) -> dict of floats.
 
     The validation indices are scored (bits_entropy), range-coded as one stream (bits_coded) and as
     one byte string per image (bits_per_image_coded) under the model's prior: the learned one, or
-    for entropy_model="fitted" a prior fitted on `train_images` (without them: no measured rate),
-    which is stored in the model (`fit_rate_prior`). `bits` is the best measured rate available:
+    for entropy_model="fitted" a prior fitted on `train_images` (without them: no measured rate).
+    Scoring leaves the model as it was; `store_prior=True` keeps the fitted prior in it (train.py
+    does, so a checkpoint compresses on its own). `bits` is the best measured rate available:
     bitstream, else entropy, else fixed-length, else the quantizer's estimate (`rate_source`).
     Sums stay on the device until the end: one read-back per evaluation, not per batch."""
     model = unwrap(model)
@@ -108,7 +111,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     means = (torch.stack(list(sums.values())) / n).tolist()  # one read-back for all of them
     metrics = dict(zip(sums, means))
     metrics["loss"] = metrics["mse"] + metrics["aux_loss"]
-    metrics.update(rate_metrics(model, indices, train_images, batch_size, entropy_coding))
+    metrics.update(rate_metrics(model, indices, train_images, batch_size, entropy_coding, store_prior))
     metrics["bits"], metrics["rate_source"] = next(
         (metrics[k], src) for k, src in (("bits_coded", "bitstream"), ("bits_entropy", "entropy"),
                                          ("bits_fixed", "fixed-length"), ("bits_estimate", q.rate_label))
@@ -119,7 +122,7 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     return metrics
 
 
-def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
+def rate_metrics(model, batches, train_images, batch_size, entropy_coding, store_prior=False):
     """Fixed-length, ideal, one-stream and per-image rates (bits per image) of the indices of each
     evaluation batch (image n was quantized with dither seed n)."""
     q = model.quantizer
@@ -129,16 +132,17 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding):
     out = {"bits_fixed": float(q.fixed_length_bits(indices))}
     if q.codebook_size is not None:
         out.update(codebook_stats(indices, q.codebook_size))
+    fitted = None
     if q.prior is None:
         if train_images is None or not len(train_images):
             return out
-        fit_rate_prior(model, train_images, batch_size)
+        fitted = fit_rate_prior(model, train_images, batch_size, store=store_prior)
     positions = LATENT_POSITIONS
 
     starts = np.cumsum([0] + [len(b) for b in batches])
 
     def tables(b, ind):  # DDCL's learned and context tables depend on each image's dither seed
-        return q.coding_tables(len(ind), positions, image_numbers(int(starts[b]), len(ind)))
+        return q.coding_tables(len(ind), positions, image_numbers(int(starts[b]), len(ind)), fitted)
 
     stream, ideal, lengths, strings_exact = coding.Stream(), 0.0, [], True
     for b, ind in enumerate(batches):
@@ -215,8 +219,7 @@ def comparison_lines(rows):
             if len(pa) < 2 or len(pb) < 2:
                 lines.append(f"{a} vs {b}: no BD numbers, a curve needs 2 points or more ({span})")
                 continue
-            args = ([r["bits"] for r in pa], [r["psnr"] for r in pa], [r["bits"] for r in pb], [r["psnr"] for r in pb])
-            rate, psnr = bd_rate(*args), bd_psnr(*args)
+            rate, psnr = bd_pair([(r["bits"], r["psnr"]) for r in pa], [(r["bits"], r["psnr"]) for r in pb])
             if psnr is None:
                 lines.append(f"{a} vs {b}: the rates do not overlap ({span}): no equal-bits comparison")
             elif rate is None:
@@ -265,7 +268,7 @@ def evaluate_checkpoint(path, opts, device, datasets):
     if key not in datasets:
         datasets[key] = load_dataset(*key)
     train, val = datasets[key]
-    metrics = evaluate(model, val.to(device), head(train, opts["prior_images"]).to(device))
+    metrics = evaluate(model, val.to(device), head(train, opts["prior_images"]).to(device), store_prior=opts["save_prior"])
     if metrics.get("roundtrip_exact") is False:
         raise RuntimeError(f"{path}: entropy-coded indices did not decode back exactly")
     if opts["save_prior"] and model.quantizer.fitted_prior is not None:
@@ -278,14 +281,6 @@ def evaluate_checkpoint(path, opts, device, datasets):
     row = {"checkpoint": path, "run": run_label(config), "quantizer": config["quantizer"], "entropy_model": entropy_model,
            "curve": curve_name(config, q), "settings": q.settings(), "seed": config["seed"], **metrics}
     return row, (model, key)
-
-
-def curve_name(config, q):
-    """The curve a checkpoint belongs to: the bottleneck, then its prior unless fitted ("ddcl_context"),
-    then "_posthoc" for a context prior fitted after training (scripts/fit_context_prior.py)."""
-    entropy_model = q.entropy_model if q.has_indices else "fitted"
-    return (config["quantizer"] + ("" if entropy_model == "fitted" else "_" + entropy_model)
-            + ("_posthoc" if config.get("context_prior_fitted_to") else ""))
 
 
 def write_samples_sheet(path, rows, runs, datasets):

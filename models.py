@@ -1,4 +1,4 @@
-"""Convolutional autoencoder with a pluggable bottleneck (bottleneck.py, quantizers.py).
+"""Convolutional autoencoder with a pluggable bottleneck (discrete_ae/bottleneck.py, quantizers.py).
 
 Data-range contract (the one place it is stated for the code): every image a user passes in or
 gets back is a float tensor in [0, 1] of shape (B, 3, 32, 32). Internally the encoder sees
@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from discrete_ae import coding
-from discrete_ae.geometry import IMAGE_SHAPE, LATENT_HW, LATENT_POSITIONS
 from discrete_ae.errors import BitstreamError, ConfigError
+from discrete_ae.geometry import IMAGE_SHAPE, LATENT_HW, LATENT_POSITIONS
 from quantizers import build_quantizer, image_seeds, implied_latent_dim
 
 
@@ -126,7 +126,7 @@ class QuantizedVAE(nn.Module):
         """Indices (from `encode` with the same seed) -> images in [0, 1]."""
         return self.decoder(self.quantizer.decode_indices(indices, seed=seed))
 
-    def _stream_keys(self, seed, count):
+    def stream_keys(self, seed, count):
         """What the checksum of each string covers besides its integers: the model and its seed."""
         seeds, per_image = image_seeds(seed)
         if per_image and len(seeds) != count:
@@ -134,7 +134,8 @@ class QuantizedVAE(nn.Module):
         model = coding.fingerprint(self)
         return [model + s.to_bytes(8, "big", signed=True) for s in (seeds if per_image else seeds * count)]
 
-    def _coder(self, action):
+    def coder(self, action="code"):
+        """The bottleneck, which describes its integers to the coder; one line when it sends none."""
         q = self.quantizer
         if not q.has_indices:
             raise ConfigError(f"quantizer {type(q).__name__} sends no integers: nothing to {action}")
@@ -143,11 +144,11 @@ class QuantizedVAE(nn.Module):
     @torch.no_grad()
     def compress(self, x, seed=0):
         """Images (B, 3, 32, 32) in [0, 1] -> B byte strings, one per image, holding everything the
-        decoder needs besides this model and `seed` (an integer, or one per image; coding.py: format).
+        decoder needs besides this model and `seed` (an integer, or one per image; discrete_ae/coding.py: format).
         float16 and float64 images are converted to float32; NaN, inf or values outside [0, 1] are refused. Uses the learned
         prior, or the fitted one that evaluation stored. decompress(compress(x, s), s) equals
         decode(encode(x, s), s) bit for bit on the CPU, for any subset of the strings in any order."""
-        q = self._coder("compress")
+        q = self.coder("compress")
         x = check_images(x, "compress")
         if not len(x):
             return []
@@ -157,7 +158,7 @@ class QuantizedVAE(nn.Module):
             indices = self.encode(x.to(next(self.parameters()).device), seed=seed)
         finally:
             self.train(was_training)
-        keys = self._stream_keys(seed, len(x))
+        keys = self.stream_keys(seed, len(x))
         tables = q.coding_tables(len(x), LATENT_POSITIONS, seed)
         return coding.compress(q.coding_values(indices).cpu().numpy(), tables, keys)
 
@@ -165,13 +166,13 @@ class QuantizedVAE(nn.Module):
     def decompress(self, strings, seed=0):
         """Byte strings of `compress` (any of them, in any order, with the seed used there) -> images
         (B, 3, 32, 32) in [0, 1]. A truncated, corrupted or foreign string raises BitstreamError."""
-        q = self._coder("decompress")
+        q = self.coder("decompress")
         if isinstance(strings, (bytes, bytearray)):
             raise BitstreamError("decompress takes a list of byte strings (one per image); wrap one string: [data]")
         device = next(self.parameters()).device
         if not len(strings):
             return torch.empty(0, *IMAGE_SHAPE, device=device)
-        keys = self._stream_keys(seed, len(strings))
+        keys = self.stream_keys(seed, len(strings))
         tables = q.coding_tables(len(strings), LATENT_POSITIONS, seed)
         values = torch.from_numpy(coding.decompress(strings, tables, keys))
         # decoding does not depend on the mode (no noise, no batch statistics): no mode switch

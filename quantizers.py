@@ -1,17 +1,24 @@
 """The bottlenecks this repo compares: FSQ and DDCL here, the library's others in
-library_quantizers.py, all behind the interface of bottleneck.py; `build_quantizer` is the one
+discrete_ae/library_quantizers.py, all behind the interface of discrete_ae/bottleneck.py; `build_quantizer` is the one
 place that maps a name to a module.
 """
 import math
 
 import torch
 
-from discrete_ae.bottleneck import (Bottleneck, CodebookBottleneck, QuantizerOutput, by_position, check_index_range,
-                                    zero)
+from discrete_ae.bottleneck import Bottleneck, CodebookBottleneck, QuantizerOutput, by_position, check_index_range, zero
 from discrete_ae.errors import ConfigError
 from discrete_ae.geometry import LATENT_HW
-from discrete_ae.library_quantizers import (FSPWrapper, GaussianBottleneck, Identity, LFQWrapper, ResidualFSQWrapper,
-                                            SimVQWrapper, VQWrapper)
+from discrete_ae.library_quantizers import (
+    FSPWrapper,
+    GaussianBottleneck,
+    Identity,
+    LFQWrapper,
+    ResidualFSQWrapper,
+    SimVQWrapper,
+    VQWrapper,
+    lfq_bits,
+)
 from discrete_ae.priors import CategoricalPrior, ContextCategoricalPrior, ContextMixturePrior, LogisticMixturePrior
 
 __all__ = ["FSQWrapper", "DDCL_Bottleneck", "QUANTIZERS", "build_quantizer", "implied_latent_dim",
@@ -204,20 +211,13 @@ def validate_ddcl(delta, comm_weight):
 QUANTIZERS = ("fsq", "ddcl", "vq", "lfq", "fsp", "simvq", "rfsq", "none", "vae")
 
 
-def _log2_codebook(args):
-    size = args["codebook_size"]
-    if not isinstance(size, int) or size < 2 or size & (size - 1):
-        raise ConfigError(f"quantizer=lfq needs codebook_size a power of 2 >= 2 (latent_dim = log2 of it); got {size!r}")
-    return size.bit_length() - 1
-
-
 def implied_latent_dim(args):
     """The latent_dim a quantizer's own settings fix (levels: one channel each; LFQ: log2 of the
     codebook, one bit per channel), else None."""
     name = args["quantizer"]
     if name in ("fsq", "fsp", "rfsq"):
         return len(validate_levels(args["fsq_levels"], "fsq_levels"))
-    return _log2_codebook(args) if name == "lfq" else None
+    return lfq_bits(args["codebook_size"]) if name == "lfq" else None
 
 
 def build_quantizer(args):

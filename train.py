@@ -10,8 +10,7 @@ Override any knob of the config block below as --key=value (a Python literal che
 default's type). Every epoch writes a grid of validation images and their reconstructions, a
 metrics row and checkpoints; the run ends with one line saying what it wrote where.
 
-Measured: FSQ [8,5,5,5], 10 epochs on the wallpaper crops, 24.34 dB at 146 bits per held-out image
-(3 seeds), about 2 minutes a run on one CPU core (docs/comparison.md).
+What the defaults reach, and what a run costs on which CPU: README.md (Results) and docs/comparison.md.
 """
 import math
 import os
@@ -19,25 +18,40 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from config import resolve_config
-from discrete_ae.data import (batches_per_epoch, epoch_order, head, load_dataset, random_gains, random_symmetry,
-                              to_float_images)
+from discrete_ae.data import (
+    batches_per_epoch,
+    epoch_order,
+    head,
+    load_dataset,
+    random_gains,
+    random_symmetry,
+    to_float_images,
+)
+from discrete_ae.device import get_rng_state, seed_everything, set_rng_state, use_bf16
 from discrete_ae.errors import Stop, UserError, cli
-from evaluate import evaluate
+from discrete_ae.files import read_jsonl, save_json, save_jsonl
 from discrete_ae.metrics import psnr_per_image
-from models import build_model, model_args_from_config
 from discrete_ae.optim import build_optimizer, build_scheduler, restore
 from discrete_ae.plots import plot_curves, save_grid
-from discrete_ae.process import (SignalFlag, all_reduce_mean, barrier, gather, setup_distributed, stop_on_sigterm,
-                                 teardown_distributed)
+from discrete_ae.process import (
+    SignalFlag,
+    all_reduce_mean,
+    barrier,
+    gather,
+    setup_distributed,
+    stop_on_sigterm,
+    teardown_distributed,
+)
 from discrete_ae.runs import RunFiles, new_run_id, run_label
-from discrete_ae.device import get_rng_state, seed_everything, set_rng_state, use_bf16
+from evaluate import evaluate
+from models import build_model, model_args_from_config
 from utils import read_checkpoint, save_checkpoint
-from discrete_ae.files import read_jsonl, save_json, save_jsonl
 
 # ----------------------------------------------------------------------------- config
 # the bottleneck (README: Bottlenecks)
@@ -96,7 +110,7 @@ def make_step(model, optimizer, scheduler, amp, dev):
             out = model(x)
         loss = F.mse_loss(out.recon.float(), x) + aux_weight * out.aux_loss.float()
         optimizer.zero_grad(set_to_none=True)
-        (loss + out.prior_loss).backward()  # the prior's own loss reaches only the prior (bottleneck.py)
+        (loss + out.prior_loss).backward()  # the prior's own loss reaches only the prior (discrete_ae/bottleneck.py)
         optimizer.step()
         scheduler.step()
         return loss.detach()
@@ -167,85 +181,123 @@ def train(config, state=None):
         teardown_distributed(world)
 
 
+class Training(NamedTuple):
+    """What an epoch updates; a checkpoint stores all of it."""
+    model: torch.nn.Module
+    model_args: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data_gen: torch.Generator
+
+
 def train_loop(config, state, run, rank, world, dev):
+    """Data, model, resumed state; then each epoch: train, evaluate, checkpoint, log (rank 0 writes)."""
     master = rank == 0
-    train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
-    train_u8 = head(train_u8, config["max_train_images"])
-    if len(train_u8) < world:
-        raise UserError(f"{len(train_u8)} training images cannot be shared by {world} processes")
-    train_u8, val_u8 = train_u8.to(dev), val_u8.to(dev)  # the whole split lives on the device
+    train_u8, val_u8 = load_split(config, world, dev)
     prior_u8, epoch_val_u8 = head(train_u8, RATE_PRIOR_IMAGES), head(val_u8, EVAL_IMAGES)
     grid = to_float_images(val_u8[:GRID_IMAGES])
-
-    seed_everything(config["seed"])
-    model_args = model_args_from_config(config)
-    model = build_model(model_args).to(dev, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config["epochs"], batches_per_epoch(len(train_u8), world, config["batch_size"])[0])
-    data_gen = torch.Generator().manual_seed(config["seed"])
-    torch.manual_seed(config["seed"] + rank)  # per-rank noise (DDCL, FSP, the VAE); the same init above
+    t = build_training(config, len(train_u8), rank, world, dev)
     start, best, rows, run_id = 0, math.inf, [], new_run_id()
     if state is not None:
-        model.load_state_dict(state["model"])
-        restore(optimizer, scheduler, state, config)
-        start, best, run_id = state["epoch"], state["best_val_objective"], state["run_id"]
-        data_gen.set_state(state["data_rng"])
-        if len(state["rng"]) == world:
-            set_rng_state(state["rng"][rank])
-        elif master:
-            print(f"warning: {config['resume']} was written by {len(state['rng'])} process(es), this run has {world}: "
-                  "random streams restart from the seed (resume is not bitwise exact)", file=sys.stderr)
-        rows = [r for r in read_jsonl(run.metrics) if r["epoch"] <= start]
-        data_then = (state["config"]["dataset"], state["config"]["data_dir"])
-        if data_then != (config["dataset"], config["data_dir"]):
-            best = math.inf
-            if master:
-                print(f"warning: continuing on other data than {config['resume']} was trained on {data_then}: the best "
-                      "checkpoint is chosen anew from here", file=sys.stderr)
-        if master:
-            print(f"resumed {config['resume']} at epoch {start}")
+        start, best, rows, run_id = resume_training(t, state, config, run, rank, world)
     if master:
-        print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
-        save_json(run.output("config.json"), {**config, "run_id": run_id})
-        if start >= config["epochs"]:
-            print(f"nothing to train: the checkpoint is at epoch {start} and epochs={config['epochs']}; raise --epochs")
+        announce(config, run, run_id, start)
 
-    step = make_step(wrap_model(model, world, dev), optimizer, scheduler, config["amp"], dev)
+    step = make_step(wrap_model(t.model, world, dev), t.optimizer, t.scheduler, config["amp"], dev)
     with SignalFlag() as flag:
         for epoch in range(start + 1, config["epochs"] + 1):
             t0 = time.time()
-            model.train()
-            order, steps, batch = epoch_order(len(train_u8), data_gen, rank, world, config["batch_size"])
+            t.model.train()
+            order, steps, batch = epoch_order(len(train_u8), t.data_gen, rank, world, config["batch_size"])
             loss_sum, done = run_epoch(step, train_u8, order.to(dev), steps, batch, epoch, config,
                                        stop=lambda: flag.signum is not None, show=master,
-                                       lr=lambda: optimizer.param_groups[0]["lr"])
+                                       lr=lambda: t.optimizer.param_groups[0]["lr"])
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch, done, steps, run)
             train_loss = all_reduce_mean(loss_sum / steps, world).item()
             rng = gather(get_rng_state(), world)
             if master:
-                metrics = evaluate(model, epoch_val_u8, prior_u8)
-                improved = metrics["loss"] < best  # the objective, MSE + rate term: MSE alone favours high rates
-                best = min(best, metrics["loss"])
-                state = {"model": model.state_dict(), "model_args": model_args, "config": config, "run_id": run_id,
-                         "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_val_objective": best, "metrics": metrics, "rng": rng, "data_rng": data_gen.get_state()}
-                if improved:
-                    save_checkpoint(run.checkpoint("best"), state)
-                if config["checkpoint_every"] and epoch % config["checkpoint_every"] == 0:
-                    save_checkpoint(run.checkpoint(f"epoch_{epoch}"), state)
-                save_checkpoint(run.checkpoint("last"), state)
-                rows.append({"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                metrics = evaluate(t.model, epoch_val_u8, prior_u8, store_prior=True)
+                best = save_epoch(run, t, config, run_id, epoch, metrics, best, rng)
+                rows.append({"epoch": epoch, "train_loss": train_loss, "lr": t.optimizer.param_groups[0]["lr"],
                              "seconds": time.time() - t0, **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(run.metrics, rows)
-                draw_pictures(run, model, grid, epoch, metrics, rows, config["epochs"])
+                draw_pictures(run, t.model, grid, epoch, metrics, rows, config["epochs"])
                 print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0), flush=True)
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, run)
     metrics = finish(run, val_u8, prior_u8, train_u8, dev) if master else {}
     barrier(world)  # the ranks leave together: a process group torn down under a busy rank aborts it
-    return model, metrics
+    return t.model, metrics
+
+
+def load_split(config, world, dev):
+    """(train, val) uint8 images, each split one tensor on the device."""
+    train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
+    train_u8 = head(train_u8, config["max_train_images"])
+    if len(train_u8) < world:
+        raise UserError(f"{len(train_u8)} training images cannot be shared by {world} processes")
+    return train_u8.to(dev), val_u8.to(dev)
+
+
+def build_training(config, n_train, rank, world, dev):
+    """The model, its optimizer and schedule, and the data-order generator, from the seed."""
+    seed_everything(config["seed"])
+    model_args = model_args_from_config(config)
+    model = build_model(model_args).to(dev, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config["epochs"], batches_per_epoch(n_train, world, config["batch_size"])[0])
+    data_gen = torch.Generator().manual_seed(config["seed"])
+    torch.manual_seed(config["seed"] + rank)  # per-rank noise (DDCL, FSP, the VAE); the same init above
+    return Training(model, model_args, optimizer, scheduler, data_gen)
+
+
+def resume_training(t, state, config, run, rank, world):
+    """Load a checkpoint's state into `t` -> (epochs done, best objective, metrics rows, run id)."""
+    master = rank == 0
+    t.model.load_state_dict(state["model"])
+    restore(t.optimizer, t.scheduler, state, config)
+    start, best = state["epoch"], state["best_val_objective"]
+    t.data_gen.set_state(state["data_rng"])
+    if len(state["rng"]) == world:
+        set_rng_state(state["rng"][rank])
+    elif master:
+        print(f"warning: {config['resume']} was written by {len(state['rng'])} process(es), this run has {world}: "
+              "random streams restart from the seed (resume is not bitwise exact)", file=sys.stderr)
+    rows = [r for r in read_jsonl(run.metrics) if r["epoch"] <= start]
+    data_then = (state["config"]["dataset"], state["config"]["data_dir"])
+    if data_then != (config["dataset"], config["data_dir"]):
+        best = math.inf
+        if master:
+            print(f"warning: continuing on other data than {config['resume']} was trained on {data_then}: the best "
+                  "checkpoint is chosen anew from here", file=sys.stderr)
+    if master:
+        print(f"resumed {config['resume']} at epoch {start}")
+    return start, best, rows, state["run_id"]
+
+
+def announce(config, run, run_id, start):
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    save_json(run.output("config.json"), {**config, "run_id": run_id})
+    if start >= config["epochs"]:
+        print(f"nothing to train: the checkpoint is at epoch {start} and epochs={config['epochs']}; raise --epochs")
+
+
+def save_epoch(run, t, config, run_id, epoch, metrics, best, rng):
+    """Write the epoch's checkpoints (last; best when the objective improved; every n epochs) -> the
+    best objective so far. The objective is MSE + rate term: MSE alone favours high rates."""
+    improved = metrics["loss"] < best
+    best = min(best, metrics["loss"])
+    state = {"model": t.model.state_dict(), "model_args": t.model_args, "config": config, "run_id": run_id,
+             "epoch": epoch, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+             "best_val_objective": best, "metrics": metrics, "rng": rng, "data_rng": t.data_gen.get_state()}
+    if improved:
+        save_checkpoint(run.checkpoint("best"), state)
+    if config["checkpoint_every"] and epoch % config["checkpoint_every"] == 0:
+        save_checkpoint(run.checkpoint(f"epoch_{epoch}"), state)
+    save_checkpoint(run.checkpoint("last"), state)
+    return best
 
 
 def wrap_model(model, world, dev):
@@ -285,7 +337,7 @@ def finish(run, val_u8, prior_u8, train_u8, dev):
     model.load_state_dict(state["model"])
     metrics = state["metrics"]
     if metrics["images"] < len(val_u8):
-        metrics = evaluate(model, val_u8, prior_u8)
+        metrics = evaluate(model, val_u8, prior_u8, store_prior=True)
         save_checkpoint(path, {**state, "metrics": metrics})
     save_json(run.output("final.json"), {"checkpoint": path, "epoch": state["epoch"], **metrics})
     mean_image = to_float_images(train_u8[:RATE_PRIOR_IMAGES]).mean(0, keepdim=True)

@@ -62,6 +62,15 @@ def bd_rate(rates_a, psnrs_a, rates_b, psnrs_b):
     return None if mean is None else 100.0 * (math.exp(mean) - 1.0)
 
 
+def bd_pair(curve_a, curve_b):
+    """(BD-rate %, BD-PSNR dB) of curve a against curve b, each a list of (rate, PSNR) points;
+    None where they cannot be compared (fewer than 2 points, or no overlap)."""
+    if len(curve_a) < 2 or len(curve_b) < 2:
+        return None, None
+    (rates_a, psnrs_a), (rates_b, psnrs_b) = zip(*curve_a), zip(*curve_b)
+    return bd_rate(rates_a, psnrs_a, rates_b, psnrs_b), bd_psnr(rates_a, psnrs_a, rates_b, psnrs_b)
+
+
 def interval(values):
     """(mean, low, high) of a 95% Student-t interval of the mean, over independent runs (seeds);
     one value gives (value, None, None)."""

@@ -14,7 +14,7 @@ A bottleneck takes the encoder's latent z (B, C, H, W) and returns the same smal
     prior_loss scalar tensor: trains the learned prior alone (0 without one); only the prior's
                parameters receive its gradient
 
-The rate the indices really cost is measured by evaluate.py through coding.py: a bottleneck only
+The rate the indices really cost is measured by evaluate.py through discrete_ae/coding.py: a bottleneck only
 describes its integers to the coder, `coding_values` (which integers, in which streams) and
 `coding_tables` (their probabilities under the fitted or the learned prior).
 """
@@ -106,14 +106,16 @@ class Bottleneck(nn.Module):
     def indices_from_values(self, values, latent_hw):
         raise NotImplementedError
 
-    def coding_tables(self, batch, positions, seed):
+    def coding_tables(self, batch, positions, seed, fitted=None):
         """The coding.Table of each stream for `batch` images of `positions` latent positions;
-        `seed` is the dither seed (DDCL's learned prior conditions on the dither)."""
+        `seed` is the dither seed (DDCL's learned prior conditions on the dither); `fitted`, a fitted
+        prior to use instead of the stored one (evaluation scores without storing)."""
         if self.prior is not None:
             return self.learned_tables(batch, positions, seed)
-        if self.fitted_prior is None:
+        fitted = self.fitted_prior if fitted is None else fitted
+        if fitted is None:
             raise CheckpointError(NO_PRIOR)
-        return [p.table(positions) for p in self.fitted_prior]
+        return [p.table(positions) for p in fitted]
 
     def get_extra_state(self):
         return {"fitted_prior": priors_to_state(self.fitted_prior)}

@@ -1,4 +1,4 @@
-"""Entropy coding: what the integers cost, and the bytes themselves (no `nn` here; priors.py
+"""Entropy coding: what the integers cost, and the bytes themselves (no `nn` here; discrete_ae/priors.py
 holds the models that give the probabilities).
 
 A bottleneck describes its integers to the coder as a list of `Table`s, one per group of symbols

@@ -66,19 +66,28 @@ def _to_8bit_rgb(img):
     return np.asarray(img.convert("RGB"))
 
 
+def read_rgb(path):
+    """A photo file -> (uint8 (H, W, 3) array turned upright by its EXIF orientation, whether it was
+    turned). Pillow's errors pass through; callers say what they mean."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        upright = ImageOps.exif_transpose(img)
+        return _to_8bit_rgb(upright), _exif_orientation(img) > 1  # 2-8: mirrored and/or turned
+
+
 def _read_image(path, size):
     """(uint8 (size, size, 3) array, what was changed, None) or (None, (), why it could not be read).
 
     Changes, as a photo viewer and torchvision's Resize + CenterCrop would make them: "rotated"
     (turned upright by its EXIF orientation), "cropped" (centre-cropped to a square), "upscaled"
     (its short side was under `size`)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            upright = ImageOps.exif_transpose(img)
-            changes = ("rotated",) if _exif_orientation(img) > 1 else ()  # 2-8: mirrored and/or turned
-            rgb = Image.fromarray(_to_8bit_rgb(upright))
+        array, turned = read_rgb(path)
+        changes = ("rotated",) if turned else ()
+        rgb = Image.fromarray(array)
         w, h = rgb.size
         if w != h:
             side = min(w, h)

@@ -6,6 +6,7 @@ import torch
 
 from discrete_ae.errors import ConfigError
 
+
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():

@@ -10,6 +10,7 @@ import torch
 
 from discrete_ae.errors import UserError
 
+
 def ensure_writable_dir(path, key):
     """Create `path` and prove a file can be written there, or stop with one line naming `key`."""
     try:
@@ -37,7 +38,7 @@ def atomic_write(path, write):
     """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
 
     A crash or kill at any moment leaves either the old file or the new one, never a mix; the
-    temporary file is named `.{name}.{random}.tmp` (runs.py removes those a kill left behind).
+    temporary file is named `.{name}.{random}.tmp` (discrete_ae/runs.py removes those a kill left behind).
     Any OSError, creating the temporary file included, is one UserError line."""
     path = Path(path)
     tmp = None

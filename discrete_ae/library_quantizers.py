@@ -21,6 +21,14 @@ VQ_COMMITMENT_WEIGHT = 0.25  # the paper's beta
 VQ_DEAD_CODE_THRESHOLD = 1  # re-seed codes used less than once per batch on average (docs/recipe.md)
 
 
+def lfq_bits(codebook_size):
+    """LFQ's latent channels: one bit each, so codebook_size must be a power of 2."""
+    size = _check_codebook_size(codebook_size, "lfq")
+    if size & (size - 1):
+        raise ConfigError(f"quantizer=lfq needs codebook_size a power of 2 >= 2 (latent_dim = log2 of it); got {size!r}")
+    return size.bit_length() - 1
+
+
 def _check_codebook_size(size, name):
     if not isinstance(size, int) or isinstance(size, bool) or size < 2:
         raise ConfigError(f"codebook_size must be an integer >= 2 for quantizer={name}; got {size!r}")
@@ -61,10 +69,7 @@ class LFQWrapper(CodebookBottleneck):
     penalty (weight 0.1): low entropy per position, high entropy of the batch's code use."""
 
     def __init__(self, codebook_size, entropy_model="fitted", rate_weight=0.0):
-        bits = int(math.log2(_check_codebook_size(codebook_size, "lfq")))
-        if 2 ** bits != codebook_size:
-            raise ConfigError(f"quantizer=lfq needs codebook_size a power of 2; got {codebook_size}")
-        super().__init__(bits, codebook_size, entropy_model, rate_weight)
+        super().__init__(lfq_bits(codebook_size), codebook_size, entropy_model, rate_weight)
         from vector_quantize_pytorch import LFQ
 
         self.lfq = LFQ(codebook_size=codebook_size, channel_first=True)  # dim = log2(codebook_size): no projection

@@ -1,5 +1,5 @@
 """Pure metric functions: distortion (PSNR, SSIM) and codebook use. Rates (priors, ideal code
-lengths, real bitstreams) are in priors.py and coding.py.
+lengths, real bitstreams) are in discrete_ae/priors.py and discrete_ae/coding.py.
 
 Conventions follow CompressAI (InterDigitalInc/CompressAI): images in [0, 1] are rounded to 8 bits
 before PSNR, PSNR is computed per image and averaged, rates are bits per image and

@@ -3,6 +3,7 @@ import ast
 
 from discrete_ae.errors import ConfigError
 
+
 def parse_value(key, text, default):
     """Parse `text` as a Python literal (no exec) and check it against `default`'s type."""
     try:

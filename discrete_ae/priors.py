@@ -1,4 +1,4 @@
-"""Priors: the probabilities the coder (coding.py) gives each transmitted integer.
+"""Priors: the probabilities the coder (discrete_ae/coding.py) gives each transmitted integer.
 
 Three kinds (train.py's `entropy_model`):
 

@@ -5,9 +5,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from discrete_ae.errors import Stop
 from discrete_ae.device import pick_device
-
+from discrete_ae.errors import Stop
 
 # ----------------------------------------------------------------------------- distributed
 

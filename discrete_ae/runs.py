@@ -194,3 +194,11 @@ class RunFiles:
 def run_label(config):
     """The name of a run's files: run_name, or the quantizer's name when that is empty."""
     return config.get("run_name") or config["quantizer"]
+
+
+def curve_name(config, q):
+    """The curve a checkpoint belongs to: the bottleneck, then its prior unless fitted ("ddcl_context"),
+    then "_posthoc" for a context prior fitted after training (scripts/fit_context_prior.py)."""
+    entropy_model = q.entropy_model if q.has_indices else "fitted"
+    return (config["quantizer"] + ("" if entropy_model == "fitted" else "_" + entropy_model)
+            + ("_posthoc" if config.get("context_prior_fitted_to") else ""))

@@ -21,12 +21,12 @@ import time
 import numpy as np
 import torch
 
-from discrete_ae.geometry import LATENT_POSITIONS
 from discrete_ae.data import head, load_dataset, to_float_images
 from discrete_ae.errors import cli
+from discrete_ae.geometry import LATENT_POSITIONS
+from discrete_ae.overrides import parse_paths_and_options
 from evaluate import EVAL_BATCH_SIZE, evaluate
 from utils import load_checkpoint
-from discrete_ae.overrides import parse_paths_and_options
 
 DEFAULTS = dict(data_dir="", images=1000, seed=0, fuzz=0)
 
@@ -81,7 +81,7 @@ def fuzz(model, strings, seed, count):
 
     q = model.quantizer
     positions = LATENT_POSITIONS
-    keys = model._stream_keys(seed, 1)
+    keys = model.stream_keys(seed, 1)
     tables = q.coding_tables(1, positions, seed)
     rng = np.random.default_rng(0)
     wants = coding.decompress(strings, q.coding_tables(len(strings), positions, seed), keys * len(strings))

@@ -31,10 +31,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from discrete_ae.bjontegaard import bd_psnr, bd_rate, interval, verdict
+from discrete_ae.bjontegaard import bd_pair, interval, verdict
 from discrete_ae.errors import ConfigError, cli
-from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.files import save_json
+from discrete_ae.overrides import parse_paths_and_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], out="compare", results="docs/results",
@@ -116,9 +116,9 @@ def evaluate_all(data_dir, opts, plan):
     import torch
 
     from discrete_ae.data import load_dataset
+    from discrete_ae.files import read_jsonl
     from evaluate import evaluate
     from utils import load_checkpoint
-    from discrete_ae.files import read_jsonl
 
     cache_path = os.path.join(opts["out"], "evaluations.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
@@ -182,9 +182,9 @@ def summarise(plan, evals, key, seeds):
                  for p in anchor["points"] if seed in p["seeds"]]
             if len(a) < 2 or len(b) < 2:
                 continue
-            args = ([x for x, _ in a], [y for _, y in a], [x for x, _ in b], [y for _, y in b])
-            per_seed["bd_rate"].append(bd_rate(*args))
-            per_seed["bd_psnr"].append(bd_psnr(*args))
+            rate, psnr = bd_pair(a, b)
+            per_seed["bd_rate"].append(rate)
+            per_seed["bd_psnr"].append(psnr)
         entry["bd_vs_fsq"] = {}
         for k, values in per_seed.items():
             mean, lo, hi = interval(values)

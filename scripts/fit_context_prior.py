@@ -18,12 +18,12 @@ import torch
 
 from discrete_ae.data import load_dataset, to_float_images
 from discrete_ae.errors import ConfigError, cli
+from discrete_ae.files import ensure_writable_dir
+from discrete_ae.overrides import parse_paths_and_options
+from discrete_ae.runs import check_run_name, run_label
 from evaluate import EVAL_BATCH_SIZE
 from models import build_model
-from discrete_ae.runs import check_run_name, run_label
-from discrete_ae.files import ensure_writable_dir
 from utils import load_checkpoint, read_checkpoint, save_checkpoint
-from discrete_ae.overrides import parse_paths_and_options
 
 DEFAULTS = dict(data_dir="", epochs=4, output_dir="", batch_size=128, lr=3e-2, seed=0)
 

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-
-from discrete_ae.coding import HEADER_BYTES
 from conftest import REPO, resolve
+from discrete_ae.coding import HEADER_BYTES
 from discrete_ae.errors import BitstreamError, CheckpointError, ConfigError
 from evaluate import evaluate, fit_rate_prior
 from evaluate import main as evaluate_main
@@ -133,7 +132,7 @@ def test_foreign_strings_and_a_wrong_seed_are_refused(fsq_strings):
 def test_single_bit_flips_are_caught_or_harmless(fsq_strings):
     """Every single-bit flip of these strings raises or (a bit the decoder does not need) gives the
     exact image. The general guarantee is weaker: a 16-bit check passes about 1 damaged string in
-    65,536 (coding.py, docs/reliability.md)."""
+    65,536 (discrete_ae/coding.py, docs/reliability.md)."""
     model, strings = fsq_strings
     want = model.decompress(strings)[0]
     raised = 0

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import codec
-from conftest import REPO, run_script
-from discrete_ae.errors import BitstreamError, ConfigError, DataError
+from conftest import run_script
+from discrete_ae.errors import BitstreamError, CheckpointError, ConfigError, DataError
 from utils import load_checkpoint
 
 
@@ -116,7 +116,7 @@ def test_a_checkpoint_without_a_prior_says_how_to_get_one(checkpoint, tmp_path):
     model, _ = load_checkpoint(ck)
     model.quantizer.fitted_prior = None
     save_checkpoint(ck, {**read_checkpoint(ck), "model": model.state_dict()})
-    with pytest.raises(Exception, match="--save_prior=True"):
+    with pytest.raises(CheckpointError, match="--save_prior=True"):
         codec.compress_file(ck, photo(tmp_path / "p.png", 32, 32), tmp_path / "p.bin")
 
 

@@ -10,6 +10,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import compare  # noqa: E402
+
 from discrete_ae.errors import ConfigError  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Rates (priors.py): fitted priors, ideal code lengths, one range-coded stream, learned priors
+"""Rates (discrete_ae/priors.py): fitted priors, ideal code lengths, one range-coded stream, learned priors
 and the per-image byte strings."""
 import math
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from discrete_ae import coding
-from discrete_ae import priors
+from discrete_ae import coding, priors
 from discrete_ae.coding import ESCAPE_BITS
 from discrete_ae.priors import fit_prior
 from quantizers import DDCL_Bottleneck
@@ -161,8 +160,8 @@ def test_learned_tables_hold_no_zero_and_escape_far_values():
 
 def test_the_learned_prior_trains_at_its_own_learning_rate():
     from conftest import resolve
-    from models import build_model, model_args_from_config
     from discrete_ae.optim import PRIOR_LR_SCALE, build_optimizer
+    from models import build_model, model_args_from_config
 
     config = resolve(["--quantizer=ddcl", "--entropy_model=learned"])
     model = build_model(model_args_from_config(config))

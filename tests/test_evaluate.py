@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from discrete_ae.bjontegaard import bd_psnr, bd_rate, interval, monotone, verdict
 from conftest import run_script
+from discrete_ae.bjontegaard import bd_psnr, bd_rate, interval, monotone, verdict
 from discrete_ae.data import load_dataset
 from discrete_ae.errors import cli
 from evaluate import evaluate

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from discrete_ae import data
 import utils
-from conftest import REPO, run_script, tiny_args, write_images
+from conftest import run_script, tiny_args, write_images
+from discrete_ae import data
 from discrete_ae.errors import CheckpointError, UserError
 
 

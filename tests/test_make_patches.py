@@ -14,6 +14,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import make_patches  # noqa: E402
+
 from discrete_ae.errors import UserError  # noqa: E402
 
 TRAIN_RGB, TEST_RGB = (200, 30, 30), (30, 30, 200)

@@ -1,11 +1,11 @@
-"""Muon for the hidden convolution filters, Adam for the rest (optim.py), and how they are grouped."""
+"""Muon for the hidden convolution filters, Adam for the rest (discrete_ae/optim.py), and how they are grouped."""
 import pytest
 import torch
 
 from conftest import resolve
 from discrete_ae.errors import ConfigError
-from models import build_model, model_args_from_config
 from discrete_ae.optim import MuonAdam, build_optimizer, orthogonalize
+from models import build_model, model_args_from_config
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (64, 576), (64, 36), (4, 64)])

@@ -9,12 +9,10 @@ import time
 import pytest
 import torch
 
-from discrete_ae import data
-from discrete_ae import optim
 import train
 import utils
-from discrete_ae import files
 from conftest import REPO, resolve, same_state, tiny_args
+from discrete_ae import data, files, optim
 from discrete_ae.errors import CheckpointError, ConfigError, Stop, UserError
 from utils import read_checkpoint
 

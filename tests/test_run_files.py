@@ -1,4 +1,4 @@
-"""A run's files belong to that run (runs.py): nothing lost, nothing written outside the folders the
+"""A run's files belong to that run (discrete_ae/runs.py): nothing lost, nothing written outside the folders the
 user chose, whatever a checkpoint says; real kills, full and read-only file systems where the
 sandbox allows them."""
 import os
@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from discrete_ae import data
 import train
 from conftest import REPO, resolve, run_script, tiny_args, write_images
+from discrete_ae import data
 from discrete_ae.errors import BitstreamError, CheckpointError, ConfigError, UserError
+from discrete_ae.files import read_jsonl
 from discrete_ae.runs import RunLock
 from utils import read_checkpoint
-from discrete_ae.files import read_jsonl
 
 
 def rows_of(tmp_path, name):

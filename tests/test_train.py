@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from discrete_ae import data
-import utils
-from discrete_ae import files
 from conftest import run_script, tiny_args
+from discrete_ae import data, files
 from discrete_ae.errors import CheckpointError, DataError
 from utils import load_checkpoint, read_checkpoint
 
@@ -31,6 +29,7 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     assert {k: saved[k] for k in config} == config and len(saved["run_id"]) == 32
     # grid: 4x4 images of 32 px with 2 px padding, upscaled 4x, and a caption strip
     from PIL import Image
+
     from discrete_ae.plots import CAPTION_PX
     grid = Image.open(out / "fsq_epoch_001.png")
     assert grid.size == (4 * (4 * 34 + 2), 4 * (4 * 34 + 2) + CAPTION_PX) and grid.size[0] >= 512
@@ -182,8 +181,9 @@ def test_cifar10_python_format_loads_as_uint8_tensors(tmp_path, monkeypatch):
 
 
 def test_missing_cifar10_says_where_to_put_it(tmp_path, monkeypatch):
-    import torchvision.datasets.cifar as cifar
     from urllib.error import URLError
+
+    import torchvision.datasets.cifar as cifar
 
     def offline(*args, **kwargs):
         raise URLError("network is unreachable")
@@ -197,8 +197,9 @@ def test_missing_cifar10_says_where_to_put_it(tmp_path, monkeypatch):
 
 
 def test_offline_first_run_names_the_offline_route_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import torchvision.datasets.cifar as cifar
     from urllib.error import URLError
+
+    import torchvision.datasets.cifar as cifar
 
     import train
     from discrete_ae.errors import cli

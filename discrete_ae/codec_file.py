@@ -1,0 +1,132 @@
+"""The whole-photo file of codec.py: a photo as 32x32 blocks, all their integers in one
+range-coded stream under the model's prior (fitted, learned or context) behind one header.
+
+File format 1 (a 13-byte header, then the payload):
+
+    byte  0      0xA0 | FORMAT (this file's magic nibble and version)
+    bytes 1-4    width, height (big-endian uint16 each)
+    bytes 5-8    the first 4 bytes of the model's fingerprint (coding.fingerprint)
+    bytes 9-12   CRC-32 of (bytes 0-4, the whole fingerprint, the decoded integers)
+    bytes 13-    the range coder's payload: blocks in raster order, group by group, cut after
+                 the last byte the decoder needs
+
+A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
+prior each stop with one line. The integers decode the same on any machine (integer coding under
+float64 tables); the decoder network runs on one thread, so the pixels are the same bits for any
+thread count of the calling process on one machine (tested), and may differ in rounding across
+CPU types.
+
+`model` below is a models.QuantizedVAE, used through its public methods only (coder, encode,
+decode, its bottleneck's coding_values / coding_tables / indices_from_values).
+"""
+import binascii
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from discrete_ae import coding
+from discrete_ae.data import read_rgb
+from discrete_ae.errors import BitstreamError, DataError
+from discrete_ae.geometry import IMAGE_SIZE as BLOCK
+from discrete_ae.geometry import LATENT_HW
+from discrete_ae.geometry import LATENT_POSITIONS as POSITIONS
+
+MAGIC = 0xA
+FORMAT = 1
+HEADER = 13
+SEED = 0  # DDCL's dither seed for every file: both sides know it
+MAX_SIDE = 65535  # the header's uint16
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@contextmanager
+def one_thread():
+    """Run the decoder network on one thread: convolution sums may be ordered by the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_photo(path):
+    """A photo file -> uint8 (H, W, 3), turned upright by its EXIF orientation."""
+    from PIL import Image
+
+    try:
+        rgb, _ = read_rgb(path)
+    except FileNotFoundError:
+        raise DataError(f"no photo at {str(path)!r}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path} is not a photo Pillow can read ({type(err).__name__}: {str(err)[:80]})") from None
+    if max(rgb.shape[:2]) > MAX_SIDE:
+        raise DataError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}: the format holds sides up to {MAX_SIDE} pixels")
+    return rgb
+
+
+def to_tensor(rgb, device):
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def _crc(header, full_fingerprint, values):
+    data = header + full_fingerprint + np.ascontiguousarray(values, dtype="<i8").tobytes()
+    return binascii.crc32(data).to_bytes(4, "big")
+
+
+def to_blocks(x):
+    """(1, 3, H, W) -> (N, 3, 32, 32) blocks in raster order, the photo padded to whole blocks by
+    repeating its last row and column; and the (rows, columns) of blocks."""
+    height, width = x.shape[2:]
+    x = F.pad(x, (0, -width % BLOCK, 0, -height % BLOCK), mode="replicate")
+    rows, cols = x.shape[2] // BLOCK, x.shape[3] // BLOCK
+    return x.reshape(3, rows, BLOCK, cols, BLOCK).permute(1, 3, 0, 2, 4).reshape(-1, 3, BLOCK, BLOCK), (rows, cols)
+
+
+def from_blocks(blocks, grid, height, width):
+    """(N, 3, 32, 32) -> uint8 (H, W, 3): the blocks put back and the padding cut off."""
+    rows, cols = grid
+    image = blocks.reshape(rows, cols, 3, BLOCK, BLOCK).permute(2, 0, 3, 1, 4).reshape(3, rows * BLOCK, cols * BLOCK)
+    return (image[:, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_photo(model, rgb):
+    """uint8 (H, W, 3) -> the file's bytes."""
+    q = model.coder()
+    height, width = rgb.shape[:2]
+    blocks, _ = to_blocks(to_tensor(rgb, next(model.parameters()).device))
+    model.eval()
+    values = q.coding_values(model.encode(blocks, seed=SEED)).cpu().numpy()  # (N, G, 16)
+    payload = coding.encode_batch(values, q.coding_tables(len(blocks), POSITIONS, SEED))
+    fingerprint = coding.fingerprint(model)
+    header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
+    return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
+
+
+@torch.no_grad()
+def decode_photo(model, blob):
+    """The file's bytes -> uint8 (H, W, 3); BitstreamError names what is wrong with a bad file."""
+    q = model.coder()
+    if len(blob) < HEADER:
+        raise BitstreamError(f"the file has {len(blob)} bytes, fewer than the {HEADER}-byte header: truncated")
+    if blob[0] >> 4 != MAGIC:
+        raise BitstreamError("the file does not start with codec.py's magic: not written by `python codec.py compress`")
+    if blob[0] & 0xF != FORMAT:
+        raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
+    width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
+    fingerprint = coding.fingerprint(model)
+    if blob[5:9] != fingerprint[:4]:
+        raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
+                             f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
+    grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
+    count = grid[0] * grid[1]
+    values, readable = coding.decode_batch(bytes(blob[HEADER:]), q.coding_tables(count, POSITIONS, SEED), count)
+    if not readable or _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
+        raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
+    device = next(model.parameters()).device
+    with one_thread():
+        blocks = model.decode(q.indices_from_values(torch.from_numpy(values), LATENT_HW).to(device), seed=SEED)
+    return from_blocks(blocks, grid, height, width)
