@@ -39,21 +39,17 @@ class FSQWrapper(CodebookBottleneck):
     each position from the levels sent before it, sent position by position.
     """
 
-    has_context_prior = True
-
     def __init__(self, levels, entropy_model="fitted", rate_weight=0.0):
         levels = validate_levels(levels, "fsq_levels")
-        super().__init__(len(levels), math.prod(levels), entropy_model, rate_weight)
+        super().__init__(len(levels), math.prod(levels), entropy_model, rate_weight,
+                         priors={"learned": lambda: CategoricalPrior(levels),
+                                 "context": lambda: ContextCategoricalPrior(levels, LATENT_HW)})
         from vector_quantize_pytorch import FSQ
 
         self.fsq = FSQ(levels=levels)
         self.levels = levels
         self.register_buffer("half_levels", torch.tensor([l // 2 for l in levels], dtype=torch.float32)[:, None],
                              persistent=False)  # (C, 1)
-        if self.entropy_model == "learned":
-            self.prior = CategoricalPrior(levels)
-        elif self.entropy_model == "context":
-            self.prior = ContextCategoricalPrior(levels, LATENT_HW)
 
     def settings(self):
         return f"levels={self.levels}" + self.prior_label()

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from discrete_ae.errors import CheckpointError, ConfigError
-from discrete_ae.geometry import PIXELS_PER_IMAGE
-from discrete_ae.priors import CategoricalPrior, priors_from_state, priors_to_state
+from discrete_ae.geometry import LATENT_HW, PIXELS_PER_IMAGE
+from discrete_ae.priors import CategoricalPrior, ContextCodePrior, priors_from_state, priors_to_state
 
 ENTROPY_MODELS = ("fitted", "learned", "context")
 NO_PRIOR = ("this model holds no fitted rate prior (it was never evaluated); fit one in Python with "
@@ -131,8 +131,8 @@ def validate_entropy_model(entropy_model, rate_weight, bottleneck):
         raise ConfigError(f"entropy_model={entropy_model!r} needs a bottleneck that sends integers; "
                           f"{type(bottleneck).__name__} sends none: use entropy_model='fitted'")
     if entropy_model == "context" and not bottleneck.has_context_prior:
-        raise ConfigError(f"entropy_model='context' is implemented for fsq and ddcl; {type(bottleneck).__name__} "
-                          "can use entropy_model='learned' (a prior without context) or 'fitted'")
+        raise ConfigError(f"entropy_model='context' is implemented for the bottlenecks that send integers; "
+                          f"{type(bottleneck).__name__} can use entropy_model='learned' or 'fitted'")
     if not isinstance(rate_weight, (int, float)) or isinstance(rate_weight, bool) or not math.isfinite(rate_weight) or rate_weight < 0:
         raise ConfigError(f"rate_weight must be a finite number >= 0 (loss per bit per pixel), e.g. 0.01; got {rate_weight!r}")
     return entropy_model, float(rate_weight)
@@ -149,12 +149,17 @@ class CodebookBottleneck(Bottleneck):
 
     rate_label = "fixed-length"
     has_indices = True
+    has_context_prior = True
 
-    def __init__(self, in_channels, codebook_size, entropy_model="fitted", rate_weight=0.0, num_streams=1):
+    def __init__(self, in_channels, codebook_size, entropy_model="fitted", rate_weight=0.0, num_streams=1, priors=None):
+        """priors: {"learned": make, "context": make} where a subclass models its codes otherwise
+        (FSQ: per channel over its levels)."""
         super().__init__(in_channels, entropy_model, rate_weight)
         self.codebook_size, self.num_streams = codebook_size, num_streams
-        if self.entropy_model == "learned":
-            self.prior = CategoricalPrior([codebook_size] * num_streams)
+        makers = {"learned": lambda: CategoricalPrior([codebook_size] * num_streams),
+                  "context": lambda: ContextCodePrior(num_streams, codebook_size, LATENT_HW), **(priors or {})}
+        if self.entropy_model in makers:
+            self.prior = makers[self.entropy_model]()
 
     def quantize(self, z):
         raise NotImplementedError
@@ -175,14 +180,24 @@ class CodebookBottleneck(Bottleneck):
         return QuantizerOutput(z_q, indices, aux + rate_aux, bits, prior_loss)
 
     def learned_symbols(self, z_q, indices):
-        """The symbols (B, S, P) the learned prior scores, as floats; here the codes, no gradient."""
-        return self.coding_values(indices).float()
+        """The symbols (B, S, P) the learned prior scores; here the codes, no gradient (as floats for
+        the factorized prior, as integers for the context prior's embeddings)."""
+        codes = indices.reshape(indices.shape[0], self.num_streams, -1)
+        return codes if by_position(self.prior) else codes.float()
+
+    def coding_values(self, indices):
+        """indices -> (B, G, P): one stream per residual stage, each over the positions; under the
+        context prior one code per group, (B, P S, 1), position by position, stage by stage."""
+        codes = indices.reshape(indices.shape[0], self.num_streams, -1)  # (B, S, P)
+        return codes.transpose(1, 2).reshape(len(codes), -1, 1) if by_position(self.prior) else codes
 
     def index_shape(self, latent_hw):
         return tuple(latent_hw) if self.num_streams == 1 else (self.num_streams, *latent_hw)
 
     def indices_from_values(self, values, latent_hw):
-        return values.reshape(values.shape[0], *self.index_shape(latent_hw))
+        if by_position(self.prior):  # (B, P S, 1) -> (B, S, P)
+            values = values.reshape(len(values), -1, self.num_streams).transpose(1, 2)
+        return values.reshape(values.shape[0], *self.index_shape(latent_hw)).contiguous()
 
     def learned_tables(self, batch, positions, seed):
         return self.prior.tables(positions)

@@ -439,3 +439,67 @@ class ContextCategoricalPrior(_CausalContext):
             return Table(0, _normalised(probs.numpy()), False, self.channels)
 
         return self._sequential(count, table_at)
+
+
+CODE_EMBEDDING = 8  # features of a code as the context network sees it
+
+
+class ContextCodePrior(_CausalContext):
+    """Learned p(code | the codes sent before it) for codebook bottlenecks (VQ, SimVQ, LFQ, FSP,
+    residual FSQ): S streams of codes in [0, K) per position (residual FSQ: one per stage), sent
+    position by position in raster order and, at one position, stream by stream. A code enters the
+    context as a learned embedding (codes have no order), and stream s at a position also sees the
+    codes of streams < s there (a residual stage sees the stages before it), through a 1x1 term
+    masked to those streams (as the 3x3 term is masked to earlier positions; Minnen et al. 2018):
+
+        codes (B, S, H, W) -> embeddings (B, S E, H, W) -> masked 3x3 + position bias (B, 64, H, W)
+            + per stream s, masked 1x1 of streams < s (B, S, 64, H, W) -> 1x1 -> 1x1 -> logits (B, S, K, H, W)
+
+    The codes carry no gradient (a nearest-code choice), so the rate trains this prior and does
+    not move the encoder, as CodebookBottleneck's learned prior."""
+
+    def __init__(self, streams, codebook_size, grid, hidden=CONTEXT_HIDDEN, embed=CODE_EMBEDDING):
+        super().__init__(streams * embed, grid, codebook_size, hidden)
+        self.streams, self.codebook_size, self.embed_dim = streams, codebook_size, embed
+        self.embed = nn.Embedding(streams * codebook_size, embed)  # stream s's code k is row s K + k
+        self.same = nn.Conv2d(streams * embed, streams * hidden, 1, bias=False)
+        earlier = torch.arange(streams)[:, None] > torch.arange(streams)[None, :]  # (S out, S in): in < out
+        mask = earlier.repeat_interleave(hidden, 0).repeat_interleave(embed, 1)  # (S hidden, S embed)
+        self.register_buffer("same_mask", mask[..., None, None].float(), persistent=False)
+        self.register_buffer("offsets", torch.arange(streams) * codebook_size, persistent=False)
+
+    def logits(self, codes, dtype=torch.float32, detach=False):
+        """codes (B, S, P) integers -> (B, S, P, K) logits of each code from the codes before it."""
+        def w(t):
+            return (t.detach() if detach else t).to(device=codes.device, dtype=dtype)
+
+        b, h = len(codes), self.context.out_channels
+        emb = F.embedding(codes.long() + self.offsets.to(codes.device)[:, None], w(self.embed.weight))  # (B, S, P, E)
+        x = emb.permute(0, 1, 3, 2).reshape(b, self.channels, *self.grid)  # (B, S E, H, W)
+        base = F.conv2d(x, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
+        same = F.conv2d(x, w(self.same.weight) * w(self.same_mask)).reshape(b, self.streams, h, *self.grid)
+        z = (base[:, None] + same).reshape(b * self.streams, h, *self.grid)  # each stream its own pre-activation
+        z = F.conv2d(_silu(z), w(self.hidden.weight), w(self.hidden.bias))
+        out = F.conv2d(_silu(z), w(self.out.weight), w(self.out.bias))  # (B S, K, H, W)
+        return out.reshape(b, self.streams, self.codebook_size, -1).transpose(2, 3)
+
+    def bits(self, codes):
+        """codes (B, S, P) -> (bits for the encoder, bits for the prior), each (B, S, P); the codes
+        carry no gradient, so the encoder's bits are a constant the loss reports."""
+        prior_bits = -F.log_softmax(self.logits(codes), -1).gather(-1, codes.long()[..., None])[..., 0] / LN2
+        return prior_bits.detach(), prior_bits
+
+    def tables(self, count):
+        """SequentialTables over `count` positions x S streams, one code per group: group g = p S + s
+        holds p(code of stream s at position p | the codes sent before it), (B, 1, K) rows."""
+        @torch.no_grad()
+        def make(g, previous):
+            p, s = divmod(g, self.streams)
+            codes = torch.zeros(len(previous), self.streams * count, dtype=torch.long)
+            codes[:, :g] = torch.from_numpy(np.ascontiguousarray(previous[..., 0]))
+            codes = codes.reshape(len(previous), count, self.streams).transpose(1, 2)  # (B, S, P)
+            logits = self.logits(codes, torch.float64)[:, s, p]  # (B, K)
+            probs = torch.exp(logits - logits.max(-1, keepdim=True).values)
+            return Table(0, _normalised(probs.numpy())[:, None], False, 1)
+
+        return SequentialTables(count * self.streams, 1, make)

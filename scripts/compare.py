@@ -1,27 +1,41 @@
-"""Compare every bottleneck at measured bits, over seeds: the README's results, in one command.
+"""Compare every bottleneck at measured bits, over seeds, on several data sets and under each kind
+of rate prior: the README's results, in one command.
 
-    python scripts/make_patches.py /tmp/photos --set=wallpapers      # the data (a 156 MB download)
-    python scripts/compare.py /tmp/photos                             # train, evaluate, write docs/results/
-    python scripts/compare.py /tmp/photos --report_only=True          # re-write the results from the runs
-    python scripts/compare.py /tmp/photos --dry_run=True              # print the train.py commands
+    python scripts/make_patches.py /tmp/photos --set=wallpapers       # a data set (a 156 MB download)
+    python scripts/compare.py wallpapers=/tmp/photos                   # train, evaluate, write OUT/results/
+    python scripts/compare.py wallpapers=/tmp/photos skimage=/tmp/patches --priors="['learned', 'context']" \
+        --only="['fsq', 'ddcl']" --results=docs/results --readme=README.md     # the README's answer
+    python scripts/compare.py cifar10                                  # CIFAR-10 (downloaded into data/)
+    python scripts/compare.py ... --report_only=True                   # re-write the results from the runs
+    python scripts/compare.py ... --dry_run=True                       # print the train.py commands
 
-Trains each bottleneck of POINTS at each of its operating points with train.py's defaults, once
-per seed (`--seeds`, from 1337 up), `--jobs` runs at a time, into `--out` (a run already finished
-is not trained again; an interrupted one is resumed). Then evaluates each run's best checkpoint
-and its checkpoint of epoch `--early` on the whole test split, the rate prior fitted on the whole
-training split, and writes to `--results`:
+A data set is NAME=DIR (an image folder with train/ and test/, scripts/make_patches.py), a bare DIR
+(named after the folder), or cifar10 / cifar10=DIR. A prior family (`--priors`) is how the
+integers' rate is modelled, the same kind for every bottleneck:
 
-    comparison.md        the same as tables: every point, BD per seed, the ranking at --early
+    fitted    a histogram fitted on the training split after training (FSQ: one joint histogram
+              over its whole code; DDCL: one per channel): the cheap baseline
+    learned   a factorized prior trained with the model, one per transmitted channel or code
+    context   each integer predicted from the integers sent before it, trained with the model
+
+Trains each bottleneck of POINTS at each of its operating points (under learned and context priors
+DDCL's knob is rate_weight: its comm_weight is unused there) with train.py's defaults, once per
+seed (`--seeds`, from 1337 up), `--jobs` runs at a time, into OUT/{set}_{prior}/. A finished run is
+reused only when its saved config is the one asked for; an interrupted one is resumed. Then
+evaluates each run's best checkpoint and its checkpoint of epoch `--early` on the whole test split
+and writes, per data set and prior, to RESULTS/{set}/{prior}/:
+
+    comparison.md        every point, BD per seed, the ranking at --early
     comparison.json      every run, every point's mean and 95% interval over seeds, and each
-                         bottleneck's BD-rate and BD-PSNR against FSQ per seed, with its interval;
-                         the same at epoch --early, to show where the ranking settles
+                         bottleneck's BD-rate and BD-PSNR against FSQ per seed, with its interval
     {bottleneck}.json    CompressAI's results layout (name, results.bpp, psnr-rgb, ssim-rgb: means)
-                         plus the intervals and the per-seed values
     rate_distortion.png  the means with their intervals on both axes
 
-and regenerates the README's results table from comparison.json (between its markers).
-Options: --epochs=10 --early=5 --seeds=3 --jobs=2 --only="['fsq', 'ddcl']" --out=compare
---results=docs/results --readme=README.md, and any train.py knob given as --train="['--key=value']".
+and across them RESULTS/summary.json and summary.md: every bottleneck's BD-rate against FSQ per set
+and prior, and what holds on every set. RESULTS is OUT/results unless --results is given; the
+README's answer and table are regenerated only with --readme=README.md.
+Options: --epochs=10 --early=5 --seeds=3 --jobs=2 --priors="['fitted']" --only="['fsq', 'ddcl']"
+--out=compare --results= --readme= and any train.py knob given as --train="['--key=value']".
 """
 import json
 import os
@@ -33,12 +47,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from discrete_ae.bjontegaard import bd_pair, interval, verdict
 from discrete_ae.errors import ConfigError, cli
-from discrete_ae.files import save_json
+from discrete_ae.files import atomic_write, read_jsonl, save_json
 from discrete_ae.overrides import parse_paths_and_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], out="compare", results="docs/results",
-                readme="README.md", dry_run=False, report_only=False, train=[""])
+DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
+                readme="", dry_run=False, report_only=False, train=[""])
+PRIORS = ("fitted", "learned", "context")
 FIRST_SEED = 1337
 ANCHOR = "fsq"  # every BD number is against this bottleneck's curve
 # bottleneck -> [(label, train.py knobs)]: three or more operating points in the same measured range
@@ -55,92 +70,153 @@ POINTS = {
     "rfsq": [("3-3-3x2", {"fsq_levels": [3, 3, 3]}), ("4-4-4x2", {"fsq_levels": [4, 4, 4]}),
              ("5-5-5x2", {"fsq_levels": [5, 5, 5]})],
 }
+# under a trained prior DDCL's rate knob is rate_weight (its comm_weight is not in the loss)
+TRAINED_PRIOR_POINTS = {"ddcl": [("rw2e-2", {"rate_weight": 2e-2}), ("rw1e-2", {"rate_weight": 1e-2}),
+                                 ("rw5e-3", {"rate_weight": 5e-3})]}
 REFERENCES = {"none": {}, "vae": {}}  # one point each: no code length (32-bit floats; a KL)
 TABLE_START, TABLE_END = "<!-- results table: scripts/compare.py writes it -->", "<!-- end of results table -->"
+ANSWER_START, ANSWER_END = "<!-- answer: scripts/compare.py writes it -->", "<!-- end of answer -->"
+# the settings train.py must have used for a finished run to count (compared with its saved config)
+MATCHED_KEYS = ("quantizer", "seed", "epochs", "entropy_model", "dataset", "fsq_levels", "codebook_size",
+                "ddcl_comm_weight", "rate_weight", "num_quantizers")
 
 
-def runs(opts):
-    """[(bottleneck, label, seed, run name, train.py arguments)] of the whole comparison."""
+def points(method, prior):
+    if prior != "fitted" and method in TRAINED_PRIOR_POINTS:
+        return TRAINED_PRIOR_POINTS[method]
+    return POINTS.get(method, [("ref", REFERENCES.get(method, {}))])
+
+
+def runs(opts, prior="fitted"):
+    """[(bottleneck, label, seed, run name, train.py arguments)] of one data set under one prior."""
     chosen = [m for m in opts["only"] if m] or list(POINTS) + list(REFERENCES)
     unknown = sorted(set(chosen) - set(POINTS) - set(REFERENCES))
     if unknown:
         raise ConfigError(f"--only names unknown bottlenecks {unknown}; choose from {list(POINTS) + list(REFERENCES)}")
+    if prior != "fitted":  # the references send no integers: no prior to train
+        chosen = [m for m in chosen if m not in REFERENCES]
     out = []
     for method in chosen:
-        for label, knobs in POINTS.get(method, [("ref", REFERENCES.get(method, {}))]):
+        for label, knobs in points(method, prior):
             for s in range(opts["seeds"]):
                 seed = FIRST_SEED + s
                 name = f"{method}_{label}_s{seed}"
                 args = [f"--quantizer={method}", f"--seed={seed}", f"--run_name={name}",
                         *(f"--{k}={json.dumps(v, separators=(',', ':'))}" for k, v in knobs.items())]
+                if prior != "fitted":
+                    args.append(f"--entropy_model={prior}")
                 out.append((method, label, seed, name, args))
     return out
 
 
-def train_command(data_dir, opts, name, args):
-    folders = os.path.join(opts["out"], "checkpoints"), os.path.join(opts["out"], "outputs")
-    command = [sys.executable, "train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--epochs={opts['epochs']}",
-               f"--checkpoint_dir={folders[0]}", f"--output_dir={folders[1]}", f"--checkpoint_every={opts['early']}",
+def parse_set(text):
+    """NAME=DIR, DIR or cifar10[=DIR] -> {"name", "dataset", "data_dir"}."""
+    name, _, folder = text.partition("=")
+    if not folder:
+        name, folder = (text, "data") if text == "cifar10" else (os.path.basename(os.path.normpath(text)), text)
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"data set {text!r}: write NAME=DIR with a plain NAME (letters, digits, - and _)")
+    return {"name": name, "dataset": "cifar10" if name == "cifar10" else "folder", "data_dir": folder}
+
+
+def folders(opts, data, prior):
+    root = os.path.join(opts["out"], f"{data['name']}_{prior}")
+    return {"root": root, "checkpoints": os.path.join(root, "checkpoints"), "outputs": os.path.join(root, "outputs"),
+            "logs": os.path.join(root, "logs")}
+
+
+def train_command(data, where, opts, name, args):
+    command = [sys.executable, "train.py", f"--dataset={data['dataset']}", f"--data_dir={os.path.abspath(data['data_dir'])}",
+               f"--epochs={opts['epochs']}", f"--checkpoint_dir={os.path.abspath(where['checkpoints'])}",
+               f"--output_dir={os.path.abspath(where['outputs'])}", f"--checkpoint_every={opts['early']}",
                *args, *(a for a in opts["train"] if a)]
-    last = os.path.join(folders[0], f"{name}_vae_last.pt")
-    return command + ([f"--resume={last}"] if os.path.isfile(last) else [])
+    last = os.path.join(where["checkpoints"], f"{name}_vae_last.pt")
+    return command + ([f"--resume={os.path.abspath(last)}"] if os.path.isfile(last) else [])
 
 
-def finished(opts, name):
-    return os.path.isfile(os.path.join(opts["out"], "outputs", f"{name}_final.json"))
+def wanted_config(data, opts, args):
+    """What a run's saved config must hold for it to count: the keys of MATCHED_KEYS it was given."""
+    given = dict(a[2:].split("=", 1) for a in args + [a for a in opts["train"] if a])
+    want = {"epochs": opts["epochs"], "dataset": data["dataset"], "entropy_model": given.pop("entropy_model", "fitted")}
+    want.update({k: json.loads(v) if k != "quantizer" else v for k, v in given.items() if k in MATCHED_KEYS})
+    return want
 
 
-def train_all(data_dir, opts, plan):
+def finished(where, name, want=None):
+    """A run counts as finished when it wrote final.json and (given `want`) its config matches."""
+    if not os.path.isfile(os.path.join(where["outputs"], f"{name}_final.json")):
+        return False
+    if want is None:
+        return True
+    try:
+        with open(os.path.join(where["outputs"], f"{name}_config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == v for k, v in want.items())
+
+
+def train_all(jobs, opts):
+    """Train every (data set, folders, run) in `jobs`, `--jobs` at a time."""
     threads = max(1, (os.cpu_count() or 1) // opts["jobs"])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    os.makedirs(os.path.join(opts["out"], "logs"), exist_ok=True)
 
-    def one(run):
-        _, _, _, name, args = run
-        if finished(opts, name):
+    def one(job):
+        data, where, (_, _, _, name, args) = job
+        if finished(where, name, wanted_config(data, opts, args)):
             return
-        log = os.path.join(opts["out"], "logs", f"{name}.log")
+        os.makedirs(where["logs"], exist_ok=True)
+        log = os.path.join(where["logs"], f"{name}.log")
         with open(log, "a") as f:
-            done = subprocess.run(train_command(data_dir, opts, name, args), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+            done = subprocess.run(train_command(data, where, opts, name, args), cwd=REPO, stdout=f,
+                                  stderr=subprocess.STDOUT, env=env)
         if done.returncode:
             raise ConfigError(f"{name} failed (exit {done.returncode}); see {log}")
-        print(f"trained {name}", flush=True)
+        print(f"trained {data['name']}/{name}", flush=True)
 
     with ThreadPoolExecutor(opts["jobs"]) as pool:
-        list(pool.map(one, plan))
+        list(pool.map(one, jobs))
 
 
-def evaluate_all(data_dir, opts, plan):
-    """{run name: {"best": metrics, "early": metrics, "seconds": training seconds}}, cached in
-    OUT/evaluations.json by checkpoint path and modification time."""
+def evaluate_all(data, where, opts, plan):
+    """{run name: {"best": metrics, "early": metrics, "seconds": training seconds}}. The best
+    checkpoint's metrics on the whole test split are train.py's own ({run}_final.json); the
+    early checkpoint is evaluated here, cached in evaluations.json by path and modification time."""
     import torch
 
     from discrete_ae.data import load_dataset
-    from discrete_ae.files import read_jsonl
     from evaluate import evaluate
     from utils import load_checkpoint
 
-    cache_path = os.path.join(opts["out"], "evaluations.json")
+    cache_path = os.path.join(where["root"], "evaluations.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
-    train_u8, val_u8 = load_dataset("folder", data_dir)
+    splits = None
     found = {}
-    for method, label, seed, name, _ in plan:
+    for method, label, seed, name, args in plan:
+        if not finished(where, name, wanted_config(data, opts, args)):
+            continue
         entry = {}
         for key, tag in (("best", "best"), ("early", f"epoch_{opts['early']}")):
-            path = os.path.join(opts["out"], "checkpoints", f"{name}_vae_{tag}.pt")
+            path = os.path.join(where["checkpoints"], f"{name}_vae_{tag}.pt")
             if not os.path.isfile(path):
                 continue
             stamp = f"{path}@{os.path.getmtime(path)}"
             if stamp not in cache:
                 model, config = load_checkpoint(path)
-                torch.manual_seed(0)
-                metrics = evaluate(model, val_u8, train_u8)
+                if key == "best":
+                    with open(os.path.join(where["outputs"], f"{name}_final.json")) as f:
+                        metrics = json.load(f)
+                else:
+                    if splits is None:
+                        splits = load_dataset(data["dataset"], data["data_dir"])
+                    torch.manual_seed(0)
+                    metrics = evaluate(model, splits[1], splits[0])
                 cache[stamp] = {"epoch": torch.load(path, weights_only=True)["epoch"], "settings": model.quantizer.settings(),
                                 **{k: metrics[k] for k in ("psnr", "ssim", "bits", "bpp", "rate_source", "bits_fixed",
                                                            "codebook_usage", "bits_per_image_coded") if k in metrics}}
                 save_json(cache_path, cache)
             entry[key] = cache[stamp]
-        rows = read_jsonl(os.path.join(opts["out"], "outputs", f"{name}_metrics.jsonl"))
+        rows = read_jsonl(os.path.join(where["outputs"], f"{name}_metrics.jsonl"))
         entry["seconds"] = sum(r["seconds"] for r in rows)
         found[name] = entry
     return found
@@ -283,65 +359,228 @@ def details_markdown(summary):
     return "\n".join(out) + "\n"
 
 
+def replace_between(text, start, end, body, path):
+    if start not in text or end not in text:
+        raise ConfigError(f"{path} has no markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
 def write_readme(path, summary):
+    """The README's answer and table, between their markers, from summary.json (written atomically)."""
     with open(path) as f:
         text = f.read()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise ConfigError(f"{path} has no results markers ({TABLE_START} ... {TABLE_END})")
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    with open(path, "w") as f:
-        f.write(head + TABLE_START + "\n" + results_table(summary) + "\n" + TABLE_END + tail)
+    text = replace_between(text, ANSWER_START, ANSWER_END, answer_text(summary), path)
+    text = replace_between(text, TABLE_START, TABLE_END, summary_table(summary), path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def report(data_dir, opts, plan):
+def report(data, where, opts, plan, prior, results):
+    """Evaluate one data set's runs under one prior and write RESULTS/{set}/{prior}/."""
     from discrete_ae.plots import plot_comparison
 
-    evals = evaluate_all(data_dir, opts, plan)
+    evals = evaluate_all(data, where, opts, plan)
+    if not evals:
+        print(f"{data['name']} / {prior}: no finished run yet")
+        return None
     seeds = [FIRST_SEED + s for s in range(opts["seeds"])]
     total, wall = cpu_minutes(evals, opts["jobs"])
-    command = f"python scripts/compare.py {data_dir} --epochs={opts['epochs']} --seeds={opts['seeds']}"
-    if any(opts["only"]):
-        command += f' --only="{[m for m in opts["only"] if m]}"'
-    summary = {"command": command, "data": data_dir, "epochs": opts["epochs"], "early_epoch": opts["early"],
+    summary = {"command": command_line(opts, [data], [prior]), "cpu": cpu_name(), "set": data["name"], "data": data["data_dir"],
+               "dataset": data["dataset"], "prior": prior, "epochs": opts["epochs"], "early_epoch": opts["early"],
                "seeds": seeds, "runs": len([e for e in evals.values() if "best" in e]),
                "training_cpu_minutes": round(total, 1), "jobs": opts["jobs"], "approx_wall_minutes": round(wall, 1),
                "best": summarise(plan, evals, "best", seeds), "early": summarise(plan, evals, "early", seeds),
                "runs_detail": evals}
-    os.makedirs(opts["results"], exist_ok=True)
-    save_json(os.path.join(opts["results"], "comparison.json"), summary)
+    out = os.path.join(results, data["name"], prior)
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, "comparison.json"), summary)
     for method, entry in summary["best"].items():
-        save_json(os.path.join(opts["results"], f"{method}.json"), compressai_file(method, entry, summary))
+        save_json(os.path.join(out, f"{method}.json"), compressai_file(method, entry, summary))
     methods = {m: [(p["bits"]["mean"], p["bits"]["interval"], p["psnr"]["mean"], p["psnr"]["interval"]) for p in e["points"]]
                for m, e in summary["best"].items() if m not in REFERENCES}
     refs = [(f"{m}: {e['points'][0]['psnr']['mean']:.2f} dB ({e['points'][0]['rate_source']}, no code length)",
              e["points"][0]["psnr"]["mean"]) for m, e in summary["best"].items() if m in REFERENCES]
-    plot_comparison(os.path.join(opts["results"], "rate_distortion.png"), methods, refs,
-                    f"Held-out PSNR at measured bits, {opts['epochs']} epochs, {len(seeds)} seeds each")
-    with open(os.path.join(opts["results"], "comparison.md"), "w") as f:
-        f.write(details_markdown(summary))
-    if opts["readme"]:
-        write_readme(opts["readme"], summary)
-    print(results_table(summary))
-    print(f"{summary['runs']} runs, {total:.0f} CPU-minutes of training; wrote {opts['results']}/comparison.json, "
-          f"one {{bottleneck}}.json each and rate_distortion.png" + (f"; updated {opts['readme']}" if opts["readme"] else ""))
+    plot_comparison(os.path.join(out, "rate_distortion.png"), methods, refs,
+                    f"{data['name']}: held-out PSNR at measured bits, {PRIOR_WORDS[prior]}, {opts['epochs']} epochs, "
+                    f"{len(seeds)} seeds")
+    atomic_write(os.path.join(out, "comparison.md"), lambda f: f.write(details_markdown(summary).encode()))
+    print(f"# {data['name']}, {prior} prior\n" + results_table(summary))
+    print(f"{summary['runs']} runs, {total:.0f} CPU-minutes of training; wrote {out}/")
+    return summary
+
+
+def cpu_name():
+    """The CPU the runs trained on, as /proc/cpuinfo names it (every time quoted names its machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{os.cpu_count()}-core {model or 'unknown CPU'}"
+
+
+PRIOR_WORDS = {"fitted": "fitted histogram (FSQ joint over its code, DDCL per channel)",
+               "learned": "factorized prior trained in (one per channel or code)",
+               "context": "context prior trained in (earlier positions)"}
+HEADLINE_ORDER = ("context", "learned", "fitted")  # the strongest family that ran leads
+
+
+def command_line(opts, sets, priors):
+    text = "python scripts/compare.py " + " ".join(f"{d['name']}={d['data_dir']}" for d in sets)
+    text += f" --epochs={opts['epochs']} --seeds={opts['seeds']} --priors=\"{list(priors)}\""
+    if any(opts["only"]):
+        text += f' --only="{[m for m in opts["only"] if m]}"'
+    return text
+
+
+def cross_summary(results):
+    """Every RESULTS/{set}/{prior}/comparison.json -> summary.json's dict: per prior and set, each
+    bottleneck's BD against FSQ, and per prior what holds on every set."""
+    found = {}
+    for set_name in sorted(os.listdir(results)) if os.path.isdir(results) else []:
+        for prior in PRIORS:
+            path = os.path.join(results, set_name, prior, "comparison.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    found.setdefault(prior, {})[set_name] = json.load(f)
+    out = {"priors": {}, "holds": {}}
+    for prior, per_set in found.items():
+        out["priors"][prior] = {}
+        for set_name, comp in per_set.items():
+            methods = {}
+            for m, e in comp["best"].items():
+                methods[m] = {"points": [{"label": p["label"], "settings": p["settings"], "bits": p["bits"]["mean"],
+                                          "psnr": p["psnr"]["mean"]} for p in e["points"]],
+                              "bd_vs_fsq": e.get("bd_vs_fsq")}
+            out["priors"][prior][set_name] = {"epochs": comp["epochs"], "seeds": comp["seeds"], "runs": comp["runs"],
+                                              "cpu": comp.get("cpu", "a 2-core CPU (model not recorded)"),
+                                              "training_cpu_minutes": comp["training_cpu_minutes"],
+                                              "command": comp["command"], "methods": methods}
+        verdicts = {}
+        for set_name, entry in out["priors"][prior].items():
+            for m, e in entry["methods"].items():
+                if e["bd_vs_fsq"]:
+                    verdicts.setdefault(m, {})[set_name] = e["bd_vs_fsq"]["bd_rate"]["verdict"]
+        out["holds"][prior] = {m: {"sets": v, "on_every_set": next(iter(set(v.values()))) if len(set(v.values())) == 1
+                                   else "differs between sets"} for m, v in verdicts.items()}
+    out["headline_prior"] = next((p for p in HEADLINE_ORDER if p in out["priors"]), None)
+    return out
+
+
+def _bd_words(bd, digits=1):
+    rate = bd["bd_rate"]
+    if not rate["overlap"]:
+        return "no overlap"
+    iv = f" [{rate['interval'][0]:+.{digits}f}, {rate['interval'][1]:+.{digits}f}]" if rate["interval"] else ""
+    return f"{rate['mean']:+.{digits}f}%{iv}"
+
+
+def answer_text(summary):
+    """The README's answer: DDCL against FSQ under the headline prior on every set, then the other
+    priors, each with its terms (prior, data sets, epochs, seeds)."""
+    lines = []
+    for prior in [summary["headline_prior"]] + [p for p in HEADLINE_ORDER if p != summary["headline_prior"]]:
+        per_set = summary["priors"].get(prior)
+        if not per_set:
+            continue
+        ddcl = {s: e["methods"]["ddcl"]["bd_vs_fsq"] for s, e in per_set.items()
+                if e["methods"].get("ddcl", {}).get("bd_vs_fsq")}
+        if not ddcl:
+            continue
+        holds = summary["holds"][prior]["ddcl"]["on_every_set"]
+        reading = {"better": "DDCL needs fewer bits than FSQ on every set",
+                   "worse": "FSQ needs fewer bits than DDCL on every set",
+                   "level": "DDCL and FSQ are level on every set"}.get(holds, "the verdict differs between sets")
+        terms = ", ".join(f"{s} {_bd_words(bd)}" for s, bd in ddcl.items())
+        any_set = next(iter(per_set.values()))
+        text = (f"under a {PRIOR_WORDS[prior]}, {len(ddcl)} set{'s' if len(ddcl) > 1 else ''}, {any_set['epochs']} "
+                f"epochs, {len(any_set['seeds'])} seeds: **{reading}** (BD-rate of DDCL against FSQ, 95% interval: {terms})")
+        if prior != summary["headline_prior"] and len(lines) == 1:
+            lines += ["", "The other prior families, the same question:"]
+        lines.append(("**The answer**, " if prior == summary["headline_prior"] else "- ") + text + ".")
+    return "\n".join(lines)
+
+
+def summary_table(summary):
+    """The README's table: every bottleneck against FSQ, per prior and data set, with its points' settings."""
+    lines = ["| prior | data set | bottleneck | operating points (settings) | bits per image | PSNR (dB) | "
+             "BD-rate vs FSQ [95%] | BD-PSNR vs FSQ |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for prior in HEADLINE_ORDER:
+        for set_name, entry in summary["priors"].get(prior, {}).items():
+            order = sorted(entry["methods"], key=lambda m: (m in REFERENCES, m != ANCHOR, m))
+            for m in order:
+                e = entry["methods"][m]
+                labels = " / ".join(p["label"] for p in e["points"])
+                bits = " / ".join(f"{p['bits']:.0f}" for p in e["points"])
+                psnr = " / ".join(f"{p['psnr']:.2f}" for p in e["points"])
+                bd = e["bd_vs_fsq"]
+                if m == ANCHOR:
+                    rate, dpsnr = "the reference", ""
+                elif bd is None:
+                    rate, dpsnr = "-", "-"
+                else:
+                    rate = _bd_words(bd)
+                    dpsnr = fmt_interval(bd["bd_psnr"], " dB", 2) if bd["bd_psnr"]["overlap"] else "no overlap"
+                lines.append(f"| {prior} | {set_name} | {m} | {labels} | {bits} | {psnr} | {rate} | {dpsnr} |")
+    runs = sum(e["runs"] for per_set in summary["priors"].values() for e in per_set.values())
+    minutes = sum(e["training_cpu_minutes"] for per_set in summary["priors"].values() for e in per_set.values())
+    lines += ["", f"{runs} runs, {minutes:.0f} CPU-minutes of training (the CPU and command of each set: "
+                  "docs/results/summary.md). Bits are range-coded bits per image on held-out crops; intervals are "
+                  "95% over the seeds."]
+    return "\n".join(lines)
+
+
+def summary_markdown(summary):
+    out = ["# Every bottleneck against FSQ, per prior family and data set (generated by scripts/compare.py)", "",
+           summary_table(summary), "", "## What holds on every set", "",
+           "| prior | bottleneck | verdict per set | on every set |", "| --- | --- | --- | --- |"]
+    for prior, holds in summary["holds"].items():
+        for m, h in holds.items():
+            out.append(f"| {prior} | {m} | {', '.join(f'{s}: {v}' for s, v in h['sets'].items())} | {h['on_every_set']} |")
+    out += ["", "## Commands", ""]
+    for prior, per_set in summary["priors"].items():
+        for set_name, entry in per_set.items():
+            out.append(f"- {prior}, {set_name}: `{entry['command']}` ({entry['runs']} runs, "
+                       f"{entry['training_cpu_minutes']:.0f} CPU-minutes on {entry['cpu']})")
+    return "\n".join(out) + "\n"
+
+
+USAGE = ("usage: python scripts/compare.py NAME=DIR [NAME=DIR ...] [--priors=\"['fitted', 'learned', 'context']\"] "
+         "[--epochs=10] [--seeds=3] [--jobs=2] (see --help)")
 
 
 def main(argv):
-    paths, opts = parse_paths_and_options(argv, DEFAULTS, "usage: python scripts/compare.py DATA_DIR [--epochs=20] "
-                                          "[--seeds=3] [--jobs=2] (see --help)", count=1)
+    paths, opts = parse_paths_and_options(argv, DEFAULTS, USAGE)
     if opts["seeds"] < 1 or opts["jobs"] < 1 or not 0 < opts["early"] <= opts["epochs"]:
         raise ConfigError("--seeds and --jobs must be >= 1, and 0 < --early <= --epochs")
-    plan = runs(opts)
+    priors = [p for p in opts["priors"] if p] or ["fitted"]
+    unknown = sorted(set(priors) - set(PRIORS))
+    if unknown:
+        raise ConfigError(f"--priors names unknown prior families {unknown}; choose from {list(PRIORS)}")
+    sets = [parse_set(p) for p in paths]
+    if len({d["name"] for d in sets}) != len(sets):
+        raise ConfigError("two data sets have the same name: write NAME=DIR with different names")
+    results = opts["results"] or os.path.join(opts["out"], "results")
+    if opts["readme"] and not os.path.isfile(opts["readme"]):
+        raise ConfigError(f"--readme={opts['readme']!r} is not a file; run from the repo root or give its path")
+    plans = [(d, prior, folders(opts, d, prior), runs(opts, prior)) for d in sets for prior in priors]
     if opts["dry_run"]:
-        for _, _, _, name, args in plan:
-            print(shlex.join(["python", *train_command(paths[0], opts, name, args)[1:]]))
+        for data, _, where, plan in plans:
+            for _, _, _, name, args in plan:
+                print(shlex.join(["python", *train_command(data, where, opts, name, args)[1:]]))
         return
     t0 = time.time()
     if not opts["report_only"]:
-        train_all(paths[0], opts, plan)
-    report(paths[0], opts, plan)
-    print(f"({(time.time() - t0) / 60:.1f} minutes)")
+        train_all([(data, where, run) for data, _, where, plan in plans for run in plan], opts)
+    for data, prior, where, plan in plans:
+        report(data, where, opts, plan, prior, results)
+    summary = cross_summary(results)
+    save_json(os.path.join(results, "summary.json"), summary)
+    atomic_write(os.path.join(results, "summary.md"), lambda f: f.write(summary_markdown(summary).encode()))
+    if opts["readme"] and summary["headline_prior"]:
+        write_readme(opts["readme"], summary)
+        print(f"updated {opts['readme']}")
+    print(f"wrote {results}/summary.json and summary.md ({(time.time() - t0) / 60:.1f} minutes)")
 
 
 if __name__ == "__main__":

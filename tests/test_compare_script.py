@@ -18,7 +18,8 @@ def test_every_bottleneck_gets_three_points_per_seed_and_the_knobs_given(capsys)
     compare.main(["DATA", "--dry_run=True", "--seeds=3", "--train=['--color_gain=0.1']"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 * 3 * len(compare.POINTS) + 3 * len(compare.REFERENCES)
-    assert all("--color_gain=0.1" in line and "--data_dir=DATA" in line and "--epochs=10" in line for line in lines)
+    data = os.path.abspath("DATA")
+    assert all("--color_gain=0.1" in line and f"--data_dir={data}" in line and "--epochs=10" in line for line in lines)
     for method in compare.POINTS:
         runs = {line.split("--run_name=")[1].split()[0] for line in lines if f"--quantizer={method} " in line}
         assert len(runs) == 9, method  # 3 operating points x 3 seeds
@@ -26,6 +27,42 @@ def test_every_bottleneck_gets_three_points_per_seed_and_the_knobs_given(capsys)
     assert len(capsys.readouterr().out.splitlines()) == 6
     with pytest.raises(ConfigError, match="unknown bottlenecks"):
         compare.main(["DATA", "--dry_run=True", "--only=['pq']"])
+
+
+def test_each_set_and_prior_family_gets_its_own_runs_and_ddcl_moves_rate_weight_under_a_trained_prior(capsys):
+    compare.main(["a=/x/one", "b=/x/two", "--dry_run=True", "--seeds=1", "--only=['fsq', 'ddcl', 'none']",
+                  "--priors=['fitted', 'context']"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * (7 + 6)  # fitted: 3 + 3 + the reference; context: no reference (it sends no integers)
+    context = [line for line in lines if "--entropy_model=context" in line]
+    assert len(context) == 12 and all("_context/" in line for line in context)
+    ddcl = [line for line in context if "--quantizer=ddcl" in line]
+    assert sorted(line.split("--rate_weight=")[1].split()[0] for line in ddcl) == ["0.005"] * 2 + ["0.01"] * 2 + ["0.02"] * 2
+    assert all("--data_dir=/x/two" in line for line in lines if "/b_" in line)
+    compare.main(["cifar10", "--dry_run=True", "--seeds=1", "--only=['fsq']"])
+    assert all("--dataset=cifar10" in line for line in capsys.readouterr().out.splitlines())
+    with pytest.raises(ConfigError, match="unknown prior"):
+        compare.main(["a=/x", "--dry_run=True", "--priors=['hyper']"])
+    with pytest.raises(ConfigError, match="same name"):
+        compare.main(["a=/x", "a=/y", "--dry_run=True"])
+
+
+def test_a_finished_run_counts_only_when_its_config_is_the_one_asked_for(tmp_path):
+    data = compare.parse_set(f"s={tmp_path}")
+    opts = {**compare.DEFAULTS, "epochs": 5}
+    where = compare.folders({**opts, "out": str(tmp_path)}, data, "fitted")
+    method, label, seed, name, args = compare.runs({**opts, "only": ["fsq"], "seeds": 1})[0]
+    os.makedirs(where["outputs"])
+    (tmp_path / "s_fitted" / "outputs" / f"{name}_final.json").write_text("{}")
+    saved = {"quantizer": "fsq", "seed": seed, "epochs": 2, "entropy_model": "fitted", "dataset": "folder",
+             "fsq_levels": [8, 6, 5]}
+    config = tmp_path / "s_fitted" / "outputs" / f"{name}_config.json"
+    config.write_text(json.dumps(saved))
+    assert not compare.finished(where, name, compare.wanted_config(data, opts, args))  # trained 2 epochs, not 5
+    config.write_text(json.dumps({**saved, "epochs": 5}))
+    assert compare.finished(where, name, compare.wanted_config(data, opts, args))
+    config.write_text("{trunc")
+    assert not compare.finished(where, name, compare.wanted_config(data, opts, args))
 
 
 def fake_evals(plan, gain_db):
@@ -54,29 +91,32 @@ def test_summary_reads_bd_rate_over_seeds_and_the_table_says_level_only_when_the
     assert "| **fsq** |" in table and "| ddcl |" in table and "fewer bits than FSQ" in table
     level = compare.summarise(plan, fake_evals(plan, 0.0), "best", seeds)
     assert level["ddcl"]["bd_vs_fsq"]["bd_rate"]["verdict"] == "level"
+    results = tmp_path / "results"
+    for set_name, gain in (("one", 0.2), ("two", 0.1)):
+        os.makedirs(results / set_name / "learned")
+        comp = {"best": compare.summarise(plan, fake_evals(plan, gain), "best", seeds), "epochs": 10, "seeds": seeds,
+                "runs": 21, "training_cpu_minutes": 30.0, "command": "python scripts/compare.py ..."}
+        (results / set_name / "learned" / "comparison.json").write_text(json.dumps(comp))
+    cross = compare.cross_summary(str(results))
+    assert cross["headline_prior"] == "learned" and cross["holds"]["learned"]["ddcl"]["on_every_set"] == "better"
+    answer = compare.answer_text(cross)
+    assert "**DDCL needs fewer bits than FSQ on every set**" in answer and "2 sets, 10 epochs, 3 seeds" in answer
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{compare.TABLE_START}\nold\n{compare.TABLE_END}\nrest\n")
-    compare.write_readme(str(readme), {"best": summary})
-    assert readme.read_text() == f"intro\n{compare.TABLE_START}\n{table}\n{compare.TABLE_END}\nrest\n"
+    readme.write_text(f"intro\n{compare.ANSWER_START}\nold\n{compare.ANSWER_END}\nmid\n{compare.TABLE_START}\nold\n"
+                      f"{compare.TABLE_END}\nrest\n")
+    compare.write_readme(str(readme), cross)
+    assert readme.read_text() == (f"intro\n{compare.ANSWER_START}\n{answer}\n{compare.ANSWER_END}\nmid\n"
+                                  f"{compare.TABLE_START}\n{compare.summary_table(cross)}\n{compare.TABLE_END}\nrest\n")
 
 
-def test_the_readme_table_is_the_one_the_committed_results_give():
-    with open(os.path.join(REPO, "docs", "results", "comparison.json")) as f:
+def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
+    results = os.path.join(REPO, "docs", "results")
+    with open(os.path.join(results, "summary.json")) as f:
         summary = json.load(f)
+    assert summary == json.loads(json.dumps(compare.cross_summary(results)))  # summary.json is current
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
-    assert f"{compare.TABLE_START}\n{compare.results_table(summary)}\n{compare.TABLE_END}" in readme
-    assert summary["runs"] >= 3 * 3 * len(compare.POINTS)  # every point over three seeds
-
-
-@pytest.mark.parametrize("results, words", [("comparison.json", "{mean:.1f}% more bits"),
-                                            (os.path.join("skimage", "comparison.json"), "{mean:+.1f}%")])
-def test_the_readme_answer_quotes_the_committed_results(results, words):
-    """The answer above the table is prose; its DDCL-vs-FSQ numbers must be the results file's."""
-    with open(os.path.join(REPO, "docs", "results", results)) as f:
-        bd = json.load(f)["best"]["ddcl"]["bd_vs_fsq"]["bd_rate"]
-    with open(os.path.join(REPO, "README.md")) as f:
-        answer = " ".join(f.read().split(compare.TABLE_START)[0].split())  # as read, whatever the line breaks
-    low, high = bd["interval"]
-    assert words.format(mean=bd["mean"]) in answer
-    assert f"{low:+.1f} to {high:+.1f}%" in answer
+    assert f"{compare.ANSWER_START}\n{compare.answer_text(summary)}\n{compare.ANSWER_END}" in readme
+    assert f"{compare.TABLE_START}\n{compare.summary_table(summary)}\n{compare.TABLE_END}" in readme
+    first = "\n".join(readme.splitlines()[:60])
+    assert compare.ANSWER_START in first and summary["headline_prior"] in first and "epochs" in first
