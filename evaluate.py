@@ -81,7 +81,8 @@ def fit_rate_prior(model, train_images, batch_size=EVAL_BATCH_SIZE, store=True):
     return fitted
 
 
-def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True, store_prior=False):
+def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entropy_coding=True, store_prior=False,
+             per_image=False):
     """Metrics of `model` on uint8 `images` (N, 3, 32, 32) -> dict of floats.
 
     The validation indices are scored (bits_entropy), range-coded as one stream (bits_coded) and as
@@ -90,7 +91,9 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     Scoring leaves the model as it was; `store_prior=True` keeps the fitted prior in it (train.py
     does, so a checkpoint compresses on its own). `bits` is the best measured rate available:
     bitstream, else entropy, else fixed-length, else the quantizer's estimate (`rate_source`).
-    Sums stay on the device until the end: one read-back per evaluation, not per batch."""
+    With `per_image`, also "per_image": {"psnr": [...], "bits": [...]}, each image's PSNR and ideal
+    code length under the prior (scripts/per_image.py). Sums stay on the device until the end: one
+    read-back per evaluation, not per batch."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -98,10 +101,13 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     device = next(model.parameters()).device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
     sums = dict.fromkeys(("mse", "psnr", "ssim", "aux_loss", "bits_estimate"), torch.zeros((), dtype=dtype, device=device))
-    indices = []  # the indices of each batch
+    indices, psnrs = [], []  # the indices of each batch; with per_image, each image's PSNR
     for x, out in model_outputs(model, images, batch_size):
         recon = out.recon.float()
-        batch_sums = {"mse": (recon - x).square().flatten(1).mean(1).sum(), "psnr": psnr_per_image(recon, x).sum(),
+        psnr = psnr_per_image(recon, x)
+        if per_image:
+            psnrs.append(psnr)
+        batch_sums = {"mse": (recon - x).square().flatten(1).mean(1).sum(), "psnr": psnr.sum(),
                       "ssim": ssim_per_image(recon, x).sum(), "aux_loss": out.aux_loss.float() * x.shape[0],
                       "bits_estimate": out.bits.sum()}
         sums = {k: sums[k] + v.to(dtype) for k, v in batch_sums.items()}
@@ -112,6 +118,9 @@ def evaluate(model, images, train_images=None, batch_size=EVAL_BATCH_SIZE, entro
     metrics = dict(zip(sums, means))
     metrics["loss"] = metrics["mse"] + metrics["aux_loss"]
     metrics.update(rate_metrics(model, indices, train_images, batch_size, entropy_coding, store_prior))
+    ideal = metrics.pop("ideal_per_image", None)
+    if per_image:
+        metrics["per_image"] = {"psnr": torch.cat(psnrs).tolist(), "bits": None if ideal is None else ideal.tolist()}
     metrics["bits"], metrics["rate_source"] = next(
         (metrics[k], src) for k, src in (("bits_coded", "bitstream"), ("bits_entropy", "entropy"),
                                          ("bits_fixed", "fixed-length"), ("bits_estimate", q.rate_label))
@@ -144,18 +153,19 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding, store
     def tables(b, ind):  # DDCL's learned and context tables depend on each image's dither seed
         return q.coding_tables(len(ind), positions, image_numbers(int(starts[b]), len(ind)), fitted)
 
-    stream, ideal, lengths, strings_exact = coding.Stream(), 0.0, [], True
+    stream, ideal, lengths, strings_exact = coding.Stream(), [], [], True
     for b, ind in enumerate(batches):
         values, t = q.coding_values(ind).numpy(), tables(b, ind)
         sent = coding.materialise(t, values)  # a context model's tables, computed once from the values sent
-        ideal += coding.ideal_bits(values, sent).sum()
+        ideal.append(coding.ideal_bits(values, sent))
         if entropy_coding:
             stream.add(values, sent)
             strings = coding.compress(values, sent, b"")
             lengths += [len(s) for s in strings]
             # decoded as a receiver would: a context model's tables from the values decoded so far
             strings_exact &= bool(np.array_equal(coding.decompress(strings, t, b""), values))
-    out["bits_entropy"] = float(ideal / len(indices))
+    out["ideal_per_image"] = np.concatenate(ideal)
+    out["bits_entropy"] = float(out["ideal_per_image"].mean())
     if entropy_coding:
         out["bits_coded"] = stream.bits_per_image()
         out["bits_per_image_coded"] = 8.0 * sum(lengths) / len(lengths)

@@ -1,4 +1,4 @@
-"""Compare every bottleneck at measured bits, over seeds, on several data sets and under each kind
+r"""Compare every bottleneck at measured bits, over seeds, on several data sets and under each kind
 of rate prior: the README's results, in one command.
 
     python scripts/make_patches.py /tmp/photos --set=wallpapers       # a data set (a 156 MB download)
