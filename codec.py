@@ -66,9 +66,12 @@ def _model(path, device="cpu"):
 
 
 def compress_file(checkpoint, source, target):
-    blob = encode_photo(_model(checkpoint), read_photo(source))
+    """Write the file -> (bytes, bits per pixel, the PSNR it decodes to, checked by decoding it)."""
+    model, rgb = _model(checkpoint), read_photo(source)
+    blob = encode_photo(model, rgb)
     atomic_write(target, lambda f: f.write(blob))
-    return len(blob)
+    psnr, _ = quality(rgb, decode_photo(model, blob))
+    return len(blob), 8 * len(blob) / (rgb.shape[0] * rgb.shape[1]), psnr
 
 
 def decompress_file(checkpoint, source, target):
@@ -260,7 +263,8 @@ def main(argv):
         raise ConfigError("usage: python codec.py compress|decompress CHECKPOINT SOURCE TARGET, or "
                           "python codec.py evaluate CHECKPOINT [...] --photos=DIR (see --help)")
     done = commands[argv[0]](*argv[1:])
-    print(f"wrote {argv[3]} ({done} bytes)" if argv[0] == "compress" else f"wrote {argv[3]} ({done[0]}x{done[1]})")
+    print(f"wrote {argv[3]} ({done[0]} bytes, {done[1]:.3f} bpp; decodes to {done[2]:.2f} dB PSNR)"
+          if argv[0] == "compress" else f"wrote {argv[3]} ({done[0]}x{done[1]})")
 
 
 if __name__ == "__main__":

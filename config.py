@@ -6,12 +6,13 @@ and reads (`output_dir`, `checkpoint_dir`, `device`, and `data_dir`, which must 
 it differs from the default): a file from elsewhere never chooses a folder. Its run name is taken
 when you pass none (discrete_ae/runs.py checks it is a plain name).
 """
+import json
 import math
 import os
 
 from discrete_ae.data import SYMMETRIES, check_dataset
 from discrete_ae.errors import CheckpointError, ConfigError
-from discrete_ae.overrides import coerce, parse_overrides
+from discrete_ae.overrides import coerce, parse_overrides, split_arguments
 from discrete_ae.runs import RunFiles, check_run_name
 from models import build_model, model_args_from_config
 from quantizers import implied_latent_dim
@@ -52,10 +53,36 @@ def validate_config(config, given=(), fresh=True):
     return config
 
 
+def saved_config_arguments(argv, defaults):
+    """argv with `--config=FILE` (a run's saved {run}_config.json) replaced by that run's knobs as
+    --key=value arguments, before the rest, so the rest override them. Folders and data locations
+    are not taken from the file (NEVER_FROM_CHECKPOINT), nor keys this train.py does not know."""
+    _, options = split_arguments(argv)
+    files = [a.split("=", 1)[1] for a in options if a.startswith("--config=")]
+    rest = [a for a in options if not a.startswith("--config=")]
+    if not files:
+        return rest
+    if len(files) > 1:
+        raise ConfigError("--config given twice: rerun one saved config, then override knobs with --key=value")
+    path = files[0]
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--config={path}: cannot read it ({err.strerror}); pass a run's outputs/{{run}}_config.json") from None
+    except ValueError:
+        raise ConfigError(f"--config={path} is not JSON: pass a run's outputs/{{run}}_config.json") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config={path} holds a {type(saved).__name__}, not a run's config")
+    derived = ("latent_dim",) if saved.get("quantizer") in ("fsq", "fsp", "rfsq", "lfq") else ()  # set by the levels
+    taken = [f"--{k}={v!r}" for k, v in saved.items() if k in defaults and k not in NEVER_FROM_CHECKPOINT + derived]
+    return taken + rest
+
+
 def resolve_config(argv, defaults):
-    """Defaults + --key=value overrides (+ the resumed checkpoint's config) -> (checked config,
-    the resumed checkpoint's state or None)."""
-    config, given = parse_overrides(argv, defaults)
+    """Defaults + a saved config (--config=FILE) + --key=value overrides (+ the resumed checkpoint's
+    config) -> (checked config, the resumed checkpoint's state or None)."""
+    config, given = parse_overrides(saved_config_arguments(argv, defaults), defaults)
     if not config["resume"]:
         return validate_config(config, given), None
     path = resume_path(config, given)

@@ -38,7 +38,7 @@ from discrete_ae.errors import Stop, UserError, cli
 from discrete_ae.files import read_jsonl, save_json, save_jsonl
 from discrete_ae.metrics import psnr_per_image
 from discrete_ae.optim import build_optimizer, build_scheduler, restore
-from discrete_ae.plots import plot_curves, save_grid
+from discrete_ae.plots import check_torchvision, plot_curves, save_grid
 from discrete_ae.process import (
     SignalFlag,
     all_reduce_mean,
@@ -204,6 +204,7 @@ def train_loop(config, state, run, rank, world, dev):
         announce(config, run, run_id, start)
 
     step = make_step(wrap_model(t.model, world, dev), t.optimizer, t.scheduler, config["amp"], dev)
+    undrawn = []  # (path, why) of every picture that could not be drawn
     with SignalFlag() as flag:
         for epoch in range(start + 1, config["epochs"] + 1):
             t0 = time.time()
@@ -222,12 +223,14 @@ def train_loop(config, state, run, rank, world, dev):
                 rows.append({"epoch": epoch, "train_loss": train_loss, "lr": t.optimizer.param_groups[0]["lr"],
                              "seconds": time.time() - t0, **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(run.metrics, rows)
-                draw_pictures(run, t.model, grid, epoch, metrics, rows, config["epochs"])
-                print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0), flush=True)
+                undrawn += draw_pictures(run, t.model, grid, epoch, metrics, rows, config["epochs"])
+                this_run = [r["seconds"] for r in rows[-(epoch - start):]]  # the epochs this process trained
+                left = (config["epochs"] - epoch) * sum(this_run) / len(this_run)
+                print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0, left), flush=True)
             barrier(world)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch + 1, 0, steps, run)
-    metrics = finish(run, val_u8, prior_u8, train_u8, dev) if master else {}
+    metrics = finish(run, val_u8, prior_u8, train_u8, dev, undrawn) if master else {}
     barrier(world)  # the ranks leave together: a process group torn down under a busy rank aborts it
     return t.model, metrics
 
@@ -310,8 +313,9 @@ def wrap_model(model, world, dev):
 
 
 def draw_pictures(run, model, grid, epoch, metrics, rows, epochs):
-    """The epoch's grid and, every CURVES_EVERY epochs and at the end, the curves. Pictures never
-    cost a checkpoint: they are drawn after it is saved, and a failure is a warning."""
+    """The epoch's grid and, every CURVES_EVERY epochs and at the end, the curves -> [(path, why)]
+    of those that failed. Pictures never cost a checkpoint: they are drawn after it is saved, and a
+    failure is a warning."""
     with torch.inference_mode():
         recon = model.eval()(grid).recon
     caption = (f"{run.name} | epoch {epoch} | these 8: {psnr_per_image(recon, grid).mean():.2f} dB | "
@@ -319,16 +323,20 @@ def draw_pictures(run, model, grid, epoch, metrics, rows, epochs):
     drawings = [(run.grid(epoch), lambda: save_grid(run.grid(epoch), grid, recon, GRID_SCALE, caption))]
     if len(rows) > 1 and (epoch % CURVES_EVERY == 0 or epoch == epochs):
         drawings.append((run.output("curves.png"), lambda: plot_curves(run.output("curves.png"), rows, run.name)))
+    failed = []
     for path, draw in drawings:
         try:
             draw()
         except (UserError, OSError, ValueError, RuntimeError) as err:
-            print(f"warning: could not draw {path} ({str(err)[:160]}); the checkpoint of epoch {epoch} is saved", file=sys.stderr)
+            failed.append((path, str(err)[:160]))
+            print(f"warning: could not draw {path} ({failed[-1][1]}); the checkpoint of epoch {epoch} is saved", file=sys.stderr)
+    return failed
 
 
-def finish(run, val_u8, prior_u8, train_u8, dev):
+def finish(run, val_u8, prior_u8, train_u8, dev, undrawn=()):
     """Score the best checkpoint on the whole validation split (epochs were ranked on a subset),
-    store those metrics in it and {run}_final.json, warn if the run collapsed, say what was written."""
+    store those metrics in it and {run}_final.json, warn if the run collapsed, say what was written
+    and which pictures could not be drawn."""
     path = run.checkpoint("best")
     if not os.path.isfile(path):
         return {}
@@ -346,19 +354,30 @@ def finish(run, val_u8, prior_u8, train_u8, dev):
         usage = f", {metrics['codebook_usage']:.1f}% of codes used" if "codebook_usage" in metrics else ""
         print(f"warning: the run collapsed: {metrics['psnr']:.2f} dB{usage}, where sending nothing (the mean training "
               f"image) gives {floor:.2f} dB; try a lower --lr or --muon_lr", file=sys.stderr)
+    files = os.path.join(run.output_dir, run.name + "_*")
+    wrote = (f"grids, metrics and curves in {files}" if not undrawn else
+             f"metrics in {files}; {len(undrawn)} picture(s) could not be drawn (first: {undrawn[0][0]}: {undrawn[0][1]})")
     print(f"done: {path} (epoch {state['epoch']}): {metrics['psnr']:.2f} dB, {metrics['bits']:.1f} bits/image "
-          f"({metrics['rate_source']}) on all {metrics['images']} validation images; grids, metrics and curves "
-          f"in {os.path.join(run.output_dir, run.name + '_*')}", flush=True)
+          f"({metrics['rate_source']}) on all {metrics['images']} validation images; {wrote}", flush=True)
     return metrics
 
 
-def log_line(epoch, epochs, train_loss, metrics, seconds):
+def log_line(epoch, epochs, train_loss, metrics, seconds, left=0.0):
     parts = [f"epoch {epoch}/{epochs}", f"train_loss {train_loss:.5f}", f"val_mse {metrics['mse']:.5f}",
              f"psnr {metrics['psnr']:.2f} dB", f"ssim {metrics['ssim']:.3f}", f"aux {metrics['aux_loss']:.4f}",
              f"bits/img {metrics['bits']:.1f} ({metrics['rate_source']}; estimate {metrics['bits_estimate']:.1f})"]
     if "codebook_usage" in metrics:
         parts.append(f"usage {metrics['codebook_usage']:.1f}% perplexity {metrics['perplexity']:.1f}")
-    return " | ".join(parts) + f" | {metrics['images']} val images | {seconds:.1f}s"
+    line = " | ".join(parts) + f" | {metrics['images']} val images | {seconds:.1f}s"
+    return line + (f" | about {duration(left)} left" if epoch < epochs else "")
+
+
+def duration(seconds):
+    """'45 s', '12 min', '2 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def interrupted(signum, epoch, step, steps, run):
@@ -377,7 +396,9 @@ def help_text():
 
 def main(argv):
     stop_on_sigterm()
-    train(*resolve_config(argv, DEFAULT_CONFIG))
+    config, state = resolve_config(argv, DEFAULT_CONFIG)
+    check_torchvision()  # the epoch grids and CIFAR-10 need it working beside this torch
+    train(config, state)
 
 
 if __name__ == "__main__":

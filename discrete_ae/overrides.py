@@ -31,12 +31,29 @@ def coerce(key, value, default, shown=None):
     return value
 
 
+def split_arguments(argv):
+    """argv -> (positional arguments, ["--key=value", ...]); "--key value" is read as "--key=value"."""
+    positional, options, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg:
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"option {arg} has no value: write {arg}=VALUE or {arg} VALUE (see --help)")
+            options.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        (options if arg.startswith("--") else positional).append(arg)
+        i += 1
+    return positional, options
+
+
 def parse_overrides(argv, defaults):
-    """`--key=value` arguments -> (options dict, set of keys given). Unknown keys stop."""
+    """`--key=value` (or `--key value`) arguments -> (options dict, set of keys given). Unknown keys stop."""
+    positional, options = split_arguments(argv)
+    if positional:
+        raise ConfigError(f"argument {positional[0]!r} is not an option: write --key=value or --key value (see --help)")
     config, given = dict(defaults), set()
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
+    for arg in options:
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             raise ConfigError(f"unknown option {key!r}; allowed: {', '.join(defaults)} (see --help)")
@@ -48,8 +65,8 @@ def parse_overrides(argv, defaults):
 def parse_paths_and_options(argv, defaults, usage, count=None):
     """File paths and --key=value options (checked against `defaults`) -> (paths, options). Too few
     paths (none, or other than `count` when given) stop with `usage`."""
-    paths = [a for a in argv if not a.startswith("--")]
-    options, _ = parse_overrides([a for a in argv if a.startswith("--")], defaults)
+    paths, options = split_arguments(argv)
+    options, _ = parse_overrides(options, defaults)
     if not paths or (count is not None and len(paths) != count):
         raise ConfigError(usage)
     return paths, options

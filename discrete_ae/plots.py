@@ -1,7 +1,10 @@
 """Pictures a run or an evaluation writes: the per-epoch grid, training curves, RD plots and the
-samples sheet. Every file is written atomically (utils.atomic_write); images are in [0, 1]."""
+samples sheet. Every file is written atomically (files.atomic_write); images are in [0, 1]."""
+import sys
+
 import torch
 
+from discrete_ae.errors import UserError
 from discrete_ae.files import atomic_write
 
 GRID_PADDING = 2  # pixels between tiles, before upscaling
@@ -41,6 +44,22 @@ def with_caption(pixels, caption):
     font = ImageFont.load_default(size=CAPTION_PX * 2 // 3)
     ImageDraw.Draw(canvas).text((4, h + CAPTION_PX // 6), caption, fill="black", font=font)
     return canvas
+
+
+def check_torchvision():
+    """Stop with one line when torchvision is missing or was built for another torch: pip can pair
+    a torchvision with a torch it does not run beside, and then every grid fails."""
+    try:
+        import torchvision
+
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # a compiled operator: fails on a mismatched pair
+    except ImportError:
+        raise UserError("torchvision is not installed: pip install torchvision (from the index your torch came from)") from None
+    except (RuntimeError, AttributeError) as err:
+        version = getattr(sys.modules.get("torchvision"), "__version__", "?")
+        raise UserError(f"torchvision {version} does not work with torch {torch.__version__} "
+                        f"({str(err).strip().splitlines()[0][:80]}): install a matched pair from one index, e.g. "
+                        "pip install torch==2.14.1 torchvision==0.29.1") from None
 
 
 def save_grid(path, originals, recons, scale=4, caption="", nrow=4):

@@ -2,6 +2,7 @@
 same file decodes to the same pixels whatever the thread count."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,11 +40,12 @@ def checkpoint(run_train, tmp_path):
 def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, knobs):
     ck = checkpoint(**knobs)
     src = photo(tmp_path / "p.png", 45, 37)
-    size = codec.compress_file(ck, src, tmp_path / "p.bin")
-    assert size == os.path.getsize(tmp_path / "p.bin") and size > codec.HEADER
+    size, bpp, psnr = codec.compress_file(ck, src, tmp_path / "p.bin")
+    assert size == os.path.getsize(tmp_path / "p.bin") and size > codec.HEADER and bpp == 8 * size / (45 * 37)
     codec.decompress_file(ck, tmp_path / "p.bin", tmp_path / "back.png")
     back = np.asarray(Image.open(tmp_path / "back.png"))
     assert back.shape == (37, 45, 3)
+    assert psnr == pytest.approx(codec.quality(np.asarray(Image.open(src).convert("RGB")), back)[0])  # what it decodes to
     model, _ = load_checkpoint(ck)
     x = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None].float() / 255
     x = torch.nn.functional.pad(x, (0, 64 - 45, 0, 64 - 37), mode="replicate")  # 2 x 2 blocks of 32
@@ -143,3 +145,12 @@ def test_evaluate_sets_each_checkpoint_against_jpeg_webp_and_avif(checkpoint, tm
     assert "against WebP, BD-rate " in capsys.readouterr().out
     with pytest.raises(DataError, match="holds no .png/.jpg photos"):
         codec.main(["evaluate", cks[0], f"--photos={tmp_path / 'none'}"])
+
+
+def test_compress_says_the_size_the_bits_per_pixel_and_the_psnr_it_decodes_to(checkpoint, tmp_path):
+    ck = checkpoint(quantizer="fsq")
+    result = run_script("codec.py", "compress", ck, photo(tmp_path / "p.png", 40, 30), str(tmp_path / "p.bin"))
+    assert result.returncode == 0, result.stderr
+    size = os.path.getsize(tmp_path / "p.bin")
+    assert re.fullmatch(rf"wrote \S+p\.bin \({size} bytes, {8 * size / 1200:.3f} bpp; decodes to \d+\.\d\d dB PSNR\)",
+                        result.stdout.strip())

@@ -33,14 +33,22 @@ def test_int_is_accepted_where_float_is_expected():
     ("--fsq_levels=8", "--fsq_levels=8: expected list"),
     ("--fsq_levels=[8,5.5]", "expected a list of int"),
     ("--lr=fast", "--lr=fast: not a Python literal; expected float"),
-    ("--lr", "is not of the form --key=value"),
-    ("epochs=3", "is not of the form --key=value"),
+    ("--lr", "option --lr has no value: write --lr=VALUE or --lr VALUE"),
+    ("epochs=3", "argument 'epochs=3' is not an option: write --key=value or --key value"),
 ])
 def test_bad_overrides_name_the_problem(arg, message):
     with pytest.raises(ConfigError, match=None) as err:
         parse_overrides([arg], DEFAULTS)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_argparse_habits_work_too():
+    config, given = parse_overrides(["--epochs", "3", "--lr=0.5", "--fsq_levels", "[8, 5, 5, 5]"],
+                                    {**DEFAULTS, "fsq_levels": [8, 6, 6, 5]})
+    assert (config["epochs"], config["lr"], config["fsq_levels"], given) == (3, 0.5, [8, 5, 5, 5], {"epochs", "lr", "fsq_levels"})
+    with pytest.raises(ConfigError, match="option --epochs has no value"):
+        parse_overrides(["--epochs", "--lr=1"], DEFAULTS)
 
 
 def test_no_exec_of_override_values():

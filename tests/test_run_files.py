@@ -114,9 +114,11 @@ def test_evaluate_never_rewrites_a_checkpoint_its_run_is_writing(tmp_path, image
 def test_a_picture_that_cannot_be_written_never_costs_the_checkpoint(tmp_path, image_folder, capsys):
     (tmp_path / "outputs" / "fsq_curves.png").mkdir(parents=True)  # a real write failure: the path is a folder
     _, metrics = train.train(resolve(tiny_args(tmp_path, image_folder, quantizer="fsq", epochs=2)))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "warning: could not draw" in err and "fsq_curves.png" in err and "the checkpoint of epoch 2 is saved" in err
     assert read_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_last.pt"))["epoch"] == 2 and metrics["psnr"] > 0
+    last = out.strip().splitlines()[-1]  # the end line says what was not written, not "grids, metrics and curves"
+    assert "picture(s) could not be drawn" in last and "fsq_curves.png" in last and "grids" not in last
 
 
 def test_a_collapsed_run_says_so(tmp_path, image_folder, capsys):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, tiny_args
+from conftest import REPO, run_script, tiny_args
 from discrete_ae import data, files
 from discrete_ae.errors import CheckpointError, DataError
 from utils import load_checkpoint, read_checkpoint
@@ -215,3 +215,30 @@ def test_offline_first_run_names_the_offline_route_and_leaves_nothing(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "scripts/make_patches.py" in err
     assert not any(f.exists() for f in folders.values())  # no empty folders, no lock file
+
+
+def test_each_epoch_line_says_about_how_long_the_run_has_left(run_train, capsys):
+    run_train(quantizer="fsq", epochs=3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ") and "/3 |" in line]
+    assert len(lines) == 3 and all(" left" in line for line in lines[:2]) and " left" not in lines[2]
+
+
+def test_a_saved_config_reruns_the_run_with_overrides_on_top(run_train, tmp_path):
+    first, _ = run_train(quantizer="fsq", fsq_levels=[5, 4, 4], seed=7, run_name="first")
+    saved = os.path.join(first["output_dir"], "first_config.json")
+    again, _ = run_train(config=saved, run_name="again")
+    assert {k: v for k, v in again.items() if k != "run_name"} == {k: v for k, v in first.items() if k != "run_name"}
+    with open(os.path.join(first["output_dir"], "again_config.json")) as f:
+        assert json.load(f)["seed"] == 7
+
+
+def test_a_torchvision_that_does_not_run_beside_torch_stops_the_run_with_one_line(tmp_path, image_folder):
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    result = run_script(os.path.join(REPO, "train.py"), *tiny_args(tmp_path, image_folder, quantizer="fsq"),
+                        env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "does not work with torch" in line and "pip install torch==" in line
+    assert not (tmp_path / "checkpoints").exists()
