@@ -49,6 +49,7 @@ from discrete_ae.process import (
     teardown_distributed,
 )
 from discrete_ae.runs import RunFiles, new_run_id, run_label
+from discrete_ae.tracking import Tracker
 from evaluate import evaluate
 from models import build_model, model_args_from_config
 from utils import read_checkpoint, save_checkpoint
@@ -86,6 +87,7 @@ run_name = ""  # names the run's files; "" means the quantizer's name
 output_dir = "outputs"  # grids, metrics, curves and the run's config
 checkpoint_dir = "checkpoints"  # {run}_vae_best.pt, {run}_vae_last.pt, {run}_vae_epoch_{n}.pt
 checkpoint_every = 10  # also keep {run}_vae_epoch_{n}.pt every n epochs (0 = never)
+tensorboard = False  # also log for TensorBoard into output_dir/{run}_tensorboard/ (needs `pip install tensorboard`)
 resume = ""  # a checkpoint to continue, or "last" (the newest *_vae_last.pt in checkpoint_dir)
 device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
 amp = "auto"  # bf16 autocast: "auto" (CUDA, and CPUs with native bf16), "bf16" or "off"
@@ -118,9 +120,10 @@ def make_step(model, optimizer, scheduler, amp, dev):
     return step
 
 
-def run_epoch(step, images_u8, order, steps, batch, epoch, config, stop=lambda: False, show=False, lr=None):
+def run_epoch(step, images_u8, order, steps, batch, epoch, config, stop=lambda: False, show=False, lr=None, log=None):
     """One pass over `order` (device indices into the uint8 images) -> (loss sum on the device,
-    steps done). Stops at a non-finite loss; the host reads the loss back every LOG_INTERVAL steps."""
+    steps done). Stops at a non-finite loss; the host reads the loss back every LOG_INTERVAL steps
+    (and hands it to `log(step in the epoch, mean loss, lr)` when given)."""
     loss_sum = torch.zeros((), device=images_u8.device)
     progress = Progress(epoch, steps, show)
     done = 0
@@ -136,6 +139,8 @@ def run_epoch(step, images_u8, order, steps, batch, epoch, config, stop=lambda: 
                            f"writing this epoch. Try a lower --lr (now {config['lr']:g}) or --muon_lr "
                            f"(now {config['muon_lr']:g})", code=3)
             progress.update(done, loss_sum.item() / done, lr() if lr else float("nan"))
+            if log is not None:
+                log(done, loss_sum.item() / done, lr() if lr else float("nan"))
         if stop():
             break
     progress.close()
@@ -205,14 +210,16 @@ def train_loop(config, state, run, rank, world, dev):
 
     step = make_step(wrap_model(t.model, world, dev), t.optimizer, t.scheduler, config["amp"], dev)
     undrawn = []  # (path, why) of every picture that could not be drawn
-    with SignalFlag() as flag:
+    track = Tracker(run.output("tensorboard"), config) if master and config["tensorboard"] else nullcontext()
+    with SignalFlag() as flag, track as tracker:
         for epoch in range(start + 1, config["epochs"] + 1):
             t0 = time.time()
             t.model.train()
             order, steps, batch = epoch_order(len(train_u8), t.data_gen, rank, world, config["batch_size"])
+            log = None if tracker is None else (lambda i, loss, lr, e=epoch, n=steps: tracker.train_loss((e - 1) * n + i, loss, lr))
             loss_sum, done = run_epoch(step, train_u8, order.to(dev), steps, batch, epoch, config,
                                        stop=lambda: flag.signum is not None, show=master,
-                                       lr=lambda: t.optimizer.param_groups[0]["lr"])
+                                       lr=lambda: t.optimizer.param_groups[0]["lr"], log=log)
             if flag.signum is not None:
                 raise interrupted(flag.signum, epoch, done, steps, run)
             train_loss = all_reduce_mean(loss_sum / steps, world).item()
@@ -223,7 +230,11 @@ def train_loop(config, state, run, rank, world, dev):
                 rows.append({"epoch": epoch, "train_loss": train_loss, "lr": t.optimizer.param_groups[0]["lr"],
                              "seconds": time.time() - t0, **{f"val_{k}": v for k, v in metrics.items()}})
                 save_jsonl(run.metrics, rows)
-                undrawn += draw_pictures(run, t.model, grid, epoch, metrics, rows, config["epochs"])
+                failed = draw_pictures(run, t.model, grid, epoch, metrics, rows, config["epochs"])
+                undrawn += failed
+                if tracker is not None:
+                    drawn = run.grid(epoch) not in [path for path, _ in failed]
+                    tracker.epoch(epoch, train_loss, metrics, run.grid(epoch) if drawn else None)
                 this_run = [r["seconds"] for r in rows[-(epoch - start):]]  # the epochs this process trained
                 left = (config["epochs"] - epoch) * sum(this_run) / len(this_run)
                 print(log_line(epoch, config["epochs"], train_loss, metrics, time.time() - t0, left), flush=True)

@@ -242,3 +242,20 @@ def test_a_torchvision_that_does_not_run_beside_torch_stops_the_run_with_one_lin
     line = result.stderr.strip().splitlines()[-1]
     assert "does not work with torch" in line and "pip install torch==" in line
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tensorboard_logging_writes_events_that_tensorboard_reads_back(run_train, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, _ = run_train(quantizer="fsq", epochs=2, tensorboard=True)
+    events = EventAccumulator(os.path.join(config["output_dir"], "fsq_tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/epoch_loss", "val/psnr", "val/bits"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("val/psnr")] == [1, 2] and len(events.Scalars("train/loss")) >= 2
+    assert len(events.Images("grid")) == 2 and any("config" in t for t in tags["tensors"])
+
+
+def test_no_tensorboard_files_unless_asked(run_train):
+    config, _ = run_train(quantizer="fsq")
+    assert not os.path.exists(os.path.join(config["output_dir"], "fsq_tensorboard"))
