@@ -99,6 +99,28 @@ def plot_curves(path, rows, title):
     save_figure(path, fig)
 
 
+def plot_overlay(path, runs):
+    """Validation PSNR and measured bits per image against epoch for several runs, one line per run:
+    runs {name: rows of its {run}_metrics.jsonl}."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name, rows in runs.items():
+        epochs = [r["epoch"] for r in rows]
+        axes[0].plot(epochs, [r["val_psnr"] for r in rows], marker=".", label=name)
+        axes[1].plot(epochs, [r["val_bits"] for r in rows], marker=".", label=name)
+    axes[0].set(ylabel="validation PSNR (dB)", title="Quality")
+    axes[1].set(ylabel="measured bits per image", title="Rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(path, fig)
+    return fig
+
+
 def _references(ax, refs):
     """Bottlenecks whose rate is no code length (none: 32-bit floats; vae: a KL) as labelled
     horizontal lines, so they do not stretch the axis of the coded rates."""

@@ -77,3 +77,12 @@ class SignalFlag:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def run_logged(command, cwd, env, log):
+    """Run `command` in `cwd` with its output appended to the file `log` -> its exit code. A plain
+    function of plain arguments, importable anywhere: what compare.py hands a scheduler (submitit)."""
+    import subprocess
+
+    with open(log, "a") as f:
+        return subprocess.run(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode

@@ -36,11 +36,14 @@ and prior, and what holds on every set. RESULTS is OUT/results unless --results 
 README's answer and table are regenerated only with --readme=README.md.
 Options: --epochs=10 --early=5 --seeds=3 --jobs=2 --priors="['fitted']" --only="['fsq', 'ddcl']"
 --out=compare --results= --readme= and any train.py knob given as --train="['--key=value']".
+
+Beyond one machine: --executor=slurm hands each run to Slurm through submitit (--slurm="{'slurm_partition':
+'gpu', 'timeout_min': 60}" sets the executor's parameters; --jobs runs are in flight at once), with
+the same reuse and resume rules; --executor=submitit_local runs them as submitit's local jobs.
 """
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +52,12 @@ from discrete_ae.bjontegaard import bd_pair, interval, verdict
 from discrete_ae.errors import ConfigError, cli
 from discrete_ae.files import atomic_write, read_jsonl, save_json
 from discrete_ae.overrides import parse_paths_and_options
+from discrete_ae.process import run_logged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
-                readme="", dry_run=False, report_only=False, train=[""])
+                readme="", dry_run=False, report_only=False, train=[""], executor="local", slurm={"": ""})
+EXECUTORS = ("local", "submitit_local", "slurm")  # how each train.py run is started
 PRIORS = ("fitted", "learned", "context")
 FIRST_SEED = 1337
 ANCHOR = "fsq"  # every BD number is against this bottleneck's curve
@@ -156,10 +161,24 @@ def finished(where, name, want=None):
     return all(saved.get(k) == v for k, v in want.items())
 
 
+def launcher(opts):
+    """command, env, log -> exit code: a local process, or a job of submitit's local or Slurm
+    executor (`--slurm` holds the executor's parameters, e.g. {'slurm_partition': 'gpu', 'timeout_min': 60})."""
+    if opts["executor"] == "local":
+        return lambda command, env, log: run_logged(command, REPO, env, log)
+    import submitit
+
+    folder = os.path.join(opts["out"], "submitit")
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if opts["executor"] == "submitit_local" else "slurm")
+    executor.update_parameters(**{k: v for k, v in opts["slurm"].items() if k})
+    return lambda command, env, log: executor.submit(run_logged, command, REPO, env, log).result()
+
+
 def train_all(jobs, opts):
     """Train every (data set, folders, run) in `jobs`, `--jobs` at a time."""
     threads = max(1, (os.cpu_count() or 1) // opts["jobs"])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    launch = launcher(opts)
 
     def one(job):
         data, where, (_, _, _, name, args) = job
@@ -167,11 +186,9 @@ def train_all(jobs, opts):
             return
         os.makedirs(where["logs"], exist_ok=True)
         log = os.path.join(where["logs"], f"{name}.log")
-        with open(log, "a") as f:
-            done = subprocess.run(train_command(data, where, opts, name, args), cwd=REPO, stdout=f,
-                                  stderr=subprocess.STDOUT, env=env)
-        if done.returncode:
-            raise ConfigError(f"{name} failed (exit {done.returncode}); see {log}")
+        code = launch(train_command(data, where, opts, name, args), env, log)
+        if code:
+            raise ConfigError(f"{name} failed (exit {code}); see {log}")
         print(f"trained {data['name']}/{name}", flush=True)
 
     with ThreadPoolExecutor(opts["jobs"]) as pool:
@@ -553,6 +570,8 @@ def main(argv):
     paths, opts = parse_paths_and_options(argv, DEFAULTS, USAGE)
     if opts["seeds"] < 1 or opts["jobs"] < 1 or not 0 < opts["early"] <= opts["epochs"]:
         raise ConfigError("--seeds and --jobs must be >= 1, and 0 < --early <= --epochs")
+    if opts["executor"] not in EXECUTORS:
+        raise ConfigError(f"--executor={opts['executor']!r}; choose one of {', '.join(EXECUTORS)}")
     priors = [p for p in opts["priors"] if p] or ["fitted"]
     unknown = sorted(set(priors) - set(PRIORS))
     if unknown:

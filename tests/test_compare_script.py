@@ -120,3 +120,17 @@ def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
     assert f"{compare.TABLE_START}\n{compare.summary_table(summary)}\n{compare.TABLE_END}" in readme
     first = "\n".join(readme.splitlines()[:60])
     assert compare.ANSWER_START in first and summary["headline_prior"] in first and "epochs" in first
+
+
+def test_runs_go_through_submitits_local_executor_and_are_reused_afterwards(tmp_path, image_folder, capsys):
+    args = [f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", "--epochs=1", "--early=1", "--jobs=2",
+            f"--out={tmp_path / 'runs'}", "--train=['--channels=[8,8,16]', '--batch_size=16']"]
+    compare.main(args + ["--executor=submitit_local"])
+    out = capsys.readouterr().out
+    assert out.count("trained tiny/") == 3 and os.path.isdir(tmp_path / "runs" / "submitit")
+    summary = json.loads((tmp_path / "runs" / "results" / "tiny" / "fitted" / "comparison.json").read_text())
+    assert summary["runs"] == 3 and len(summary["best"]["fsq"]["points"]) == 3
+    compare.main(args)  # the same runs, asked again: finished, nothing trained
+    assert "trained tiny/" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--executor='pbs'"):
+        compare.main(args + ["--executor=pbs"])

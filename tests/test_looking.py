@@ -144,3 +144,28 @@ def test_the_samples_sheet_calls_a_kl_a_kl(monkeypatch):
     plots.plot_samples("unused.png", x, [(r, x) for r in rows], ["a", "b"])
     titles = [ax.get_title() for ax in seen["fig"].axes[1:3]]
     assert titles == ["vae\nKL 147 bits, 26.00 dB", "fsq\n150 bits, 24.00 dB"]
+
+
+def test_the_overlay_draws_one_line_per_run_named_after_its_file(run_train, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    import overlay
+
+    from discrete_ae.errors import DataError
+    from discrete_ae.files import read_jsonl
+    from discrete_ae.plots import plot_overlay
+
+    first, _ = run_train(quantizer="fsq", epochs=2, run_name="alpha")
+    run_train(quantizer="ddcl", epochs=2, run_name="beta")
+    files = [os.path.join(first["output_dir"], f"{n}_metrics.jsonl") for n in ("alpha", "beta")]
+    out = tmp_path / "overlay.png"
+    overlay.main([*files, f"--out={out}"])
+    assert out.stat().st_size > 10_000
+    runs = {overlay.run_name(f): read_jsonl(f) for f in files}
+    fig = plot_overlay(str(tmp_path / "again.png"), runs)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["alpha", "beta"]
+        assert all(len(line.get_xdata()) == 2 for line in ax.get_lines())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(DataError, match="not a metrics file"):
+        overlay.main([str(bad)])
