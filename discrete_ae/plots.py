@@ -2,6 +2,7 @@
 samples sheet. Every file is written atomically (files.atomic_write); images are in [0, 1]."""
 import sys
 
+import numpy as np
 import torch
 
 from discrete_ae.errors import UserError
@@ -9,6 +10,7 @@ from discrete_ae.files import atomic_write
 
 GRID_PADDING = 2  # pixels between tiles, before upscaling
 CAPTION_PX = 22  # height of the caption strip under a grid, in output pixels
+LABEL_PX = 26  # width of the strip naming the grid's rows
 CODED_SOURCES = ("bitstream", "entropy", "fixed-length")  # rates that are code lengths
 
 
@@ -64,30 +66,61 @@ def check_torchvision():
 
 def save_grid(path, originals, recons, scale=4, caption="", nrow=4):
     """Grid PNG: originals on the top rows, their reconstructions below (both (B, 3, H, W) in
-    [0, 1]), upscaled `scale` times with nearest-neighbour (pixels stay pixels), `caption` below."""
+    [0, 1]), upscaled `scale` times with nearest-neighbour (pixels stay pixels); the rows named in a
+    strip on the left, each reconstruction's PSNR on it, `caption` below."""
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
+
+    from discrete_ae.metrics import psnr_per_image
 
     grid = make_grid(torch.cat([originals, recons]).float().cpu().clamp(0, 1), nrow=nrow, padding=GRID_PADDING)
     pixels = to_uint8_hwc(grid).repeat(scale, axis=0).repeat(scale, axis=1)  # (H*scale, W*scale, 3)
-    image = with_caption(pixels, caption)
+    h, w, _ = pixels.shape
+    canvas = Image.new("RGB", (w + LABEL_PX, h), "white")
+    canvas.paste(Image.fromarray(pixels), (LABEL_PX, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=CAPTION_PX * 2 // 3)
+    rows_each = -(-len(originals) // nrow)  # rows of originals, then as many of reconstructions
+    for k, label in enumerate(("original", "reconstruction")):
+        top, bottom = k * h // 2, (k + 1) * h // 2
+        strip = Image.new("RGB", (bottom - top, LABEL_PX), "white")
+        pen = ImageDraw.Draw(strip)
+        pen.text(((bottom - top - pen.textlength(label, font=font)) / 2, LABEL_PX // 6), label, fill="black", font=font)
+        canvas.paste(strip.rotate(90, expand=True), (0, top))
+    tile = (originals.shape[-1] + GRID_PADDING) * scale  # one image and its padding, upscaled
+    for i, value in enumerate(psnr_per_image(recons.float().cpu(), originals.float().cpu()).tolist()):
+        x = LABEL_PX + (i % nrow) * tile + GRID_PADDING * scale
+        y = (rows_each + i // nrow + 1) * tile - CAPTION_PX
+        draw.text((x + 2, y), f"{value:.1f} dB", fill="white", font=font, stroke_width=2, stroke_fill="black")
+    image = with_caption(np.asarray(canvas), caption)
     atomic_write(path, lambda f: image.save(f, format="png", compress_level=1))
 
 
 def plot_curves(path, rows, title):
     """Loss, PSNR and bits per image against epoch, from the rows of {run}_metrics.jsonl."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     plt = pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     axes[0].plot(epochs, [r["train_loss"] for r in rows], label="train loss")
-    axes[0].plot(epochs, [r["val_loss"] for r in rows], label="validation loss")
-    axes[0].plot(epochs, [r["val_mse"] for r in rows], label="validation MSE")
+    same = all(abs(r["val_loss"] - r["val_mse"]) <= 1e-3 * abs(r["val_mse"]) for r in rows)
+    if same:  # no rate or auxiliary term: one line, said so, not two drawn on top of each other
+        axes[0].plot(epochs, [r["val_mse"] for r in rows], label="validation MSE (= its loss: no rate term)")
+    else:
+        axes[0].plot(epochs, [r["val_loss"] for r in rows], label="validation loss (MSE + rate term)")
+        axes[0].plot(epochs, [r["val_mse"] for r in rows], "--", label="validation MSE")
     axes[0].set(yscale="log", ylabel="loss (log scale)", title="Loss")
+    axes[0].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels inside one decade too
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0].yaxis.set_minor_formatter(NullFormatter())
     axes[1].plot(epochs, [r["val_psnr"] for r in rows], marker=".")
     axes[1].set(ylabel="PSNR (dB)", title="Validation PSNR")
-    axes[2].plot(epochs, [r["val_bits"] for r in rows], marker=".", label=f"measured ({rows[-1]['val_rate_source']})")
-    axes[2].plot(epochs, [r["val_bits_estimate"] for r in rows], "--", label="the bottleneck's estimate")
+    measured = f"measured ({rows[-1]['val_rate_source']})"
+    if all(abs(r["val_bits_estimate"] - r["val_bits"]) <= 0.005 * abs(r["val_bits"]) for r in rows):
+        axes[2].plot(epochs, [r["val_bits"] for r in rows], marker=".", label=measured + " = the bottleneck's estimate")
+    else:
+        axes[2].plot(epochs, [r["val_bits"] for r in rows], marker=".", label=measured)
+        axes[2].plot(epochs, [r["val_bits_estimate"] for r in rows], "--", label="the bottleneck's estimate")
     axes[2].set(ylabel="bits per image", title="Rate")
     for ax in axes:
         ax.set_xlabel("epoch")

@@ -109,11 +109,23 @@ def test_curves_have_a_title_labelled_axes_and_whole_epochs(monkeypatch):
     plots.plot_curves("unused.png", rows, "fsq")
     fig = seen["fig"]
     assert fig._suptitle.get_text() == "fsq: training curves"
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title_box = fig._suptitle.get_window_extent(renderer)
     for ax in fig.axes:
         assert ax.get_title() and ax.get_ylabel() and ax.get_xlabel() == "epoch"
-        fig.canvas.draw()
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks)
+        assert not title_box.overlaps(ax.title.get_window_extent(renderer))  # the figure title clears each panel's
+    lo, hi = fig.axes[0].get_ylim()  # the log axis names values inside the data's range, not only powers of 10
+    assert len([t for t in fig.axes[0].get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi]) >= 2
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "train loss", "validation loss (MSE + rate term)", "validation MSE"]
+    for row in rows:
+        row["val_loss"] = row["val_mse"]  # FSQ: no rate term, the loss is the MSE
+    plots.plot_curves("unused.png", rows, "fsq")
+    labels = [t.get_text() for t in seen["fig"].axes[0].get_legend().get_texts()]
+    assert labels == ["train loss", "validation MSE (= its loss: no rate term)"] and len(seen["fig"].axes[0].lines) == 2
 
 
 def test_the_rd_plot_keeps_the_coded_range_and_draws_references_as_lines(monkeypatch):
@@ -169,3 +181,26 @@ def test_the_overlay_draws_one_line_per_run_named_after_its_file(run_train, tmp_
     bad.write_text("{oops\n")
     with pytest.raises(DataError, match="not a metrics file"):
         overlay.main([str(bad)])
+
+
+def test_the_epoch_grid_names_its_rows_and_gives_each_reconstruction_its_psnr(tmp_path, monkeypatch):
+    import torch
+    from PIL import ImageDraw
+
+    from discrete_ae import plots
+    from discrete_ae.metrics import psnr_per_image
+
+    originals = torch.rand(8, 3, 32, 32)
+    recons = (originals + 0.1).clamp(0, 1)
+    texts, real_text = [], ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *args, **kwargs):
+        texts.append(text)
+        return real_text(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    plots.save_grid(str(tmp_path / "g.png"), originals, recons, 4, "caption")
+    assert "original" in texts and "reconstruction" in texts and "caption" in texts
+    assert [t for t in texts if t.endswith(" dB")] == [f"{v:.1f} dB" for v in psnr_per_image(recons, originals).tolist()]
+    side = 4 * (4 * (32 + 2) + 2)  # 4 x 4 tiles of 32 px with 2 px padding, upscaled 4x
+    assert Image.open(tmp_path / "g.png").size == (side + plots.LABEL_PX, side + plots.CAPTION_PX)
