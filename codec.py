@@ -4,6 +4,7 @@ and AVIF at equal bytes.
     python codec.py compress CKPT photo.png photo.bin      # any size; every byte of photo.bin is the rate
     python codec.py decompress CKPT photo.bin photo_out.png
     python codec.py evaluate CKPT [CKPT ...] --photos=DIR [--output_dir=outputs/codec] [--results=]
+    python codec.py plot [--results=docs/results]         # codec.png again from codec.json
 
 A photo is coded as the 32x32 blocks the model was trained on (padded to whole blocks by repeating
 its edge), all of their integers in one range-coded stream under the checkpoint's prior (fitted,
@@ -21,6 +22,7 @@ is ~3 KB), plus each codec's curve over qualities for BD-rate against WebP. Writ
 OUTPUT_DIR/codec.json and codec.png (with --results=DIR, there instead).
 """
 import io
+import json
 import os
 import sys
 import time
@@ -218,25 +220,61 @@ def summary(photos, equal_bytes, curve_rows):
             "speed_median": speed, "threads": torch.get_num_threads(), "curve_rows": curve_rows}
 
 
+CODEC_NAMES = {"jpeg": "JPEG (optimised)", "webp": "WebP (method 6)", "avif": "AVIF (speed 4)"}
+PRIOR_NAMES = {"": "fitted histogram", "learned": "learned prior", "context": "context prior",
+               "context_posthoc": "context prior fitted after training"}
+PRIOR_STYLES = {"": ":", "learned": "--", "context": "-", "context_posthoc": "-."}
+
+
+def readable(name):
+    """A curve's name as a reader says it: "ddcl_context_posthoc, 50 epochs" -> "DDCL, context prior
+    fitted after training, 50 epochs"; and its line style (by prior)."""
+    if name in CODEC_NAMES:
+        return CODEC_NAMES[name], (0, (5, 2))
+    curve, _, epochs = name.partition(", ")
+    method, _, prior = curve.partition("_")
+    return f"{method.upper()}, {PRIOR_NAMES.get(prior, prior)}, {epochs}", PRIOR_STYLES.get(prior, "-")
+
+
 def plot(path, result):
-    from discrete_ae.plots import pyplot, save_figure
+    """codec.png: every curve of codec.json, named as a reader says it, one colour per bottleneck and
+    codec (plots.COLOURS), the axes fitted to the models' range."""
+    from discrete_ae.plots import colour, pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    for name, pts in sorted(result["curves"].items()):
-        if name.endswith(PER_BLOCK):
-            continue
-        style = "--" if name in CLASSICAL else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=name)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), constrained_layout=True)
+    curves = {n: pts for n, pts in sorted(result["curves"].items()) if not n.endswith(PER_BLOCK)}
+    ours = [r["bpp"] for r in result["equal_bytes"]]
+    left, right = min(ours) * 0.8, max(ours) * PLOT_MARGIN  # the models' range, not the codecs' 1-bpp tail
+    shown = []
+    for name, pts in curves.items():
+        label, style = readable(name)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, linestyle=style, marker="o" if "50 epochs" in name or name in CODEC_NAMES else "x",
+                markersize=3.5, color=colour(name), label=label)
+        inside = [y for x, y in zip(xs, ys) if left <= x <= right]
+        edges = [float(np.interp(e, xs, ys)) for e in (left, right) if xs[0] <= e <= xs[-1]]  # where a line leaves
+        shown += inside + edges
     ax.set(xlabel="bits per pixel of the whole file (mean over photos)", ylabel="PSNR (dB, mean over photos)",
            title=f"Whole photos, every byte counted ({len(result['photos'])} held-out photos)")
-    top = max(r["bpp"] for r in result["equal_bytes"]) * PLOT_MARGIN  # the models' range, not the codecs' 1-bpp tail
-    shown = [p[1] for pts in result["curves"].values() for p in pts if p[0] <= top]
-    ax.set_xlim(0, top)
-    ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
+    ax.set_xlim(left, right)
+    ax.set_ylim(min(shown) - 0.3, max(shown) + 0.3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(path, fig)
+    return fig
+
+
+def plot_main(argv):
+    _, opts = parse_paths_and_options(["-", *argv], dict(results="docs/results"), "usage: python codec.py plot [--results=DIR]")
+    path = os.path.join(opts["results"], "codec.json")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        raise DataError(f"no readable {path}: run python codec.py evaluate ... --results={opts['results']} first") from None
+    plot(os.path.join(opts["results"], "codec.png"), result)
+    print(f"wrote {opts['results']}/codec.png")
 
 
 def evaluate_main(argv):
@@ -259,6 +297,8 @@ def main(argv):
     commands = {"compress": compress_file, "decompress": decompress_file}
     if argv and argv[0] == "evaluate":
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "plot":
+        return plot_main(argv[1:])
     if len(argv) != 4 or argv[0] not in commands:
         raise ConfigError("usage: python codec.py compress|decompress CHECKPOINT SOURCE TARGET, or "
                           "python codec.py evaluate CHECKPOINT [...] --photos=DIR (see --help)")

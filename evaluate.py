@@ -179,17 +179,20 @@ def rate_metrics(model, batches, train_images, batch_size, entropy_coding, store
 CLI_DEFAULTS = dict(data_dir="", device="auto", output_dir="outputs", prior_images=0, save_prior=False)
 SAMPLE_FIXED = 4  # the samples sheet shows the first validation images...
 SAMPLE_HARDEST = 4  # ...and those with the largest MSE averaged over the runs
-TABLE = (("run", "{}"), ("quantizer", "{}"), ("settings", "{}"), ("bits_fixed", "{:.1f}"),
-         ("bits_entropy", "{:.1f}"), ("bits_coded", "{:.1f}"), ("bits_per_image_coded", "{:.1f}"),
-         ("bits_estimate", "{:.1f}"), ("bpp", "{:.4f}"),
-         ("psnr", "{:.2f}"), ("ssim", "{:.4f}"), ("codebook_usage", "{:.1f}"), ("perplexity", "{:.1f}"))
+TABLE = (("run", "run", "{}"), ("settings", "settings", "{}"),
+         ("bits_fixed", "fixed", "{:.1f}"), ("bits_entropy", "ideal", "{:.1f}"), ("bits_coded", "coded", "{:.1f}"),
+         ("bits_per_image_coded", "per-img", "{:.1f}"), ("bits_estimate", "est.", "{:.1f}"), ("bpp", "bpp", "{:.3f}"),
+         ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("codebook_usage", "use%", "{:.0f}"),
+         ("perplexity", "perpl.", "{:.0f}"))
+TABLE_KEY = ("bits per image: fixed = a fixed-length code, ideal = -log2 p under the prior, coded = one range-coded "
+             "stream, per-img = one string per image, est. = the bottleneck's own estimate; use% = codes used")
 
 
 def format_table(rows):
-    cells = [[name for name, _ in TABLE]] + [
-        ["-" if r.get(k) is None else fmt.format(r[k]) for k, fmt in TABLE] for r in rows]
+    cells = [[head for _, head, _ in TABLE]] + [
+        ["-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in TABLE] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join(" ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells) + "\n" + TABLE_KEY
 
 
 def compressai_results(rows, name="quantized-autoencoder"):

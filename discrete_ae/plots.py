@@ -186,21 +186,55 @@ def plot_rate_distortion(path, rows):
     save_figure(path, fig)
 
 
+COLOURS = {"fsq": "tab:blue", "ddcl": "tab:orange", "vq": "tab:green", "simvq": "tab:red", "lfq": "tab:purple",
+           "fsp": "tab:brown", "rfsq": "tab:pink", "none": "tab:gray", "vae": "tab:olive",
+           "jpeg": "tab:cyan", "webp": "black", "avif": "gold"}  # one colour per bottleneck and codec, every figure
+OUTLIER_DB = 2.0  # a curve entirely this far below the others gets its own panel, so it does not squeeze them
+
+
+def colour(name):
+    """The colour of a curve named after a bottleneck or codec ("ddcl", "ddcl_context, 50 epochs")."""
+    base = name.split("_")[0].split(",")[0].split(" ")[0].lower()
+    return COLOURS.get(base)
+
+
 def plot_comparison(path, methods, references, title):
     """Each method's mean points with 95% intervals over seeds on both axes.
-    methods: {name: [(bits, (lo, hi) or None, psnr, (lo, hi) or None)]}; references: [(label, psnr)]."""
+    methods: {name: [(bits, (lo, hi) or None, psnr, (lo, hi) or None)]}; references: [(label, psnr)].
+    References are lines labelled in the right margin; curves far below the rest get a panel of
+    their own under the main one, on the same bits axis."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, pts in methods.items():
-        bits, psnr = [p[0] for p in pts], [p[2] for p in pts]
-        xerr = [[b - (p[1][0] if p[1] else b) for b, p in zip(bits, pts)], [(p[1][1] if p[1] else b) - b for b, p in zip(bits, pts)]]
-        yerr = [[y - (p[3][0] if p[3] else y) for y, p in zip(psnr, pts)], [(p[3][1] if p[3] else y) - y for y, p in zip(psnr, pts)]]
-        ax.errorbar(bits, psnr, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, label=name)
-    _references(ax, references)
-    ax.set(xlabel="range-coded bits per image (mean over seeds; bars: 95% interval)", ylabel="PSNR (dB)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    tops = {name: max(p[2] for p in pts) for name, pts in methods.items()}
+    lows = {name: min(p[2] for p in pts) for name, pts in methods.items()}
+    floor = min((lows[n] for n in methods if tops[n] >= max(tops.values()) - 3 * OUTLIER_DB), default=0)
+    apart = [n for n in methods if tops[n] < floor - OUTLIER_DB]
+    main = [n for n in methods if n not in apart]
+    rows = 2 if apart else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(8.5, 5.5 if apart else 4.8), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [4, 1][:rows]}, constrained_layout=True)
+    for ax, names in zip(axes[:, 0], (main, apart)):
+        for name in names:
+            pts = methods[name]
+            bits, psnr = [p[0] for p in pts], [p[2] for p in pts]
+            xerr = [[b - (p[1][0] if p[1] else b) for b, p in zip(bits, pts)], [(p[1][1] if p[1] else b) - b for b, p in zip(bits, pts)]]
+            yerr = [[y - (p[3][0] if p[3] else y) for y, p in zip(psnr, pts)], [(p[3][1] if p[3] else y) - y for y, p in zip(psnr, pts)]]
+            ax.errorbar(bits, psnr, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, label=name,
+                        color=colour(name))
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("PSNR (dB)")
+        ax.legend(fontsize=8, ncol=2, loc="lower right")
+    top = axes[0, 0]
+    if references:
+        low, high = top.get_ylim()
+        top.set_ylim(low, max(high, max(p for _, p in references) + 0.15))
+        for label, psnr in references:
+            top.axhline(psnr, color=colour(label) or "grey", linestyle="--", linewidth=1)
+            top.annotate(label, (1.01, psnr), xycoords=("axes fraction", "data"), fontsize=7, va="center",
+                         color=colour(label) or "dimgrey", annotation_clip=False)
+    top.set_title(title)
+    axes[-1, 0].set_xlabel("range-coded bits per image (mean over seeds; bars: 95% interval)")
     save_figure(path, fig)
+    return fig
 
 
 def plot_samples(path, originals, columns, row_labels):

@@ -392,10 +392,22 @@ def write_readme(path, summary):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def report(data, where, opts, plan, prior, results):
-    """Evaluate one data set's runs under one prior and write RESULTS/{set}/{prior}/."""
+def draw_comparison(path, summary):
+    """rate_distortion.png of one set and prior, from its comparison.json's summary."""
     from discrete_ae.plots import plot_comparison
 
+    methods = {m: [(p["bits"]["mean"], p["bits"]["interval"], p["psnr"]["mean"], p["psnr"]["interval"]) for p in e["points"]]
+               for m, e in summary["best"].items() if m not in REFERENCES}
+    refs = [(f"{m}: {e['points'][0]['psnr']['mean']:.2f} dB ({e['points'][0]['rate_source']}, no code length)",
+             e["points"][0]["psnr"]["mean"]) for m, e in summary["best"].items() if m in REFERENCES]
+    name = summary.get("set") or os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    prior = summary.get("prior", "fitted")
+    plot_comparison(path, methods, refs, f"{name}: held-out PSNR at measured bits, {PRIOR_WORDS[prior]},\n"
+                                         f"{summary['epochs']} epochs, {len(summary['seeds'])} seeds")
+
+
+def report(data, where, opts, plan, prior, results):
+    """Evaluate one data set's runs under one prior and write RESULTS/{set}/{prior}/."""
     evals = evaluate_all(data, where, opts, plan)
     if not evals:
         print(f"{data['name']} / {prior}: no finished run yet")
@@ -413,13 +425,7 @@ def report(data, where, opts, plan, prior, results):
     save_json(os.path.join(out, "comparison.json"), summary)
     for method, entry in summary["best"].items():
         save_json(os.path.join(out, f"{method}.json"), compressai_file(method, entry, summary))
-    methods = {m: [(p["bits"]["mean"], p["bits"]["interval"], p["psnr"]["mean"], p["psnr"]["interval"]) for p in e["points"]]
-               for m, e in summary["best"].items() if m not in REFERENCES}
-    refs = [(f"{m}: {e['points'][0]['psnr']['mean']:.2f} dB ({e['points'][0]['rate_source']}, no code length)",
-             e["points"][0]["psnr"]["mean"]) for m, e in summary["best"].items() if m in REFERENCES]
-    plot_comparison(os.path.join(out, "rate_distortion.png"), methods, refs,
-                    f"{data['name']}: held-out PSNR at measured bits, {PRIOR_WORDS[prior]}, {opts['epochs']} epochs, "
-                    f"{len(seeds)} seeds")
+    draw_comparison(os.path.join(out, "rate_distortion.png"), summary)
     atomic_write(os.path.join(out, "comparison.md"), lambda f: f.write(details_markdown(summary).encode()))
     print(f"# {data['name']}, {prior} prior\n" + results_table(summary))
     print(f"{summary['runs']} runs, {total:.0f} CPU-minutes of training; wrote {out}/")

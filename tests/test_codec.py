@@ -154,3 +154,22 @@ def test_compress_says_the_size_the_bits_per_pixel_and_the_psnr_it_decodes_to(ch
     size = os.path.getsize(tmp_path / "p.bin")
     assert re.fullmatch(rf"wrote \S+p\.bin \({size} bytes, {8 * size / 1200:.3f} bpp; decodes to \d+\.\d\d dB PSNR\)",
                         result.stdout.strip())
+
+
+def test_the_codec_figure_names_curves_as_a_reader_says_them_in_fixed_colours(monkeypatch):
+    from discrete_ae import plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "save_figure", lambda path, fig: seen.update(fig=fig))
+    result = {"photos": ["a.png"], "equal_bytes": [{"bpp": 0.12}, {"bpp": 0.2}],
+              "curves": {"ddcl_context_posthoc, 50 epochs": [[0.1, 23.5], [0.2, 24.5]], "webp": [[0.15, 25.0], [0.6, 30.0]],
+                         "fsq, 10 epochs": [[0.12, 23.1], [0.18, 24.0]], "fsq, 10 epochs (a string per block)": [[0.2, 23.0]]}}
+    codec.plot("unused.png", result)
+    ax = seen["fig"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["DDCL, context prior fitted after training, 50 epochs", "FSQ, fitted histogram, 10 epochs",
+                      "WebP (method 6)"]
+    assert [line.get_color() for line in ax.get_lines()] == [plots.COLOURS["ddcl"], plots.COLOURS["fsq"], plots.COLOURS["webp"]]
+    low, high = ax.get_xlim()
+    assert low > 0 and high == pytest.approx(0.2 * codec.PLOT_MARGIN)  # the models' range, not from 0
+    assert ax.get_ylim()[1] >= float(np.interp(high, [0.15, 0.6], [25.0, 30.0]))  # WebP leaves by the right edge, not the top

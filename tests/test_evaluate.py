@@ -50,7 +50,7 @@ def test_cli_compares_two_quantizers(run_train, tmp_path):
     result = run_script("evaluate.py", str(ck / "fsq_vae_best.pt"), str(ck / "ddcl_vae_best.pt"), f"--output_dir={out}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:4] == ["run", "quantizer", "settings", "bits_fixed"]
+    assert lines[0].split()[:4] == ["run", "settings", "fixed", "ideal"]
     assert lines[1].startswith("fsq ") and lines[2].startswith("ddcl ")
     results = json.load(open(out / "rate_distortion.json"))
     assert {"name", "description", "results"} <= set(results)
@@ -137,3 +137,14 @@ def test_learned_and_fitted_runs_of_one_bottleneck_are_separate_curves():
     assert sorted(files) == ["ddcl", "ddcl_learned"]
     assert files["ddcl_learned"]["results"]["checkpoint"] == ["c.pt", "b.pt"]  # ordered by rate
     assert files["ddcl_learned"]["results"]["entropy_model"] == ["learned", "learned"]
+
+
+def test_the_printed_table_fits_a_terminal_and_says_what_its_columns_are():
+    from evaluate import TABLE_KEY, format_table
+
+    row = {"run": "fsq_7-5-5-5-5_s1339", "quantizer": "fsq", "settings": "levels=[7, 5, 5, 5, 5] | learned prior rw=0.01",
+           "bits_fixed": 193.6, "bits_entropy": 150.2, "bits_coded": 150.4, "bits_per_image_coded": 176.9,
+           "bits_estimate": 150.2, "bpp": 0.1469, "psnr": 24.81, "ssim": 0.6012, "codebook_usage": 71.3, "perplexity": 812.4}
+    lines = format_table([row, {**row, "codebook_usage": None}]).splitlines()
+    assert max(len(line) for line in lines[:-1]) <= 130 and lines[-1] == TABLE_KEY
+    assert lines[0].split()[:4] == ["run", "settings", "fixed", "ideal"] and "24.81" in lines[1] and " - " in lines[2] + " "

@@ -204,3 +204,21 @@ def test_the_epoch_grid_names_its_rows_and_gives_each_reconstruction_its_psnr(tm
     assert [t for t in texts if t.endswith(" dB")] == [f"{v:.1f} dB" for v in psnr_per_image(recons, originals).tolist()]
     side = 4 * (4 * (32 + 2) + 2)  # 4 x 4 tiles of 32 px with 2 px padding, upscaled 4x
     assert Image.open(tmp_path / "g.png").size == (side + plots.LABEL_PX, side + plots.CAPTION_PX)
+
+
+def test_the_comparison_figure_keeps_far_curves_apart_and_labels_references_in_the_margin(monkeypatch):
+    from discrete_ae import plots
+
+    seen = captured_figure(monkeypatch)
+    methods = {"fsq": [(120, None, 23.7, None), (170, None, 24.8, None)],
+               "ddcl": [(130, [125, 135], 23.8, [23.7, 23.9]), (220, None, 25.5, None)],
+               "lfq": [(75, None, 18.2, None), (88, None, 18.5, None)]}
+    plots.plot_comparison("unused.png", methods, [("none: 25.91 dB", 25.91)], "title")
+    fig = seen["fig"]
+    main, apart = fig.axes
+    assert [t.get_text() for t in main.get_legend().get_texts()] == ["fsq", "ddcl"]
+    assert [t.get_text() for t in apart.get_legend().get_texts()] == ["lfq"]
+    assert main.get_ylim()[0] > 22 and main.get_ylim()[1] > 25.91  # lfq does not stretch it; the reference fits
+    label = [t for t in main.texts if t.get_text().startswith("none")][0]
+    assert label.xy[0] > 1.0  # in the right margin: no curve crosses it, no frame cuts it
+    assert plots.colour("ddcl") == plots.colour("ddcl_context, 50 epochs") == plots.COLOURS["ddcl"]
