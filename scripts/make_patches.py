@@ -10,12 +10,12 @@ CIFAR-10 cannot be downloaded on the machine the README was measured on, so its 
 from different photos (held-out photos, not held-out crops). Random crops are cut from each photo
 at a few scales (bicubic downscaling, numpy seed 0), so a folder is the same on every machine:
 
-set "skimage" (the README's default data; 9 photos: scikit-image 0.26.0's wheel and matplotlib):
+set "skimage" (the default of this script; 9 photos: scikit-image 0.26.0's wheel and matplotlib):
     OUT/train/  20,000 crops of astronaut, hubble_deep_field, ihc, motorcycle_left, retina, rocket
                 and matplotlib's grace_hopper, each downscaled 2x and 3x
     OUT/test/    2,000 crops of chelsea and coffee
 
-set "wallpapers" (35 photographs from Debian 12's wallpaper packages, checked by SHA-256):
+set "wallpapers" (the README's first set; 35 photographs from Debian 12's wallpaper packages, checked by SHA-256):
     OUT/train/  20,000 crops of 29 photos (landscapes, plants, animals, objects, interiors)
     OUT/test/    2,000 crops of 6 other photos
     each photo is scaled to a short side of 96, 160 and 256 pixels, so a 32x32 crop holds a third
