@@ -9,6 +9,9 @@ For each checkpoint of a bottleneck that sends integers, one line:
   - the mean per-image string length and its overhead over the one stream (header and padding);
   - whether model.decompress(model.compress(x)) equals model.decode(model.encode(x)) bit for bit on
     the first --images validation images;
+  - with --histograms=True, for FSQ: the ideal bits per held-out image under a histogram fitted on
+    the training split joint over the whole code (what the fitted prior does) and under one
+    histogram per channel over its levels (what DDCL's fitted prior does), and their difference;
   - with --fuzz=N, N damaged strings (a random byte replaced, a bit flipped, or bytes cut off the
     end, one damage each, numpy seed 0): how many raise BitstreamError, decode to the image itself
     (a byte the decoder does not need), or decode to another image (the 16-bit checksum lets about
@@ -28,7 +31,7 @@ from discrete_ae.overrides import parse_paths_and_options
 from evaluate import EVAL_BATCH_SIZE, evaluate
 from utils import load_checkpoint
 
-DEFAULTS = dict(data_dir="", images=1000, seed=0, fuzz=0)
+DEFAULTS = dict(data_dir="", images=1000, seed=0, fuzz=0, histograms=False)
 
 
 @torch.no_grad()
@@ -68,10 +71,38 @@ def check(path, opts):
     same = torch.equal(back, model.decode(model.encode(x, seed=opts["seed"]), seed=opts["seed"]))
     line += (f" | decompress(compress(x)) == decode(encode(x)) on {len(x)} images: {same}"
              f" (compress {t1 - t0:.2f} s, decompress {t2 - t1:.2f} s)")
+    if opts["histograms"] and hasattr(q, "fsq"):
+        joint, per_channel = fsq_histogram_bits(model, train_u8, val_u8)
+        line += (f" | fitted histogram joint {joint:.1f}, per channel {per_channel:.1f} bits/img "
+                 f"({100 * (per_channel / joint - 1):+.1f}%)")
     if opts["fuzz"]:
         caught, same_image, wrong = fuzz(model, strings, opts["seed"], opts["fuzz"])
         line += f" | {opts['fuzz']} damaged strings: {caught} refused, {same_image} decoded to their own image, {wrong} to another"
     return line
+
+
+def fsq_histogram_bits(model, train_u8, val_u8):
+    """FSQ's held-out ideal bits per image under a histogram fitted on the training split: (joint over
+    the whole code, one per channel over its levels)."""
+    from discrete_ae import coding
+    from discrete_ae.priors import fit_prior
+    from evaluate import model_outputs
+
+    q = model.quantizer
+    model.eval()
+
+    def codes(images):  # (N, P) codes, as FSQ sends them
+        return torch.cat([out.indices.cpu().reshape(len(out.indices), -1) for _, out in model_outputs(model, images)])
+
+    def levels(c):  # (N, C, P) each channel's level
+        return q.fsq.indices_to_level_indices(c).long().transpose(1, 2)
+
+    train, val = codes(train_u8), codes(val_u8)
+    joint = fit_prior(train[:, None], q.codebook_size)
+    bits_joint = coding.ideal_bits(val[:, None].numpy(), [p.table(val.shape[1]) for p in joint]).mean()
+    per = [fit_prior(levels(train)[:, c:c + 1], size)[0] for c, size in enumerate(q.levels)]
+    bits_per = coding.ideal_bits(levels(val).numpy(), [p.table(val.shape[1]) for p in per]).mean()
+    return float(bits_joint), float(bits_per)
 
 
 def fuzz(model, strings, seed, count):

@@ -4,6 +4,7 @@ decode alone and in any order, and one clear error for bad strings and bad image
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,21 @@ def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_trai
     assert "stream and strings decode back: True" in out
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         check_rates.main([str(tmp_path / "missing.pt")])
+
+
+def test_check_rates_measures_fsqs_fitted_histogram_joint_and_per_channel(run_train, tmp_path):
+    """The joint number is the fitted prior evaluation uses; per channel, each channel's levels alone."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import check_rates
+
+    from discrete_ae.data import load_dataset
+
+    config, metrics = run_train(quantizer="fsq", fsq_levels=[5, 4, 4])
+    model, _ = load_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_best.pt"))
+    train_u8, val_u8 = load_dataset(config["dataset"], config["data_dir"])
+    joint, per_channel = check_rates.fsq_histogram_bits(model, train_u8, val_u8)
+    assert joint == pytest.approx(evaluate(model, val_u8, train_u8)["bits_entropy"], rel=1e-9)
+    assert 0 < per_channel < 2 * 16 * sum(np.log2([5, 4, 4]))  # finite, near or under a fixed-length code
 
 
 def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, tmp_path, capsys):
