@@ -45,7 +45,7 @@ from discrete_ae.codec_file import (
     to_tensor,
 )
 from discrete_ae.errors import ConfigError, DataError, cli
-from discrete_ae.files import atomic_write, save_json
+from discrete_ae.files import atomic_write, check_distinct, save_json
 from discrete_ae.metrics import psnr_per_image, ssim_per_image
 from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.runs import curve_name
@@ -69,6 +69,7 @@ def _model(path, device="cpu"):
 
 def compress_file(checkpoint, source, target):
     """Write the file -> (bytes, bits per pixel, the PSNR it decodes to, checked by decoding it)."""
+    check_distinct(target, source, checkpoint)
     model, rgb = _model(checkpoint), read_photo(source)
     blob = encode_photo(model, rgb)
     atomic_write(target, lambda f: f.write(blob))
@@ -79,6 +80,7 @@ def compress_file(checkpoint, source, target):
 def decompress_file(checkpoint, source, target):
     from PIL import Image
 
+    check_distinct(target, source, checkpoint)
     try:
         blob = Path(source).read_bytes()
     except OSError as err:

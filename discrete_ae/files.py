@@ -3,6 +3,7 @@ import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -34,17 +35,48 @@ def _write_failure(path, err):
                      "the previous file, if any, is intact")
 
 
+def writable_target(path):
+    """(the regular file to replace, its mode or None) for `path`: a symbolic link is written through
+    to its target; anything but a regular file (a device, a FIFO, a folder) is refused with one line,
+    never replaced."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path, None
+    except OSError as err:
+        raise _write_failure(path, err) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_ISDIR: "a folder", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+        what = next((v for test, v in kind.items() if test(st.st_mode)), "not a regular file")
+        raise UserError(f"{path} is {what}, not a file: write to a file path instead (it was left as it is)")
+    return path, stat.S_IMODE(st.st_mode)
+
+
+def check_distinct(target, *inputs):
+    """Refuse an output that is one of the inputs (it would be lost before it is read)."""
+    if os.path.exists(target):
+        for source in inputs:
+            if os.path.exists(source) and os.path.samefile(target, source):
+                raise UserError(f"the output {target} is the input {source}: writing it would destroy the input; "
+                                "choose another output path")
+
+
 def atomic_write(path, write):
     """Write through `write(fileobj)` into a temporary file beside `path`, fsync, then os.replace.
 
     A crash or kill at any moment leaves either the old file or the new one, never a mix; the
     temporary file is named `.{name}.{random}.tmp` (discrete_ae/runs.py removes those a kill left behind).
-    Any OSError, creating the temporary file included, is one UserError line."""
-    path = Path(path)
+    Only regular files are replaced (writable_target); an existing file keeps its mode. Any
+    OSError, creating the temporary file included, is one UserError line."""
+    path, mode = writable_target(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())  # mkstemp makes 0600 files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
