@@ -16,7 +16,7 @@ from discrete_ae.overrides import coerce, parse_overrides, split_arguments
 from discrete_ae.runs import RunFiles, check_run_name
 from models import build_model, model_args_from_config
 from quantizers import implied_latent_dim
-from utils import read_checkpoint
+from utils import TRAINING_STATE, check_structure, read_checkpoint
 
 AMP_CHOICES = ("auto", "bf16", "off")
 OPTIMIZERS = ("muon", "adam")
@@ -87,6 +87,7 @@ def resolve_config(argv, defaults):
         return validate_config(config, given), None
     path = resume_path(config, given)
     state = read_checkpoint(path)
+    check_structure(path, state, TRAINING_STATE)  # what a resume needs beyond what evaluation does
     saved = state["config"]
     if "context_prior_fitted_to" in saved:
         raise CheckpointError(f"{path} holds a context prior fitted after training (scripts/fit_context_prior.py): it "

@@ -3,6 +3,7 @@ discrete_ae/library_quantizers.py, all behind the interface of discrete_ae/bottl
 place that maps a name to a module.
 """
 import math
+import operator
 
 import torch
 
@@ -153,6 +154,8 @@ class DDCL_Bottleneck(Bottleneck):
             m = torch.round(z_hat.detach() / self.delta)  # what the dithered quantizer would send
         else:
             u = self.dither(z.shape[1:], seed, z.device)  # (C, H, W) shared, or (B, C, H, W) per image
+            if u.dim() == z.dim() and len(u) != len(z):
+                raise ConfigError(f"{len(u)} seeds for {len(z)} images: pass one integer, or one seed per image")
             m = torch.round((z + u) / self.delta)
             z_hat = m * self.delta - u
         if self.prior is not None:  # bits of z_hat's delta-wide bin; the exact code length at evaluation
@@ -187,13 +190,20 @@ class DDCL_Bottleneck(Bottleneck):
         return indices[0].numel() * (math.ceil(math.log2(distinct)) if distinct > 1 else 0)
 
 
+SEED_RANGE = (-2**63, 2**63)  # seeds are sent as signed 64-bit integers (models.QuantizedVAE.stream_keys)
+
+
 def image_seeds(seed):
-    """(list of int seeds, whether there is one per image) from an int or a sequence/tensor of ints."""
-    if isinstance(seed, torch.Tensor) and seed.dim() == 0:
-        seed = int(seed)
-    if isinstance(seed, (list, tuple, torch.Tensor)):
-        return [int(s) for s in seed], True
-    return [int(seed)], False
+    """(list of int seeds, whether there is one per image) from an int or a sequence/tensor of ints;
+    one ConfigError line for anything else or a seed outside signed 64 bits."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist() if not seed.is_floating_point() else [None]
+    per_image = isinstance(seed, (list, tuple))
+    values = list(seed) if per_image else [seed]
+    seeds = [operator.index(s) for s in values if not isinstance(s, bool) and hasattr(s, "__index__")]
+    if len(seeds) != len(values) or any(not SEED_RANGE[0] <= s < SEED_RANGE[1] for s in seeds):
+        raise ConfigError(f"seed={str(seed)[:60]}: pass one integer in [-2**63, 2**63), or one such integer per image")
+    return seeds, per_image
 
 
 def validate_ddcl(delta, comm_weight):

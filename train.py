@@ -34,7 +34,7 @@ from discrete_ae.data import (
     to_float_images,
 )
 from discrete_ae.device import get_rng_state, seed_everything, set_rng_state, use_bf16
-from discrete_ae.errors import Stop, UserError, cli
+from discrete_ae.errors import CheckpointError, Stop, UserError, cli
 from discrete_ae.files import read_jsonl, save_json, save_jsonl
 from discrete_ae.metrics import psnr_per_image
 from discrete_ae.optim import build_optimizer, build_scheduler, restore
@@ -270,8 +270,12 @@ def build_training(config, n_train, rank, world, dev):
 def resume_training(t, state, config, run, rank, world):
     """Load a checkpoint's state into `t` -> (epochs done, best objective, metrics rows, run id)."""
     master = rank == 0
-    t.model.load_state_dict(state["model"])
-    restore(t.optimizer, t.scheduler, state, config)
+    try:
+        t.model.load_state_dict(state["model"])
+        restore(t.optimizer, t.scheduler, state, config)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{config['resume']}: its weights or optimizer state do not match its model_args "
+                              f"({str(err).strip().splitlines()[0][:160]})") from None
     start, best = state["epoch"], state["best_val_objective"]
     t.data_gen.set_state(state["data_rng"])
     if len(state["rng"]) == world:

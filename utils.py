@@ -57,7 +57,39 @@ def read_checkpoint(path, map_location="cpu"):
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
+    check_structure(path, state, STRUCTURE)
     return state
+
+
+def _is_epoch(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_config(v):
+    return isinstance(v, dict) and isinstance(v.get("dataset"), str) and isinstance(v.get("quantizer"), str)
+
+
+# what each key of a checkpoint must hold (weights are checked against the model when loaded)
+STRUCTURE = {"model": (lambda v: isinstance(v, dict), "a state dict"),
+             "model_args": (lambda v: isinstance(v, dict), "a dict of model arguments"),
+             "config": (_is_config, "a config dict with its dataset and quantizer"),
+             "epoch": (_is_epoch, "a whole number >= 0"),
+             "run_id": (lambda v: v is None or isinstance(v, str), "a run id string")}
+TRAINING_STATE = {"optimizer": (lambda v: isinstance(v, dict), "the optimizer's state dict"),
+                  "scheduler": (lambda v: isinstance(v, dict), "the scheduler's state dict"),
+                  "rng": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of RNG states"),
+                  "data_rng": (lambda v: isinstance(v, torch.Tensor), "the data order's generator state"),
+                  "best_val_objective": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                         "a number")}
+
+
+def check_structure(path, state, structure):
+    """One line naming the first key of `structure` that is missing or holds the wrong kind of value."""
+    for key, (valid, what) in structure.items():
+        if key not in state:
+            raise CheckpointError(f"{path} lacks {key!r} ({what}): it is not a whole checkpoint of this repo")
+        if not valid(state[key]):
+            raise CheckpointError(f"{path}: {key!r} must be {what}; got {type(state[key]).__name__} {str(state[key])[:40]!r}")
 
 
 def load_checkpoint(path, device="cpu"):

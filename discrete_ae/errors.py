@@ -45,8 +45,14 @@ class Stop(UserError):
 
 
 def _is_quiet_rank():
-    """Under torchrun only rank 0 speaks, so one error is printed once, not once per process."""
-    return int(os.environ.get("RANK", "0")) != 0
+    """Under torchrun only rank 0 speaks, so one error is printed once, not once per process. Only
+    under torchrun (it sets TORCHELASTIC_RUN_ID): a RANK left in a shell's environment silences nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    try:
+        return int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
 
 
 def _report_to_torchrun(message):

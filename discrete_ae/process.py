@@ -6,15 +6,22 @@ import torch
 import torch.distributed as dist
 
 from discrete_ae.device import pick_device
-from discrete_ae.errors import Stop
+from discrete_ae.errors import ConfigError, Stop
 
 # ----------------------------------------------------------------------------- distributed
 
 def setup_distributed(device_name):
     """(rank, world_size, device). DDP is on when torchrun sets RANK (as in nanoGPT)."""
-    if int(os.environ.get("RANK", -1)) < 0:
-        return 0, 1, pick_device(device_name)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    try:
+        rank = int(os.environ.get("RANK", -1))
+        if rank < 0:
+            return 0, 1, pick_device(device_name)
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        raise ConfigError("RANK is set but WORLD_SIZE is missing or not a number: start several processes with "
+                          "torchrun --standalone --nproc_per_node=N train.py, or unset RANK for one process") from None
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: start the processes with torchrun, or unset RANK")
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local)

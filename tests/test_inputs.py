@@ -13,7 +13,8 @@ from PIL import Image
 import utils
 from conftest import run_script, tiny_args, write_images
 from discrete_ae import data
-from discrete_ae.errors import CheckpointError, UserError
+from discrete_ae.errors import CheckpointError, ConfigError, UserError
+from utils import load_checkpoint
 
 
 def test_sixteen_bit_greyscale_pngs_are_scaled_not_saturated(tmp_path):
@@ -123,3 +124,26 @@ def test_output_to_a_file_has_plain_progress_lines(tmp_path, image_folder):
     assert "\r" not in result.stdout + result.stderr  # no progress-bar redraws in a log
     steps = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 step ")]
     assert steps and all("| loss " in line and "| lr " in line for line in steps)
+
+
+@pytest.mark.parametrize("seed", [2**70, 1.5, True, [1, "a"]])
+def test_a_seed_that_cannot_be_sent_is_one_line(run_train, tmp_path, seed):
+    run_train(quantizer="fsq")
+    model, _ = load_checkpoint(str(tmp_path / "checkpoints" / "fsq_vae_best.pt"))
+    with pytest.raises(ConfigError, match=r"pass one integer in \[-2\*\*63, 2\*\*63\)"):
+        model.compress(torch.rand(2, 3, 32, 32), seed=seed)
+
+
+def test_ddcl_given_more_seeds_than_images_says_so(run_train, tmp_path):
+    run_train(quantizer="ddcl")
+    model, _ = load_checkpoint(str(tmp_path / "checkpoints" / "ddcl_vae_best.pt"))
+    with pytest.raises(ConfigError, match="3 seeds for 2 images"):
+        model.compress(torch.rand(2, 3, 32, 32), seed=[1, 2, 3])
+
+
+def test_a_rank_outside_torchrun_neither_silences_errors_nor_crashes(tmp_path, image_folder):
+    bad = run_script("codec.py", "decompress", str(tmp_path / "none.pt"), "x.bin", "y.png", env={"RANK": "1"})
+    assert bad.returncode == 2 and "cannot read x.bin" in bad.stderr  # spoken, though RANK says 1
+    alone = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq"), env={"RANK": "0"})
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "WORLD_SIZE is missing" in alone.stderr.strip().splitlines()[-1]

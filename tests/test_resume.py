@@ -11,7 +11,7 @@ import torch
 
 import train
 import utils
-from conftest import REPO, resolve, same_state, tiny_args
+from conftest import REPO, resolve, run_script, same_state, tiny_args
 from discrete_ae import data, files, optim
 from discrete_ae.errors import CheckpointError, ConfigError, Stop, UserError
 from utils import read_checkpoint
@@ -295,3 +295,25 @@ def test_unwritable_output_folder_is_one_clear_line(tmp_path, image_folder):
     config = resolve(tiny_args(tmp_path, image_folder, output_dir=str(tmp_path / "a_file" / "out")))
     with pytest.raises(UserError, match=r"output_dir='.*a_file/out' is not a writable folder .*--output_dir=PATH"):
         train.train(config)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("optimizer"), "lacks 'optimizer'"),
+    (lambda s: s.pop("rng"), "lacks 'rng'"),
+    (lambda s: s.pop("best_val_objective"), "lacks 'best_val_objective'"),
+    (lambda s: s.update(epoch=-3), "'epoch' must be a whole number >= 0"),
+    (lambda s: s.update(epoch="one"), "'epoch' must be a whole number >= 0"),
+    (lambda s: s.update(config=[1, 2]), "'config' must be a config dict"),
+    (lambda s: s["config"].pop("dataset"), "'config' must be a config dict"),
+    (lambda s: s["model"].pop(next(iter(s["model"]))), "weights or optimizer state do not match"),
+])
+def test_a_damaged_checkpoint_is_refused_with_one_line_naming_what_is_wrong(tmp_path, image_folder, damage, message):
+    train.train(resolve(tiny_args(tmp_path, image_folder, quantizer="fsq")))
+    path = tmp_path / "checkpoints" / "fsq_vae_last.pt"
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    result = run_script(os.path.join(REPO, "train.py"), f"--resume={path}", "--epochs=2", f"--data_dir={image_folder}",
+                        f"--output_dir={tmp_path / 'outputs'}", f"--checkpoint_dir={tmp_path / 'checkpoints'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
