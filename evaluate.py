@@ -14,7 +14,7 @@ the range both cover, or why there is none. Writes OUTPUT_DIR/rate_distortion.js
 results layout), one rate_distortion_CURVE.json per curve, rate_distortion.png and
 rate_distortion_samples.png.
 
-Options: --data_dir overrides the data folder stored in the checkpoints; --prior_images limits the
+Options: --data_dir is the data folder (default data/, as train.py; a checkpoint never chooses it); --prior_images limits the
 training images that fit the rate prior (0 = all); --save_prior=True stores the fitted prior in
 each checkpoint (atomically, holding its run's lock), so `model.compress` works on it alone.
 
@@ -28,7 +28,7 @@ import torch
 
 from discrete_ae import coding
 from discrete_ae.bjontegaard import bd_pair
-from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.data import DEFAULT_DATA_DIR, head, load_dataset, to_float_images
 from discrete_ae.device import pick_device, unwrap
 from discrete_ae.errors import ConfigError, cli
 from discrete_ae.files import save_json
@@ -37,7 +37,7 @@ from discrete_ae.metrics import codebook_stats, psnr_per_image, ssim_per_image
 from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.plots import plot_rate_distortion, plot_samples
 from discrete_ae.priors import fit_prior
-from discrete_ae.runs import RunLock, curve_name, run_label
+from discrete_ae.runs import RunLock, check_run_name, curve_name, run_label
 from utils import load_checkpoint, read_checkpoint, save_checkpoint
 
 EVAL_BATCH_SIZE = 500
@@ -277,7 +277,7 @@ def sample_picks(errors):
 def evaluate_checkpoint(path, opts, device, datasets):
     """(table row, (model, dataset key)) of one checkpoint on its validation split."""
     model, config = load_checkpoint(path, device)
-    key = (config["dataset"], opts["data_dir"] or config["data_dir"])
+    key = (config["dataset"], opts["data_dir"] or DEFAULT_DATA_DIR)  # a file never chooses where data is read or written
     if key not in datasets:
         datasets[key] = load_dataset(*key)
     train, val = datasets[key]
@@ -285,7 +285,8 @@ def evaluate_checkpoint(path, opts, device, datasets):
     if metrics.get("roundtrip_exact") is False:
         raise RuntimeError(f"{path}: entropy-coded indices did not decode back exactly")
     if opts["save_prior"] and model.quantizer.fitted_prior is not None:
-        lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{run_label(config)}.lock")
+        name = check_run_name(run_label(config), f"the run name stored in {path}")  # a plain name: no ../
+        lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{name}.lock")
         with RunLock(lock, f"{path}'s run"):  # never beside a run that is rewriting it
             save_checkpoint(path, {**read_checkpoint(path), "model": model.state_dict()})
         print(f"stored the fitted prior in {path}", file=sys.stderr)

@@ -11,6 +11,7 @@ gets back is a float tensor in [0, 1] of shape (B, 3, 32, 32). Internally the en
 C is `latent_dim` (set by the levels for FSQ, FSP and residual FSQ, by log2(codebook_size) for
 LFQ; the encoder emits 2C for the Gaussian VAE). codec.py codes whole photos as 32x32 blocks.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -204,12 +205,33 @@ def model_args_from_config(config):
     return {key: config[key] for key in MODEL_ARG_KEYS}
 
 
+# the largest value a config or a checkpoint may ask for: far above anything this repo trains, far
+# below what exhausts memory while the model is built (docs/reliability.md)
+BOUNDS = {"channels": 1024, "latent_dim": 256, "res_blocks": 32, "num_quantizers": 16, "codebook_size": 2**20}
+MAX_CODES = 2**24  # prod(fsq_levels)
+
+
+def check_bounds(args):
+    for key, most in BOUNDS.items():
+        values = args[key] if isinstance(args[key], (list, tuple)) else [args[key]]
+        if any(isinstance(v, int) and v > most for v in values):
+            raise ConfigError(f"{key}={args[key]!r} is above this repo's limit of {most}: a smaller value, please")
+    levels = args["fsq_levels"]
+    if isinstance(levels, (list, tuple)) and all(isinstance(v, int) and v > 0 for v in levels) and len(levels) <= 64:
+        if math.prod(levels) > MAX_CODES:
+            raise ConfigError(f"fsq_levels={list(levels)} make {math.prod(levels):,} codes, above this repo's limit of "
+                              f"{MAX_CODES:,}: fewer or smaller levels, please")
+    elif isinstance(levels, (list, tuple)) and len(levels) > 64:
+        raise ConfigError(f"fsq_levels has {len(levels)} levels, above this repo's limit of 64")
+
+
 def build_model(model_args):
     """Rebuild the model from `model_args` alone (training, checkpoints and notebooks use this)."""
     args = dict(model_args)
     missing = [k for k in MODEL_ARG_KEYS if k not in args]
     if missing:
         raise ConfigError(f"model_args lacks {', '.join(missing)}")
+    check_bounds(args)
     implied = implied_latent_dim(args)  # checks the levels or codebook size first: they decide latent_dim
     channels = args["channels"]
     if not (isinstance(channels, (list, tuple)) and len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels)):

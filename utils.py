@@ -35,6 +35,7 @@ def read_checkpoint(path, map_location="cpu"):
     """The checkpoint dict, loaded with weights_only=True; one clear line for every way it can fail."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path!r}; pass the path of a .pt file written by train.py")
+    check_unpacked_size(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -59,6 +60,22 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")
     check_structure(path, state, STRUCTURE)
     return state
+
+
+MAX_UNPACKED = 2**30  # bytes a checkpoint may unpack to: this repo's largest are a few MB
+
+
+def check_unpacked_size(path):
+    """Refuse a checkpoint whose zip entries unpack to more than MAX_UNPACKED bytes, before any is
+    read (a few MB of deflated zeros can hold gigabytes)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip: torch.load says what it is
+    if total > MAX_UNPACKED:
+        raise CheckpointError(f"{path} unpacks to {total / 2**30:.1f} GiB, above this repo's limit of "
+                              f"{MAX_UNPACKED / 2**30:.0f} GiB: not a checkpoint this repo wrote")
 
 
 def _is_epoch(v):

@@ -22,6 +22,7 @@ from discrete_ae.geometry import IMAGE_SIZE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DATASETS = ("cifar10", "folder")
+DEFAULT_DATA_DIR = "data"  # where train.py and the programs read data when no --data_dir is given
 IMAGE_CACHE_VERSION = 2  # 2: EXIF orientation applied, non-square images centre-cropped
 PARALLEL_DECODE_MIN = 2000  # folders with fewer images decode in this process (no pool start-up)
 DECODE_CHUNK = 256  # images per task handed to a decoding worker
@@ -59,7 +60,11 @@ def _to_8bit_rgb(img):
     8 bits: PIL's own convert("RGB") clips it, turning a 16-bit photo white."""
     from PIL import Image
 
-    if img.mode.startswith("I;16") or img.mode == "I":
+    if img.mode == "F":  # 32-bit float: [0, 1] as this repo's images are, or 0-255
+        wide = np.asarray(img, dtype=np.float64)
+        top = 1.0 if np.nanmax(wide, initial=0.0) <= 1.0 else 255.0
+        img = Image.fromarray(np.round(np.nan_to_num(wide).clip(0, top) * (255.0 / top)).astype(np.uint8))
+    elif img.mode.startswith("I;16") or img.mode == "I":
         wide = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
         img = Image.fromarray(np.round(wide.clip(0, top) * (255.0 / top)).astype(np.uint8))

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from discrete_ae.data import head, load_dataset, to_float_images
+from discrete_ae.data import DEFAULT_DATA_DIR, head, load_dataset, to_float_images
 from discrete_ae.errors import cli
 from discrete_ae.geometry import LATENT_POSITIONS
 from discrete_ae.overrides import parse_paths_and_options
@@ -53,7 +53,7 @@ def check(path, opts):
     q = model.quantizer
     if not q.has_indices:
         return f"{path}: {config['quantizer']} sends no integers; nothing to check"
-    train_u8, val_u8 = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
+    train_u8, val_u8 = load_dataset(config["dataset"], opts["data_dir"] or DEFAULT_DATA_DIR)  # never from the file
     m = evaluate(model, val_u8, train_u8)
     line = (f"{os.path.basename(path)} ({q.settings()}): psnr {m['psnr']:.2f} dB | coded {m['bits_coded']:.1f} "
             f"ideal {m['bits_entropy']:.1f} estimate {m['bits_estimate']:.1f} bits/img")

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from discrete_ae.data import load_dataset, to_float_images
+from discrete_ae.data import DEFAULT_DATA_DIR, load_dataset, to_float_images
 from discrete_ae.errors import ConfigError, cli
 from discrete_ae.files import ensure_writable_dir
 from discrete_ae.overrides import parse_paths_and_options
@@ -51,7 +51,7 @@ def fit(path, opts):
     model = build_model(model_args)
     model.load_state_dict(state["model"], strict=False)  # the prior is new; every other weight is the source's
     model.eval()
-    train_u8, _ = load_dataset(config["dataset"], opts["data_dir"] or config["data_dir"])
+    train_u8, _ = load_dataset(config["dataset"], opts["data_dir"] or DEFAULT_DATA_DIR)  # never from the file
     z = latents(model, train_u8)  # (N, C, H, W), the encoder frozen
     prior, delta = model.quantizer.prior, model.quantizer.delta
     optimizer = torch.optim.Adam(prior.parameters(), lr=opts["lr"])

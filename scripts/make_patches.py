@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from discrete_ae.errors import DataError, UserError, cli
+from discrete_ae.files import atomic_write
 from discrete_ae.overrides import parse_paths_and_options
 
 WHEEL = "scikit-image==0.26.0"
@@ -165,6 +166,11 @@ def to_short_side(photo, side):
     return np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC))
 
 
+def save_png(path, array):
+    """Written whole or not at all: a full disk is one line, never a 0-byte PNG."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
 def photo_name(path):
     """A file name for a photo: the plasma wallpapers are all 2560x1600.jpg, in folders of their name."""
     parts = path.split("/")
@@ -196,12 +202,12 @@ def main(argv):
         os.makedirs(folder, exist_ok=True)
         scaled = [f(photos[n], s) for n in names[split] for f, s in scale]
         for i, crop in enumerate(crops(scaled, count, rng)):
-            Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.png"))
+            save_png(os.path.join(folder, f"{i:05d}.png"), crop)
         print(f"wrote {count} crops of {len(names[split])} photos to {folder}")
     folder = os.path.join(out_dir, "photos")
     os.makedirs(folder, exist_ok=True)
     for name in names["test"]:
-        Image.fromarray(whole(photos[name])).save(os.path.join(folder, photo_name(name) + ".png"))
+        save_png(os.path.join(folder, photo_name(name) + ".png"), whole(photos[name]))
     print(f"wrote the {len(names['test'])} held-out photos whole to {folder}")
 
 

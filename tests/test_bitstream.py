@@ -183,7 +183,7 @@ def test_without_indices_there_is_nothing_to_compress():
         model.compress(images(1))
 
 
-def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_path):
+def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_path, image_folder):
     run_train(quantizer="fsq")
     path = str(tmp_path / "checkpoints" / "fsq_vae_best.pt")
     model, _ = load_checkpoint(path)
@@ -195,18 +195,18 @@ def test_a_checkpoint_without_a_stored_prior_says_how_to_get_one(run_train, tmp_
     bare, _ = load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"evaluate.py CHECKPOINT --save_prior=True"):
         bare.compress(x)
-    evaluate_main([path, "--save_prior=True", f"--output_dir={tmp_path / 'eval'}"])
+    evaluate_main([path, "--save_prior=True", f"--output_dir={tmp_path / 'eval'}", f"--data_dir={image_folder}"])
     restored, _ = load_checkpoint(path)
     assert restored.compress(x) == strings
 
 
-def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_train, tmp_path, capsys):
+def test_check_rates_script_reports_the_charged_bits_and_the_round_trip(run_train, tmp_path, capsys, image_folder):
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import check_rates
 
     run_train(quantizer="ddcl", entropy_model="learned", run_name="learned")
     capsys.readouterr()
-    check_rates.main([str(tmp_path / "checkpoints" / "learned_vae_best.pt"), "--images=20"])
+    check_rates.main([str(tmp_path / "checkpoints" / "learned_vae_best.pt"), "--images=20", f"--data_dir={image_folder}"])
     out = capsys.readouterr().out
     assert "training charges" in out and "on 20 images: True" in out
     assert "stream and strings decode back: True" in out
@@ -229,7 +229,7 @@ def test_check_rates_measures_fsqs_fitted_histogram_joint_and_per_channel(run_tr
     assert 0 < per_channel < 2 * 16 * sum(np.log2([5, 4, 4]))  # finite, near or under a fixed-length code
 
 
-def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, tmp_path, capsys):
+def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, tmp_path, capsys, image_folder):
     """scripts/fit_context_prior.py: the frozen autoencoder gets a context prior; its images and
     integers stay those of the source, its curve is drawn apart, and a non-DDCL checkpoint is one error."""
     sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -238,9 +238,10 @@ def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, 
     run_train(quantizer="ddcl", run_name="surrogate")
     run_train(quantizer="fsq", run_name="fsq")
     source = str(tmp_path / "checkpoints" / "surrogate_vae_best.pt")
-    fit_context_prior.main([source, "--epochs=1", "--batch_size=16"])
+    fit_context_prior.main([source, "--epochs=1", "--batch_size=16", f"--data_dir={image_folder}"])
     fitted = str(tmp_path / "checkpoints" / "surrogate_posthoc_vae_best.pt")
-    fit_context_prior.main([source, "--epochs=1", "--batch_size=16", f"--output_dir={tmp_path / 'again' / 'new'}"])
+    fit_context_prior.main([source, "--epochs=1", "--batch_size=16", f"--output_dir={tmp_path / 'again' / 'new'}",
+                            f"--data_dir={image_folder}"])
     again = load_checkpoint(str(tmp_path / "again" / "new" / "surrogate_posthoc_vae_best.pt"))[0].state_dict()
     first = load_checkpoint(fitted)[0].state_dict()  # the same fit on every run, into a folder it creates
     assert all(torch.equal(first[k], again[k]) for k in first if isinstance(first[k], torch.Tensor))
@@ -250,7 +251,7 @@ def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, 
     x = images(6)
     assert torch.equal(new.encode(x, seed=1), old.encode(x, seed=1))
     assert torch.equal(new.decompress(new.compress(x, seed=1), seed=1), old.decode(old.encode(x, seed=1), seed=1))
-    evaluate_main([source, fitted, f"--output_dir={tmp_path / 'eval'}"])
+    evaluate_main([source, fitted, f"--output_dir={tmp_path / 'eval'}", f"--data_dir={image_folder}"])
     assert os.path.isfile(tmp_path / "eval" / "rate_distortion_ddcl_context_posthoc.json")
     with pytest.raises(CheckpointError, match="fitted after training .* does not train on; resume .*surrogate_vae_best.pt"):
         resolve([f"--resume={fitted}"])

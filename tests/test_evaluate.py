@@ -43,11 +43,12 @@ def test_ddcl_reports_its_surrogate_beside_the_measured_rates(run_train):
     assert metrics["bits_coded"] >= metrics["bits_entropy"]
 
 
-def test_cli_compares_two_quantizers(run_train, tmp_path):
+def test_cli_compares_two_quantizers(run_train, tmp_path, image_folder):
     run_train(quantizer="fsq")
     run_train(quantizer="ddcl")
     ck, out = tmp_path / "checkpoints", tmp_path / "rd"
-    result = run_script("evaluate.py", str(ck / "fsq_vae_best.pt"), str(ck / "ddcl_vae_best.pt"), f"--output_dir={out}")
+    result = run_script("evaluate.py", str(ck / "fsq_vae_best.pt"), str(ck / "ddcl_vae_best.pt"), f"--output_dir={out}",
+                        f"--data_dir={image_folder}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["run", "settings", "fixed", "ideal"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import utils
-from conftest import run_script, tiny_args, write_images
+from conftest import REPO, run_script, tiny_args, write_images
 from discrete_ae import data
 from discrete_ae.errors import CheckpointError, ConfigError, UserError
 from utils import load_checkpoint
@@ -147,3 +147,56 @@ def test_a_rank_outside_torchrun_neither_silences_errors_nor_crashes(tmp_path, i
     alone = run_script("train.py", *tiny_args(tmp_path, image_folder, quantizer="fsq"), env={"RANK": "0"})
     assert alone.returncode == 2 and "Traceback" not in alone.stderr
     assert "WORLD_SIZE is missing" in alone.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("knob, value, message", [("res_blocks", 10**7, "res_blocks=10000000 is above"),
+                                                  ("num_quantizers", 10**7, "num_quantizers=10000000 is above"),
+                                                  ("channels", [2**20, 8, 8], r"channels=\[1048576, 8, 8\] is above"),
+                                                  ("fsq_levels", [1000] * 4, "codes, above this repo's limit")])
+def test_a_checkpoint_cannot_ask_for_a_model_too_big_to_build(run_train, tmp_path, knob, value, message):
+    run_train(quantizer="fsq")
+    path = tmp_path / "checkpoints" / "fsq_vae_best.pt"
+    state = torch.load(path, weights_only=True)
+    state["model_args"][knob] = value
+    torch.save(state, path)
+    t0 = time.time()
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(str(path))
+    assert time.time() - t0 < 5  # refused before anything is built
+
+
+def test_a_small_checkpoint_that_unpacks_to_gigabytes_is_refused_before_loading(tmp_path):
+    import zipfile
+
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("archive/data/0", "w", force_zip64=True) as f:
+            chunk = bytes(2**24)
+            for _ in range(80):  # 1.25 GiB of zeros, a few MB on disk
+                f.write(chunk)
+    assert path.stat().st_size < 10 * 2**20
+    with pytest.raises(CheckpointError, match="unpacks to 1.2 GiB"):
+        utils.read_checkpoint(str(path))
+
+
+def test_a_float_image_in_0_1_is_read_as_the_picture_not_black(tmp_path):
+    values = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    rgb, _ = data.read_rgb(tmp_path / "f.tif")
+    assert rgb.shape == (32, 32, 3) and rgb.max() == 255 and rgb.min() == 0
+
+
+def test_evaluate_takes_no_folder_from_the_checkpoint(run_train, tmp_path, image_folder):
+    run_train(quantizer="fsq")
+    elsewhere = tmp_path / "elsewhere"
+    path = tmp_path / "checkpoints" / "fsq_vae_best.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["data_dir"] = str(elsewhere)
+    state["config"]["run_name"] = "../../important"
+    torch.save(state, path)
+    result = run_script(os.path.join(REPO, "evaluate.py"), str(path), f"--output_dir={tmp_path / 'eval'}", cwd=str(tmp_path))
+    assert result.returncode == 2 and "'data/train' is not a folder" in result.stderr  # the default, not the file's
+    assert not elsewhere.exists()
+    result = run_script(os.path.join(REPO, "evaluate.py"), str(path), "--save_prior=True", f"--data_dir={image_folder}",
+                        f"--output_dir={tmp_path / 'eval'}", cwd=str(tmp_path))
+    assert result.returncode == 2 and "run name stored in" in result.stderr.strip().splitlines()[-1]

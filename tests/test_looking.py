@@ -27,9 +27,9 @@ def two_runs(run_train, tmp_path):
     return tmp_path / "checkpoints"
 
 
-def test_one_results_file_per_bottleneck_ordered_by_rate(two_runs, tmp_path, capsys):
+def test_one_results_file_per_bottleneck_ordered_by_rate(two_runs, tmp_path, capsys, image_folder):
     out = tmp_path / "rd"
-    evaluate_main([str(p) for p in sorted(two_runs.glob("*_best.pt"))] + [f"--output_dir={out}"])
+    evaluate_main([str(p) for p in sorted(two_runs.glob("*_best.pt"))] + [f"--output_dir={out}", f"--data_dir={image_folder}"])
     curves = {name: compressai_plot_reads(out / f"rate_distortion_{name}.json") for name in ("fsq", "ddcl")}
     assert curves["fsq"]["name"] == "fsq" and len(curves["fsq"]["xs"]) == 1
     ddcl = curves["ddcl"]
@@ -38,7 +38,7 @@ def test_one_results_file_per_bottleneck_ordered_by_rate(two_runs, tmp_path, cap
     assert sorted(ddcl["ys"]) == sorted(y for y, q in zip(combined["psnr-rgb"], combined["quantizer"]) if q == "ddcl")
 
 
-def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, monkeypatch):
+def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, monkeypatch, image_folder):
     import evaluate
     from discrete_ae import plots
 
@@ -52,7 +52,7 @@ def test_samples_sheet_shows_every_run_on_the_same_images(two_runs, tmp_path, mo
 
     monkeypatch.setattr(evaluate, "plot_samples", spy)
     out = tmp_path / "rd"
-    evaluate_main([str(p) for p in sorted(two_runs.glob("*_best.pt"))] + [f"--output_dir={out}"])
+    evaluate_main([str(p) for p in sorted(two_runs.glob("*_best.pt"))] + [f"--output_dir={out}", f"--data_dir={image_folder}"])
     assert sorted(seen["runs"]) == ["ddcl_a", "ddcl_b", "fsq"] and seen["bits"] == sorted(seen["bits"])  # by rate
     assert len(seen["labels"]) == evaluate.SAMPLE_FIXED + evaluate.SAMPLE_HARDEST
     assert seen["labels"][:2] == ["val #0", "val #1"] and all("(hard)" in s for s in seen["labels"][evaluate.SAMPLE_FIXED:])

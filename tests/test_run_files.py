@@ -106,7 +106,8 @@ def test_evaluate_never_rewrites_a_checkpoint_its_run_is_writing(tmp_path, image
     path = tmp_path / "checkpoints" / "fsq_vae_best.pt"
     before = path.read_bytes()
     with RunLock(str(tmp_path / "checkpoints" / ".fsq.lock"), "run 'fsq'"):
-        result = run_script("evaluate.py", str(path), "--save_prior=True", f"--output_dir={tmp_path / 'eval'}")
+        result = run_script("evaluate.py", str(path), "--save_prior=True", f"--output_dir={tmp_path / 'eval'}",
+                            f"--data_dir={image_folder}")
     assert result.returncode == 2 and "is in use by pid" in result.stderr.strip().splitlines()[-1]
     assert path.read_bytes() == before
 

@@ -30,10 +30,10 @@ def test_one_epoch_writes_grid_checkpoint_and_metrics(run_train, tmp_path):
     # grid: 4x4 images of 32 px with 2 px padding, upscaled 4x, and a caption strip
     from PIL import Image
 
-    from discrete_ae.plots import CAPTION_PX
+    from discrete_ae.plots import CAPTION_PX, LABEL_PX
     grid = Image.open(out / "fsq_epoch_001.png")
-    assert grid.size == (4 * (4 * 34 + 2), 4 * (4 * 34 + 2) + CAPTION_PX) and grid.size[0] >= 512
-    tiles = np.asarray(grid)[:4 * (4 * 34 + 2)]
+    assert grid.size == (4 * (4 * 34 + 2) + LABEL_PX, 4 * (4 * 34 + 2) + CAPTION_PX) and grid.size[0] >= 512  # rows named left
+    tiles = np.asarray(grid)[:4 * (4 * 34 + 2), LABEL_PX:]  # the image right of the row labels
     assert (tiles[8:8 + 4 * 32:4, 8:8 + 4 * 32:4] == tiles[8 + 3:8 + 4 * 32:4, 8 + 3:8 + 4 * 32:4]).all()  # nearest
     caption = np.asarray(grid)[-CAPTION_PX:]
     assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
