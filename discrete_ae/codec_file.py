@@ -38,6 +38,8 @@ FORMAT = 1
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
 MAX_SIDE = 65535  # the header's uint16
+MAX_PIXELS = 2**26  # a photo up to 64 megapixels (8192 x 8192): what a file may ask the decoder to allocate
+NETWORK_BATCH = 1024  # blocks through the encoder or decoder network at once
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -54,10 +56,18 @@ def one_thread():
 
 def read_photo(path):
     """A photo file -> uint8 (H, W, 3), turned upright by its EXIF orientation."""
+    import warnings
+
     from PIL import Image
 
     try:
-        rgb, _ = read_rgb(path)
+        with Image.open(path) as img:  # the header alone: the size is known before any pixel is decoded
+            width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise DataError(f"{path} is {width}x{height}: this codec takes photos up to {MAX_PIXELS // 2**20} megapixels")
+        with warnings.catch_warnings():  # under MAX_PIXELS, Pillow's bomb warning says nothing new
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            rgb, _ = read_rgb(path)
     except FileNotFoundError:
         raise DataError(f"no photo at {str(path)!r}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -99,7 +109,8 @@ def encode_photo(model, rgb):
     height, width = rgb.shape[:2]
     blocks, _ = to_blocks(to_tensor(rgb, next(model.parameters()).device))
     model.eval()
-    values = q.coding_values(model.encode(blocks, seed=SEED)).cpu().numpy()  # (N, G, 16)
+    indices = torch.cat([model.encode(blocks[i:i + NETWORK_BATCH], seed=SEED) for i in range(0, len(blocks), NETWORK_BATCH)])
+    values = q.coding_values(indices).cpu().numpy()  # (N, G, 16)
     payload = coding.encode_batch(values, q.coding_tables(len(blocks), POSITIONS, SEED))
     fingerprint = coding.fingerprint(model)
     header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
@@ -117,6 +128,9 @@ def decode_photo(model, blob):
     if blob[0] & 0xF != FORMAT:
         raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
     width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
+    if width * height > MAX_PIXELS or not width or not height:
+        raise BitstreamError(f"the header says {width}x{height} pixels; this codec writes 1 to {MAX_PIXELS // 2**20} "
+                             "megapixels: the file is corrupted or not this codec's")
     fingerprint = coding.fingerprint(model)
     if blob[5:9] != fingerprint[:4]:
         raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
@@ -128,5 +142,7 @@ def decode_photo(model, blob):
         raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
     device = next(model.parameters()).device
     with one_thread():
-        blocks = model.decode(q.indices_from_values(torch.from_numpy(values), LATENT_HW).to(device), seed=SEED)
+        indices = q.indices_from_values(torch.from_numpy(values), LATENT_HW)
+        blocks = torch.cat([model.decode(indices[i:i + NETWORK_BATCH].to(device), seed=SEED)
+                            for i in range(0, len(indices), NETWORK_BATCH)])
     return from_blocks(blocks, grid, height, width)

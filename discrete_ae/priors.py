@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from discrete_ae.coding import ESCAPE_OFFSET, SequentialTables, Table
+from discrete_ae.errors import CheckpointError
 
 PRIOR_PSEUDOCOUNT = 0.5  # Krichevsky-Trofimov add-1/2: no symbol of the support gets probability 0
 LIKELIHOOD_BOUND = 1e-9  # no bin is given less probability (CompressAI's bound): <= ~30 bits a value
@@ -98,7 +99,22 @@ def priors_to_state(priors):
 
 
 def priors_from_state(state):
-    return [StreamPrior(int(p["lo"]), p["probs"].double().numpy()) for p in state] or None
+    """The fitted priors a checkpoint stores, checked: a crafted table (a huge offset, an empty, 2-D,
+    negative or NaN one, or one larger than MAX_SUPPORT) is one CheckpointError line, not a coder
+    that allocates or divides by it."""
+    if not isinstance(state, (list, tuple)):
+        raise CheckpointError("the stored fitted prior is not a list of tables: not a checkpoint this repo wrote")
+    priors = []
+    for i, p in enumerate(state):
+        lo, probs = (p.get("lo"), p.get("probs")) if isinstance(p, dict) else (None, None)
+        ok = (isinstance(lo, int) and not isinstance(lo, bool) and abs(lo) < ESCAPE_OFFSET and isinstance(probs, torch.Tensor)
+              and probs.dim() == 1 and 2 <= len(probs) <= MAX_SUPPORT + 1 and probs.is_floating_point()
+              and bool(torch.isfinite(probs).all()) and bool((probs >= 0).all()) and float(probs[:-1].sum()) > 0)
+        if not ok:
+            raise CheckpointError(f"the stored fitted prior's table {i} is not one this repo writes (an offset within "
+                                  f"+-{ESCAPE_OFFSET}, 2 to {MAX_SUPPORT + 1} finite probabilities >= 0)")
+        priors.append(StreamPrior(lo, probs.double().numpy()))
+    return priors or None
 
 
 # ----------------------------------------------------------------------------- learned priors

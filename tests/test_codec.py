@@ -173,3 +173,40 @@ def test_the_codec_figure_names_curves_as_a_reader_says_them_in_fixed_colours(mo
     low, high = ax.get_xlim()
     assert low > 0 and high == pytest.approx(0.2 * codec.PLOT_MARGIN)  # the models' range, not from 0
     assert ax.get_ylim()[1] >= float(np.interp(high, [0.15, 0.6], [25.0, 30.0]))  # WebP leaves by the right edge, not the top
+
+
+@pytest.mark.parametrize("table", [{"lo": 10**30, "probs": torch.ones(3) / 3}, {"lo": 0, "probs": torch.ones(0)},
+                                   {"lo": 0, "probs": torch.full((3,), float("nan"))}, {"lo": 0, "probs": torch.ones(2, 2)},
+                                   {"lo": 0, "probs": -torch.ones(3)}, "table"])
+def test_a_crafted_prior_table_in_a_checkpoint_is_one_line(checkpoint, table):
+    from discrete_ae.errors import CheckpointError
+
+    ck = checkpoint(quantizer="fsq")
+    state = torch.load(ck, weights_only=True)
+    state["model"]["quantizer._extra_state"] = {"fitted_prior": [table]}
+    torch.save(state, ck)
+    with pytest.raises(CheckpointError, match="not one this repo writes|not a checkpoint this repo wrote"):
+        load_checkpoint(ck)
+
+
+def test_a_header_asking_for_gigapixels_is_refused_before_anything_is_allocated(checkpoint, tmp_path):
+    import resource
+    import time
+
+    ck = checkpoint(quantizer="ddcl", entropy_model="context")
+    codec.compress_file(ck, photo(tmp_path / "p.png", 40, 40), tmp_path / "p.bin")
+    blob = bytearray((tmp_path / "p.bin").read_bytes())
+    model, _ = load_checkpoint(ck)
+    for side in (8193, 65535):
+        blob[1:5] = side.to_bytes(2, "big") * 2
+        t0, before = time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(BitstreamError, match=f"the header says {side}x{side} pixels"):
+            codec.decode_photo(model, bytes(blob))
+        assert time.time() - t0 < 1 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_a_photo_over_the_pixel_limit_is_refused_before_it_is_decoded(checkpoint, tmp_path):
+    Image.new("RGB", (9000, 8000), "white").save(tmp_path / "big.png")  # a small file, 72 megapixels
+    with pytest.raises(DataError, match="9000x8000: this codec takes photos up to 64 megapixels"):
+        codec.compress_file(checkpoint(quantizer="fsq"), tmp_path / "big.png", tmp_path / "big.bin")
+    assert not (tmp_path / "big.bin").exists()
