@@ -20,6 +20,7 @@ import torch.nn as nn
 from discrete_ae import coding
 from discrete_ae.errors import BitstreamError, ConfigError
 from discrete_ae.geometry import IMAGE_SHAPE, LATENT_HW, LATENT_POSITIONS
+from discrete_ae.priors import MAX_ALPHABET
 from quantizers import build_quantizer, image_seeds, implied_latent_dim
 
 
@@ -208,7 +209,7 @@ def model_args_from_config(config):
 # the largest value a config or a checkpoint may ask for: far above anything this repo trains, far
 # below what exhausts memory while the model is built (docs/reliability.md)
 BOUNDS = {"channels": 1024, "latent_dim": 256, "res_blocks": 32, "num_quantizers": 16, "codebook_size": 2**20}
-MAX_CODES = 2**24  # prod(fsq_levels)
+MAX_CODES = MAX_ALPHABET  # prod(fsq_levels)
 
 
 def check_bounds(args):

@@ -34,6 +34,7 @@ PRIOR_PSEUDOCOUNT = 0.5  # Krichevsky-Trofimov add-1/2: no symbol of the support
 LIKELIHOOD_BOUND = 1e-9  # no bin is given less probability (CompressAI's bound): <= ~30 bits a value
 TAIL_MASS = 1e-9  # a learned density's support for coding leaves out this much probability
 MAX_SUPPORT = 4096  # values per coding table at most; the rest goes through the escape
+MAX_ALPHABET = 2**24  # codes a bottleneck may have at most (FSQ's prod(levels); models.check_bounds)
 DITHER_LEVELS = 256  # DDCL's coding tables condition on the dither rounded to this many cells per bin
 LN2 = math.log(2.0)
 
@@ -108,11 +109,11 @@ def priors_from_state(state):
     for i, p in enumerate(state):
         lo, probs = (p.get("lo"), p.get("probs")) if isinstance(p, dict) else (None, None)
         ok = (isinstance(lo, int) and not isinstance(lo, bool) and abs(lo) < ESCAPE_OFFSET and isinstance(probs, torch.Tensor)
-              and probs.dim() == 1 and 2 <= len(probs) <= MAX_SUPPORT + 1 and probs.is_floating_point()
+              and probs.dim() == 1 and 2 <= len(probs) <= max(MAX_SUPPORT, MAX_ALPHABET) + 1 and probs.is_floating_point()
               and bool(torch.isfinite(probs).all()) and bool((probs >= 0).all()) and float(probs[:-1].sum()) > 0)
         if not ok:
             raise CheckpointError(f"the stored fitted prior's table {i} is not one this repo writes (an offset within "
-                                  f"+-{ESCAPE_OFFSET}, 2 to {MAX_SUPPORT + 1} finite probabilities >= 0)")
+                                  f"+-{ESCAPE_OFFSET}, 2 to {MAX_ALPHABET + 1:,} finite probabilities >= 0)")
         priors.append(StreamPrior(lo, probs.double().numpy()))
     return priors or None
 

@@ -92,4 +92,16 @@ def run_logged(command, cwd, env, log):
     import subprocess
 
     with open(log, "a") as f:
-        return subprocess.run(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=die_with_parent).returncode
+
+
+def die_with_parent():
+    """In a child process: end (SIGTERM, which train.py turns into a clean stop) when the process
+    that started it dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

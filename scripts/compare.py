@@ -45,11 +45,12 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from discrete_ae.bjontegaard import bd_pair, interval, verdict
-from discrete_ae.errors import ConfigError, cli
+from discrete_ae.errors import ConfigError, DataError, Stop, cli
 from discrete_ae.files import atomic_write, read_jsonl, save_json
 from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.process import run_logged
@@ -179,10 +180,11 @@ def train_all(jobs, opts):
     threads = max(1, (os.cpu_count() or 1) // opts["jobs"])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     launch = launcher(opts)
+    stopping = threading.Event()
 
     def one(job):
         data, where, (_, _, _, name, args) = job
-        if finished(where, name, wanted_config(data, opts, args)):
+        if stopping.is_set() or finished(where, name, wanted_config(data, opts, args)):
             return
         os.makedirs(where["logs"], exist_ok=True)
         log = os.path.join(where["logs"], f"{name}.log")
@@ -191,8 +193,16 @@ def train_all(jobs, opts):
             raise ConfigError(f"{name} failed (exit {code}); see {log}")
         print(f"trained {data['name']}/{name}", flush=True)
 
-    with ThreadPoolExecutor(opts["jobs"]) as pool:
-        list(pool.map(one, jobs))
+    pool = ThreadPoolExecutor(opts["jobs"])
+    try:
+        for future in [pool.submit(one, job) for job in jobs]:
+            future.result()
+    except KeyboardInterrupt:  # Ctrl-C reached the runs in flight too (one process group): start no other
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise Stop("interrupted: the runs in flight stopped at their last epoch; run the same command again to "
+                   "resume them", code=130) from None
+    pool.shutdown()
 
 
 def evaluate_all(data, where, opts, plan):
@@ -206,7 +216,8 @@ def evaluate_all(data, where, opts, plan):
     from utils import load_checkpoint
 
     cache_path = os.path.join(where["root"], "evaluations.json")
-    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
+    cache = read_json(cache_path, "delete it: it is a cache of evaluations, rebuilt on the next report") \
+        if os.path.isfile(cache_path) else {}
     splits = None
     found = {}
     for method, label, seed, name, args in plan:
@@ -221,8 +232,8 @@ def evaluate_all(data, where, opts, plan):
             if stamp not in cache:
                 model, config = load_checkpoint(path)
                 if key == "best":
-                    with open(os.path.join(where["outputs"], f"{name}_final.json")) as f:
-                        metrics = json.load(f)
+                    metrics = read_json(os.path.join(where["outputs"], f"{name}_final.json"),
+                                        "delete the run's files to train it again")
                 else:
                     if splits is None:
                         splits = load_dataset(data["dataset"], data["data_dir"])
@@ -233,10 +244,22 @@ def evaluate_all(data, where, opts, plan):
                                                            "codebook_usage", "bits_per_image_coded") if k in metrics}}
                 save_json(cache_path, cache)
             entry[key] = cache[stamp]
-        rows = read_jsonl(os.path.join(where["outputs"], f"{name}_metrics.jsonl"))
+        try:
+            rows = read_jsonl(os.path.join(where["outputs"], f"{name}_metrics.jsonl"))
+        except ValueError:
+            raise DataError(f"{name}_metrics.jsonl in {where['outputs']} is truncated or not JSON lines: delete the "
+                            f"run's files to train it again") from None
         entry["seconds"] = sum(r["seconds"] for r in rows)
         found[name] = entry
     return found
+
+
+def read_json(path, fix):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        raise DataError(f"{path} is truncated or not JSON: {fix}") from None
 
 
 def point_summary(values):

@@ -3,6 +3,7 @@ it writes (the committed one must be what the committed results give)."""
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -11,7 +12,7 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import compare  # noqa: E402
 
-from discrete_ae.errors import ConfigError  # noqa: E402
+from discrete_ae.errors import ConfigError, DataError  # noqa: E402
 
 
 def test_every_bottleneck_gets_three_points_per_seed_and_the_knobs_given(capsys):
@@ -134,3 +135,61 @@ def test_runs_go_through_submitits_local_executor_and_are_reused_afterwards(tmp_
     assert "trained tiny/" not in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--executor='pbs'"):
         compare.main(args + ["--executor=pbs"])
+
+
+def start_compare(tmp_path, image_folder):
+    import subprocess
+
+    command = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), f"tiny={image_folder}", "--only=['fsq']",
+               "--seeds=2", "--epochs=300", "--early=1", "--jobs=1", f"--out={tmp_path / 'runs'}",
+               "--train=['--channels=[8,8,16]', '--batch_size=16']"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    logs = tmp_path / "runs" / "tiny_fitted" / "logs"
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("epoch 2/300" in p.read_text() for p in logs.glob("*.log")):
+        time.sleep(0.2)
+    return proc, logs
+
+
+def trainers(tmp_path):
+    """pids of train.py processes writing under tmp_path."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "train.py" in cmdline and str(tmp_path) in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_ctrl_c_stops_at_once_with_one_line_and_starts_no_queued_run(tmp_path, image_folder):
+    import signal
+
+    proc, logs = start_compare(tmp_path, image_folder)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: the runs in flight stopped")
+    assert len(list(logs.glob("*.log"))) == 1 and not trainers(tmp_path)  # the second run never started
+
+
+def test_a_killed_compare_takes_its_training_run_with_it(tmp_path, image_folder):
+    proc, _ = start_compare(tmp_path, image_folder)
+    assert trainers(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.time() + 30
+    while trainers(tmp_path) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not trainers(tmp_path)
+
+
+def test_a_truncated_evaluation_cache_is_one_line(tmp_path, image_folder):
+    args = [f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", "--epochs=1", "--early=1", f"--out={tmp_path / 'runs'}",
+            "--train=['--channels=[8,8,16]', '--batch_size=16']"]
+    compare.main(args)
+    (tmp_path / "runs" / "tiny_fitted" / "evaluations.json").write_text('{"trunc')
+    with pytest.raises(DataError, match="evaluations.json is truncated or not JSON: delete it"):
+        compare.main(args + ["--report_only=True"])
