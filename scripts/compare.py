@@ -54,6 +54,7 @@ from discrete_ae.errors import ConfigError, DataError, Stop, cli
 from discrete_ae.files import atomic_write, read_jsonl, save_json
 from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.process import run_logged
+from discrete_ae.runs import RunLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
@@ -618,10 +619,12 @@ def main(argv):
                 print(shlex.join(["python", *train_command(data, where, opts, name, args)[1:]]))
         return
     t0 = time.time()
-    if not opts["report_only"]:
-        train_all([(data, where, run) for data, _, where, plan in plans for run in plan], opts)
-    for data, prior, where, plan in plans:
-        report(data, where, opts, plan, prior, results)
+    os.makedirs(opts["out"], exist_ok=True)
+    with RunLock(os.path.join(opts["out"], ".compare.lock"), f"compare.py's runs in {opts['out']!r}"):  # one at a time
+        if not opts["report_only"]:
+            train_all([(data, where, run) for data, _, where, plan in plans for run in plan], opts)
+        for data, prior, where, plan in plans:
+            report(data, where, opts, plan, prior, results)
     summary = cross_summary(results)
     save_json(os.path.join(results, "summary.json"), summary)
     atomic_write(os.path.join(results, "summary.md"), lambda f: f.write(summary_markdown(summary).encode()))

@@ -193,3 +193,14 @@ def test_a_truncated_evaluation_cache_is_one_line(tmp_path, image_folder):
     (tmp_path / "runs" / "tiny_fitted" / "evaluations.json").write_text('{"trunc')
     with pytest.raises(DataError, match="evaluations.json is truncated or not JSON: delete it"):
         compare.main(args + ["--report_only=True"])
+
+
+def test_a_second_compare_on_the_same_folder_is_refused_at_once(tmp_path, image_folder):
+    from discrete_ae.errors import UserError
+    from discrete_ae.runs import RunLock
+
+    (tmp_path / "runs").mkdir()
+    with RunLock(str(tmp_path / "runs" / ".compare.lock"), "another compare.py"):
+        with pytest.raises(UserError, match="is in use by pid"):
+            compare.main([f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", f"--out={tmp_path / 'runs'}"])
+    assert not (tmp_path / "runs" / "tiny_fitted").exists()
