@@ -17,10 +17,10 @@ import os
 import torch
 
 from discrete_ae.data import DEFAULT_DATA_DIR, load_dataset, to_float_images
-from discrete_ae.errors import ConfigError, cli
+from discrete_ae.errors import ConfigError, UserError, cli
 from discrete_ae.files import ensure_writable_dir
 from discrete_ae.overrides import parse_paths_and_options
-from discrete_ae.runs import check_run_name, run_label
+from discrete_ae.runs import RunLock, check_run_name, run_label
 from evaluate import EVAL_BATCH_SIZE
 from models import build_model
 from utils import load_checkpoint, read_checkpoint, save_checkpoint
@@ -47,6 +47,9 @@ def fit(path, opts):
     model_args = {**state["model_args"], "entropy_model": "context", "rate_weight": 0.0}
     out_dir = opts["output_dir"] or os.path.dirname(os.path.abspath(path))
     ensure_writable_dir(out_dir, "output_dir")  # before the fit, not after it
+    name = check_run_name(run_label(config) + "_posthoc", f"the run name stored in {path}")
+    out = os.path.join(out_dir, f"{name}_vae_best.pt")
+    check_ours(out, path)
     torch.manual_seed(opts["seed"])  # the prior's initial weights too: the same fit on every run
     model = build_model(model_args)
     model.load_state_dict(state["model"], strict=False)  # the prior is new; every other weight is the source's
@@ -69,12 +72,26 @@ def fit(path, opts):
             bits.mean().backward()
             optimizer.step()
             schedule.step()
-    name = check_run_name(run_label(config) + "_posthoc", f"the run name stored in {path}")
-    out = os.path.join(out_dir, f"{name}_vae_best.pt")
     new_config = {**config, **model_args, "run_name": name, "context_prior_fitted_to": os.path.abspath(path)}
-    save_checkpoint(out, {**state, "model": model.state_dict(), "model_args": model_args, "config": new_config,
-                          "optimizer": {}})
+    with RunLock(os.path.join(out_dir, f".{name}.lock"), f"run {name!r} in {out_dir!r}"):  # never beside its writer
+        check_ours(out, path)  # again, under the lock
+        save_checkpoint(out, {**state, "model": model.state_dict(), "model_args": model_args, "config": new_config,
+                              "optimizer": {}})
     return f"{path} -> {out} ({steps} steps; last batch {bits.sum((1, 2)).mean().item():.1f} bits/img under the noise proxy)"
+
+
+def check_ours(out, source):
+    """`out` may be replaced only by a new fit to the same source checkpoint, never when it is
+    another run's file."""
+    if not os.path.exists(out):
+        return
+    try:
+        fitted_to = read_checkpoint(out)["config"].get("context_prior_fitted_to")
+    except UserError:
+        fitted_to = None
+    if fitted_to != os.path.abspath(source):
+        raise UserError(f"{out} exists and is not a context prior fitted to {source}: another run's file is never "
+                        "replaced; pass another --output_dir")
 
 
 def main(argv):

@@ -229,6 +229,23 @@ def test_check_rates_measures_fsqs_fitted_histogram_joint_and_per_channel(run_tr
     assert 0 < per_channel < 2 * 16 * sum(np.log2([5, 4, 4]))  # finite, near or under a fixed-length code
 
 
+def test_a_post_hoc_fit_never_replaces_another_runs_checkpoint(run_train, tmp_path, image_folder):
+    """#37: a DDCL run named p and a separately trained FSQ run named p_posthoc share a folder."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import fit_context_prior
+
+    from discrete_ae.errors import UserError
+
+    run_train(quantizer="ddcl", run_name="p")
+    run_train(quantizer="fsq", run_name="p_posthoc")
+    other = tmp_path / "checkpoints" / "p_posthoc_vae_best.pt"
+    before = other.read_bytes()
+    with pytest.raises(UserError, match="is not a context prior fitted to"):
+        fit_context_prior.main([str(tmp_path / "checkpoints" / "p_vae_best.pt"), "--epochs=1", "--batch_size=16",
+                                f"--data_dir={image_folder}"])
+    assert other.read_bytes() == before
+
+
 def test_a_context_prior_fitted_after_training_codes_the_same_images(run_train, tmp_path, capsys, image_folder):
     """scripts/fit_context_prior.py: the frozen autoencoder gets a context prior; its images and
     integers stay those of the source, its curve is drawn apart, and a non-DDCL checkpoint is one error."""
