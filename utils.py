@@ -12,6 +12,7 @@ The machinery (overrides, devices and RNG, atomic files) lives in the discrete_a
 """
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -36,8 +37,15 @@ def read_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path!r}; pass the path of a .pt file written by train.py")
     check_unpacked_size(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a bare pickle is someone else's file
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # a pickle's protocol marker
+        raise CheckpointError(f"{path} holds a plain pickle, not a checkpoint torch.save wrote; pickles can run code: refused"
+                              if pickled else f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about a file's pickle protocol: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # "Unsupported global" or "unsupported GLOBAL ... is blocked": could run code
             raise CheckpointError(f"{path} holds pickled Python objects, which can run code; refused (weights_only=True). "
@@ -49,6 +57,8 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this repo (it holds a {type(state).__name__})")
     version = state.get("format", 1 if {"model", "model_args", "config", "epoch"} <= state.keys() else None)
+    if "format" in state and not (isinstance(version, int) and not isinstance(version, bool)):
+        raise CheckpointError(f"{path} has format={version!r}, not a format number: not a checkpoint this repo wrote")
     if version is None:
         missing = [k for k in CHECKPOINT_KEYS if k not in state]
         raise CheckpointError(f"{path} is not a checkpoint of this repo (missing {', '.join(missing)})")

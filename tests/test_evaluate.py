@@ -64,7 +64,7 @@ def test_cli_refuses_non_checkpoints_and_foreign_configs(run_train, tmp_path, ca
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     result = run_script("evaluate.py", str(tmp_path / "notes.txt"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes.txt'} is corrupt or not a PyTorch checkpoint"]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes.txt'} is not a PyTorch checkpoint (torch.save writes a zip archive)"]
     run_train(quantizer="fsq")
     state = torch.load(tmp_path / "checkpoints" / "fsq_vae_best.pt", weights_only=True)
     state["model_args"]["quantizer"] = "rvq"

@@ -200,3 +200,17 @@ def test_evaluate_takes_no_folder_from_the_checkpoint(run_train, tmp_path, image
     result = run_script(os.path.join(REPO, "evaluate.py"), str(path), "--save_prior=True", f"--data_dir={image_folder}",
                         f"--output_dir={tmp_path / 'eval'}", cwd=str(tmp_path))
     assert result.returncode == 2 and "run name stored in" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_plain_pickle_or_a_format_of_none_is_one_line_without_torch_warnings(tmp_path):
+    import pickle
+
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    result = run_script(os.path.join(REPO, "evaluate.py"), str(plain))
+    assert result.stderr.strip().splitlines() == [f"error: {plain} holds a plain pickle, not a checkpoint torch.save "
+                                                  "wrote; pickles can run code: refused"]
+    odd = tmp_path / "odd.pt"
+    torch.save({"format": None, "model": {}}, odd)
+    with pytest.raises(CheckpointError, match="has format=None, not a format number"):
+        utils.read_checkpoint(str(odd))
