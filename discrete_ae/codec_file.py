@@ -1,14 +1,19 @@
-"""The whole-photo file of codec.py: a photo as 32x32 blocks, all their integers in one
-range-coded stream under the model's prior (fitted, learned or context) behind one header.
+"""The whole-photo file of codec.py: a photo as 32x32 blocks, their integers range-coded under the
+model's prior (fitted, learned or context) behind one header.
 
-File format 1 (a 13-byte header, then the payload):
+File format 2 (a 13-byte header, then the payload):
 
     byte  0      0xA0 | FORMAT (this file's magic nibble and version)
     bytes 1-4    width, height (big-endian uint16 each)
     bytes 5-8    the first 4 bytes of the model's fingerprint (coding.fingerprint)
     bytes 9-12   CRC-32 of (bytes 0-4, the whole fingerprint, the decoded integers)
-    bytes 13-    the range coder's payload: blocks in raster order, group by group, cut after
-                 the last byte the decoder needs
+    bytes 13-    the blocks in raster order, in runs of RUN_BLOCKS: each run one range-coded stream
+                 (group by group, cut after the last byte the decoder needs), each run but the
+                 last preceded by its byte length (RUN_LENGTH_BYTES, big-endian)
+
+A photo of at most RUN_BLOCKS blocks (a megapixel) is one run: its bytes are format 1's but for the
+version. Runs decode one after another with their own tables, so a file's memory is bounded by
+one run, whatever size its header claims.
 
 A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
 prior each stop with one line. The integers decode the same on any machine (integer coding under
@@ -34,12 +39,14 @@ from discrete_ae.geometry import LATENT_HW
 from discrete_ae.geometry import LATENT_POSITIONS as POSITIONS
 
 MAGIC = 0xA
-FORMAT = 1
+FORMAT = 2  # 1: one stream for all blocks (no runs)
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
 MAX_SIDE = 65535  # the header's uint16
 MAX_PIXELS = 2**26  # a photo up to 64 megapixels (8192 x 8192): what a file may ask the decoder to allocate
 NETWORK_BATCH = 1024  # blocks through the encoder or decoder network at once
+RUN_BLOCKS = 1024  # blocks coded as one independent stream: decoding holds one run's tables at a time
+RUN_LENGTH_BYTES = 3  # the byte length of each run but the last, before it
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -95,11 +102,23 @@ def to_blocks(x):
     return x.reshape(3, rows, BLOCK, cols, BLOCK).permute(1, 3, 0, 2, 4).reshape(-1, 3, BLOCK, BLOCK), (rows, cols)
 
 
+def to_uint8(images):
+    """Floats in [0, 1] -> uint8, rounded (what a decoded photo is)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def from_blocks(blocks, grid, height, width):
-    """(N, 3, 32, 32) -> uint8 (H, W, 3): the blocks put back and the padding cut off."""
+    """(N, 3, 32, 32) floats in [0, 1] or uint8 -> uint8 (H, W, 3): the blocks put back and the
+    padding cut off."""
     rows, cols = grid
+    blocks = blocks if blocks.dtype == torch.uint8 else to_uint8(blocks)
     image = blocks.reshape(rows, cols, 3, BLOCK, BLOCK).permute(2, 0, 3, 1, 4).reshape(3, rows * BLOCK, cols * BLOCK)
-    return (image[:, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return image[:, :height, :width].permute(1, 2, 0).cpu().numpy()
+
+
+def runs_of(count):
+    """[(first block, blocks)] of the independent runs a photo of `count` blocks is coded in."""
+    return [(start, min(RUN_BLOCKS, count - start)) for start in range(0, count, RUN_BLOCKS)]
 
 
 @torch.no_grad()
@@ -111,10 +130,29 @@ def encode_photo(model, rgb):
     model.eval()
     indices = torch.cat([model.encode(blocks[i:i + NETWORK_BATCH], seed=SEED) for i in range(0, len(blocks), NETWORK_BATCH)])
     values = q.coding_values(indices).cpu().numpy()  # (N, G, 16)
-    payload = coding.encode_batch(values, q.coding_tables(len(blocks), POSITIONS, SEED))
+    payload = b""
+    runs = runs_of(len(values))
+    for k, (start, n) in enumerate(runs):
+        part = coding.encode_batch(values[start:start + n], q.coding_tables(n, POSITIONS, SEED))
+        payload += (len(part).to_bytes(RUN_LENGTH_BYTES, "big") if k < len(runs) - 1 else b"") + part
     fingerprint = coding.fingerprint(model)
     header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
     return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
+
+
+def read_runs(payload, count):
+    """The payload -> the byte string of each run, checked against its length before anything is
+    decoded: a header that claims more blocks than the payload holds fails here, at once."""
+    runs, pos, parts = runs_of(count), 0, []
+    for k in range(len(runs) - 1):
+        length = int.from_bytes(payload[pos:pos + RUN_LENGTH_BYTES], "big")
+        pos += RUN_LENGTH_BYTES
+        if pos + length > len(payload):
+            raise BitstreamError(f"the file's run {k + 1} of {len(runs)} needs {length} bytes, {len(payload) - pos} are "
+                                 "left: it is truncated, or its header is not the one it was written with")
+        parts.append(payload[pos:pos + length])
+        pos += length
+    return parts + [payload[pos:]]
 
 
 @torch.no_grad()
@@ -137,12 +175,18 @@ def decode_photo(model, blob):
                              f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
     grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
     count = grid[0] * grid[1]
-    values, readable = coding.decode_batch(bytes(blob[HEADER:]), q.coding_tables(count, POSITIONS, SEED), count)
-    if not readable or _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
+    decoded = []
+    for part, (_, n) in zip(read_runs(bytes(blob[HEADER:]), count), runs_of(count)):
+        values, readable = coding.decode_batch(part, q.coding_tables(n, POSITIONS, SEED), n)  # one run's tables at a time
+        if not readable:
+            raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
+        decoded.append(values)
+    values = np.concatenate(decoded)
+    if _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
         raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
     device = next(model.parameters()).device
     with one_thread():
         indices = q.indices_from_values(torch.from_numpy(values), LATENT_HW)
-        blocks = torch.cat([model.decode(indices[i:i + NETWORK_BATCH].to(device), seed=SEED)
-                            for i in range(0, len(indices), NETWORK_BATCH)])
+        blocks = torch.cat([to_uint8(model.decode(indices[i:i + NETWORK_BATCH].to(device), seed=SEED))
+                            for i in range(0, len(indices), NETWORK_BATCH)])  # 8-bit as they come: a quarter the memory
     return from_blocks(blocks, grid, height, width)

@@ -89,7 +89,7 @@ def test_bad_files_and_bad_checkpoints_are_one_line(checkpoint, tmp_path):
     cases = [(blob[:5], "fewer than the 13-byte header"), (blob[:-2], "fails its checksum"),
              (blob[:14] + bytes([blob[14] ^ 0x40]) + blob[15:], "fails its checksum"),
              (b"\x89PNG" + blob[4:], "not written by `python codec.py compress`"),
-             (bytes([blob[0] + 1]) + blob[1:], "codec format 2; this code reads format 1")]
+             (bytes([blob[0] + 1]) + blob[1:], "codec format 3; this code reads format 2")]
     for bad, message in cases:
         with pytest.raises(BitstreamError, match=message):
             codec.decode_photo(model, bad)
@@ -210,3 +210,23 @@ def test_a_photo_over_the_pixel_limit_is_refused_before_it_is_decoded(checkpoint
     with pytest.raises(DataError, match="9000x8000: this codec takes photos up to 64 megapixels"):
         codec.compress_file(checkpoint(quantizer="fsq"), tmp_path / "big.png", tmp_path / "big.bin")
     assert not (tmp_path / "big.bin").exists()
+
+
+def test_a_photo_of_several_runs_round_trips_and_a_claimed_size_is_checked_at_once(checkpoint, tmp_path, monkeypatch):
+    from discrete_ae import codec_file
+
+    monkeypatch.setattr(codec_file, "RUN_BLOCKS", 2)  # 3 x 2 blocks: runs of 2, 2 and 2 blocks
+    ck = checkpoint(quantizer="ddcl", entropy_model="context")
+    model, _ = load_checkpoint(ck)
+    rgb = (torch.rand(70, 90, 3) * 255).to(torch.uint8).numpy()
+    blob = codec_file.encode_photo(model, rgb)
+    blocks, grid = codec.to_blocks(codec.to_tensor(rgb, "cpu"))
+    with codec.one_thread():
+        expected = codec.from_blocks(model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED), grid, 70, 90)
+    assert np.array_equal(codec_file.decode_photo(model, blob), expected)
+    first = int.from_bytes(blob[codec.HEADER:codec.HEADER + 3], "big")
+    assert 0 < first < len(blob)  # run 1's length, before it
+    forged = bytearray(blob)
+    forged[1:5] = (2000).to_bytes(2, "big") * 2  # 63 x 63 blocks claimed: runs whose lengths the payload cannot hold
+    with pytest.raises(BitstreamError, match="is truncated, or its header is not the one it was written with"):
+        codec_file.decode_photo(model, bytes(forged))
