@@ -131,8 +131,14 @@ def test_runs_go_through_submitits_local_executor_and_are_reused_afterwards(tmp_
     assert out.count("trained tiny/") == 3 and os.path.isdir(tmp_path / "runs" / "submitit")
     summary = json.loads((tmp_path / "runs" / "results" / "tiny" / "fitted" / "comparison.json").read_text())
     assert summary["runs"] == 3 and len(summary["best"]["fsq"]["points"]) == 3
+    readme = open(os.path.join(REPO, "README.md")).read()
+    committed = open(os.path.join(REPO, "docs", "results", "summary.json")).read()
     compare.main(args)  # the same runs, asked again: finished, nothing trained
     assert "trained tiny/" not in capsys.readouterr().out
+    # a small run writes its results beside its runs: the README and the committed results only when asked
+    assert (tmp_path / "runs" / "results" / "summary.json").is_file()
+    assert open(os.path.join(REPO, "README.md")).read() == readme
+    assert open(os.path.join(REPO, "docs", "results", "summary.json")).read() == committed
     with pytest.raises(ConfigError, match="--executor='pbs'"):
         compare.main(args + ["--executor=pbs"])
 

@@ -94,3 +94,21 @@ def test_missing_package_and_unknown_set_are_one_line_errors(tmp_path, debs):
         make_patches.main([str(tmp_path / "out"), "--sets=wallpapers"])
     with pytest.raises(UserError, match="usage"):
         make_patches.main(["--set=wallpapers"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_empty_png(tmp_path, debs, capsys):
+    """A real write failure (the process's file-size limit, as a full disk fails a write)."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, before[1]))  # every PNG is larger (capsys keeps prints in memory)
+    try:
+        with pytest.raises(UserError, match="could not write .*over the size limit"):
+            make_patches.main([str(out), "--set=wallpapers", f"--debs={debs}"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, old)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no 0-byte or cut PNG, no temporary file
