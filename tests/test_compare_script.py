@@ -152,7 +152,7 @@ def start_compare(tmp_path, image_folder):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     logs = tmp_path / "runs" / "tiny_fitted" / "logs"
     deadline = time.time() + 60
-    while time.time() < deadline and not any("epoch 2/300" in p.read_text() for p in logs.glob("*.log")):
+    while time.time() < deadline and not any("epoch 1/300" in p.read_text() for p in logs.glob("*.log")):
         time.sleep(0.2)
     return proc, logs
 
@@ -193,12 +193,15 @@ def test_a_killed_compare_takes_its_training_run_with_it(tmp_path, image_folder)
 
 
 def test_a_truncated_evaluation_cache_is_one_line(tmp_path, image_folder):
-    args = [f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", "--epochs=1", "--early=1", f"--out={tmp_path / 'runs'}",
-            "--train=['--channels=[8,8,16]', '--batch_size=16']"]
-    compare.main(args)
-    (tmp_path / "runs" / "tiny_fitted" / "evaluations.json").write_text('{"trunc')
+    root = tmp_path / "runs" / "tiny_fitted"
+    (root / "outputs").mkdir(parents=True)
+    name = compare.runs({**compare.DEFAULTS, "only": ["fsq"], "seeds": 1})[0][3]
+    (root / "outputs" / f"{name}_final.json").write_text("{}")  # a finished run, by its files
+    (root / "outputs" / f"{name}_config.json").write_text(json.dumps({"epochs": 10, "dataset": "folder"}))
+    (root / "evaluations.json").write_text('{"trunc')
     with pytest.raises(DataError, match="evaluations.json is truncated or not JSON: delete it"):
-        compare.main(args + ["--report_only=True"])
+        compare.main([f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", f"--out={tmp_path / 'runs'}",
+                      "--report_only=True"])
 
 
 def test_a_second_compare_on_the_same_folder_is_refused_at_once(tmp_path, image_folder):
