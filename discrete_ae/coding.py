@@ -281,20 +281,9 @@ def encode_batch(values, tables):
     coder = _Coder(materialise(tables, values), len(values))
     encoder = constriction.stream.queue.RangeEncoder()
     coder.encode(encoder, values)
-    return _shortest_payload(_BatchReader(tables, len(values)), encoder.get_compressed(), values)
-
-
-class _BatchReader:
-    """What `_shortest_payload` needs of a coder: decode(decoder) -> (B, G, n), the tables of a
-    context prior computed from the groups decoded before, as a receiver does."""
-
-    def __init__(self, tables, batch):
-        import constriction
-
-        self.tables, self.batch, self.queue = tables, batch, constriction.stream.queue
-
-    def decode(self, decoder):
-        return _decode_batch(decoder, self.tables, self.batch)
+    # cuts are checked with the tables of the values sent: a receiver's tables equal them while it
+    # decodes those values, so a cut decodes right for both or diverges at the same symbol for both
+    return _shortest_payload(coder, encoder.get_compressed(), values)
 
 
 def decode_batch(payload, tables, batch):
