@@ -15,6 +15,11 @@ set "skimage" (the default of this script; 9 photos: scikit-image 0.26.0's wheel
                 and matplotlib's grace_hopper, each downscaled 2x and 3x
     OUT/test/    2,000 crops of chelsea and coffee
 
+set "objects" (photographed objects and animals, close up: Tux Paint's stamps, one Debian 12 package
+of 161 MB, checked by SHA-256): the photographed stamps (animals, food, plants, household objects,
+vehicles, buildings; no cartoons or symbols), every 6th held out; crops only inside each object
+(fully opaque), at short sides of 96 and 160 pixels.
+
 set "wallpapers" (the README's first set; 35 photographs from Debian 12's wallpaper packages, checked by SHA-256):
     OUT/train/  20,000 crops of 29 photos (landscapes, plants, animals, objects, interiors)
     OUT/test/    2,000 crops of 6 other photos
@@ -78,6 +83,15 @@ WALLPAPER_TEST = (LOMIRI.format("picosdeeuropa", "Aitzol_Berasategi"), LOMIRI.fo
                   LOMIRI.format("friends", "Aitzol_Berasategi"), MATE.format("LadyBird"),
                   PLASMA.format("EveningGlow"), PLASMA.format("Path"))
 SHORT_SIDES = (96, 160, 256)  # set "wallpapers": each photo is scaled to these short sides
+# set "objects": Tux Paint's photographed stamps (Debian 12), crops inside each object
+OBJECT_DEBS = {"t/tuxpaint-stamps/tuxpaint-stamps-default_2022.06.04-1_all.deb":
+               "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34"}
+OBJECT_ROOT = "usr/share/tuxpaint/stamps/"
+OBJECT_CATEGORIES = ("animals", "food", "plants", "household", "clothes", "vehicles", "town", "hobbies", "sports",
+                     "military", "people", "medical")  # photographs; "symbols", "space", "seasonal" are drawings
+OBJECT_SIDES = (96, 160)  # each stamp scaled to these short sides; a crop holds a fifth to a third of it
+MIN_OPAQUE_WINDOWS = 8  # opaque crops (on an 8-pixel grid, at 160 px) a stamp needs to be used
+OBJECT_TEST_EVERY = 6  # every 6th stamp in path order is held out for the test split
 PHOTO_SHORT_SIDE = 160  # set "wallpapers": the whole held-out photos, the middle of SHORT_SIDES
 PHOTO_DOWNSCALE = 2.5  # set "skimage": the whole held-out photos, between SCALES
 
@@ -102,8 +116,10 @@ def read_skimage_photos(wheel):
     return photos
 
 
-def deb_bytes(pool_path, debs_dir):
-    """The .deb's bytes from debs_dir (if given) or Debian's mirror, checked against DEBS."""
+def deb_bytes(pool_path, debs_dir, checksums=None):
+    """The .deb's bytes from debs_dir (if given) or Debian's mirror, checked against `checksums`
+    (DEBS by default)."""
+    checksums = DEBS if checksums is None else checksums
     name = os.path.basename(pool_path)
     if debs_dir:  # apt-get download names it with the version's epoch ("_4%3a5.27.5-2_")
         matches = glob.glob(os.path.join(debs_dir, name.split("_")[0] + "_*.deb"))
@@ -118,7 +134,7 @@ def deb_bytes(pool_path, debs_dir):
         except OSError as err:  # URLError, timeouts, resets
             raise DataError(f"could not download {DEBIAN_POOL + pool_path} ({err}); fetch the three packages "
                             "another way (e.g. `apt-get download` or snapshot.debian.org) and pass --debs=DIR") from None
-    if hashlib.sha256(data).hexdigest() != DEBS[pool_path]:
+    if hashlib.sha256(data).hexdigest() != checksums[pool_path]:
         raise DataError(f"{name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
     return data
 
@@ -147,14 +163,48 @@ def read_wallpaper_photos(debs_dir):
 
 
 def crops(scaled, count, rng):
-    """`count` random CROP x CROP uint8 crops, spread evenly over the (H, W, 3) arrays in scaled."""
+    """`count` random CROP x CROP uint8 RGB crops, spread evenly over the (H, W, 3) arrays in
+    scaled; an (H, W, 4) array is cropped only where its alpha is opaque (inside the object), and
+    left out when no crop fits there."""
+    places = [np.argwhere(opaque_windows(img)) if img.shape[2] == 4 else None for img in scaled]
+    usable = [(img, where) for img, where in zip(scaled, places) if where is None or len(where)]
     out = []
     for i in range(count):
-        img = scaled[i % len(scaled)]
-        y = rng.integers(0, img.shape[0] - CROP + 1)
-        x = rng.integers(0, img.shape[1] - CROP + 1)
-        out.append(img[y:y + CROP, x:x + CROP])
+        img, where = usable[i % len(usable)]
+        if where is not None:
+            y, x = where[rng.integers(len(where))]
+        else:
+            y = rng.integers(0, img.shape[0] - CROP + 1)
+            x = rng.integers(0, img.shape[1] - CROP + 1)
+        out.append(np.ascontiguousarray(img[y:y + CROP, x:x + CROP, :3]))
     return out
+
+
+def opaque_windows(rgba):
+    """(H - CROP + 1, W - CROP + 1) bools: where a CROP x CROP window is fully opaque (an integral image)."""
+    clear = np.pad((rgba[..., 3] < 255).astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    c = CROP
+    return (clear[c:, c:] - clear[:-c, c:] - clear[c:, :-c] + clear[:-c, :-c]) == 0
+
+
+def read_object_photos(debs_dir):
+    """name -> RGBA PIL image: Tux Paint's photographed stamps (OBJECT_CATEGORIES, no cartoons) with at
+    least MIN_OPAQUE_WINDOWS fully opaque crops at the middle scale."""
+    (pool_path,) = OBJECT_DEBS
+    photos = {}
+    with deb_data_members(deb_bytes(pool_path, debs_dir, OBJECT_DEBS)) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            path = member.name.removeprefix("./")
+            parts = path.split("/")
+            if (not path.startswith(OBJECT_ROOT) or not path.endswith(".png") or "cartoon" in parts
+                    or parts[len(OBJECT_ROOT.split("/")) - 1] not in OBJECT_CATEGORIES):
+                continue
+            photo = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGBA")
+            if opaque_windows(to_short_side(photo, OBJECT_SIDES[1]))[::8, ::8].sum() >= MIN_OPAQUE_WINDOWS:
+                photos[path] = photo
+    if len(photos) < 2 * OBJECT_TEST_EVERY:
+        raise DataError(f"only {len(photos)} photographed stamps in the package: not the one this script expects")
+    return photos
 
 
 def downscaled(photo, factor):
@@ -166,18 +216,27 @@ def to_short_side(photo, side):
     return np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC))
 
 
+def flattened(rgba):
+    """An (H, W, 4) stamp on mid-grey, as a whole photo for codec.py (it codes RGB)."""
+    alpha = rgba[..., 3:4] / 255.0
+    return np.round(rgba[..., :3] * alpha + 128 * (1 - alpha)).astype(np.uint8)
+
+
 def save_png(path, array):
     """Written whole or not at all: a full disk is one line, never a 0-byte PNG."""
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def photo_name(path):
-    """A file name for a photo: the plasma wallpapers are all 2560x1600.jpg, in folders of their name."""
+    """A file name for a photo: the plasma wallpapers are all 2560x1600.jpg, in folders of their name;
+    stamps are named by their category path."""
     parts = path.split("/")
+    if path.startswith(OBJECT_ROOT):
+        return "_".join(os.path.splitext(path[len(OBJECT_ROOT):])[0].split("/"))
     return parts[3] if parts[-1] == "2560x1600.jpg" else os.path.splitext(parts[-1])[0]
 
 
-USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers] [--wheel=PATH] [--debs=DIR]"
+USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers|objects] [--wheel=PATH] [--debs=DIR]"
 
 
 def main(argv):
@@ -194,8 +253,15 @@ def main(argv):
         names = {"train": WALLPAPER_TRAIN, "test": WALLPAPER_TEST}
         scale = [(to_short_side, s) for s in SHORT_SIDES]
         whole = lambda photo: to_short_side(photo, PHOTO_SHORT_SIDE)  # noqa: E731
+    elif set_name == "objects":
+        photos = read_object_photos(opts["debs"])
+        ordered = sorted(photos)
+        names = {"test": tuple(ordered[::OBJECT_TEST_EVERY]),
+                 "train": tuple(p for i, p in enumerate(ordered) if i % OBJECT_TEST_EVERY)}
+        scale = [(to_short_side, s) for s in OBJECT_SIDES]
+        whole = lambda photo: flattened(to_short_side(photo, OBJECT_SIDES[1]))  # noqa: E731
     else:
-        raise UserError(f"unknown --set={set_name}; use --set=skimage or --set=wallpapers")
+        raise UserError(f"unknown --set={set_name}; use --set=skimage, --set=wallpapers or --set=objects")
     rng = np.random.default_rng(0)
     for split, count in SPLIT_SIZES.items():
         folder = os.path.join(out_dir, split)

@@ -112,3 +112,41 @@ def test_a_full_disk_is_one_line_and_leaves_no_empty_png(tmp_path, debs, capsys)
         resource.setrlimit(resource.RLIMIT_FSIZE, before)
         signal.signal(signal.SIGXFSZ, old)
     assert not [p for p in out.rglob("*") if p.is_file()]  # no 0-byte or cut PNG, no temporary file
+
+
+def fake_stamp_deb(members):
+    """A .deb whose data.tar.xz holds {path: RGBA PIL image} as ./path PNGs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for path, image in members.items():
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            info = tarfile.TarInfo("./" + path)
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
+
+
+def test_objects_set_crops_only_inside_photographed_stamps_and_holds_every_sixth_out(tmp_path, monkeypatch):
+    root = make_patches.OBJECT_ROOT
+    stamps = {}
+    for i in range(18):  # opaque red squares on a clear background, a hole of clear pixels around them
+        image = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+        image.paste(Image.new("RGBA", (220, 220), (200, 30, 30, 255)), (40, 40))
+        stamps[f"{root}animals/a{i:02d}.png"] = image
+    stamps[f"{root}animals/cartoon/drawn.png"] = Image.new("RGBA", (300, 300), (30, 200, 30, 255))  # left out
+    stamps[f"{root}symbols/sign.png"] = Image.new("RGBA", (300, 300), (30, 200, 30, 255))  # left out
+    folder = tmp_path / "debs"
+    folder.mkdir()
+    data = fake_stamp_deb(stamps)
+    (pool,) = make_patches.OBJECT_DEBS
+    (folder / os.path.basename(pool)).write_bytes(data)
+    monkeypatch.setattr(make_patches, "OBJECT_DEBS", {pool: hashlib.sha256(data).hexdigest()})
+    monkeypatch.setattr(make_patches, "SPLIT_SIZES", {"train": 30, "test": 9})
+    out = tmp_path / "out"
+    make_patches.main([str(out), "--set=objects", f"--debs={folder}"])
+    crops = np.stack([np.asarray(Image.open(out / "train" / f)) for f in sorted(os.listdir(out / "train"))])
+    assert crops.shape == (30, 32, 32, 3)
+    assert np.abs(crops.astype(int) - np.array([200, 30, 30])).max() < 12  # inside the stamp, never its clear edge
+    held_out = sorted(os.listdir(out / "photos"))
+    assert held_out == [f"animals_a{i:02d}.png" for i in range(0, 18, 6)]  # every sixth stamp in path order
