@@ -134,13 +134,15 @@ def run_epoch(step, images_u8, order, steps, batch, epoch, config, stop=lambda: 
         loss_sum += step(x.contiguous(memory_format=torch.channels_last), ramp)
         done = i + 1
         if done % LOG_INTERVAL == 0 or done == steps:
-            if not math.isfinite(loss_sum.item()):
+            total = loss_sum.item()  # the one read-back of the interval
+            if not math.isfinite(total):
                 raise Stop(f"the loss became NaN or inf in epoch {epoch} by step {done}/{steps}; stopped before "
                            f"writing this epoch. Try a lower --lr (now {config['lr']:g}) or --muon_lr "
                            f"(now {config['muon_lr']:g})", code=3)
-            progress.update(done, loss_sum.item() / done, lr() if lr else float("nan"))
+            mean, now = total / done, lr() if lr else float("nan")
+            progress.update(done, mean, now)
             if log is not None:
-                log(done, loss_sum.item() / done, lr() if lr else float("nan"))
+                log(done, mean, now)
         if stop():
             break
     progress.close()
