@@ -48,7 +48,7 @@ from discrete_ae.errors import ConfigError, DataError, cli
 from discrete_ae.files import atomic_write, check_distinct, save_json
 from discrete_ae.metrics import psnr_per_image, ssim_per_image
 from discrete_ae.overrides import parse_paths_and_options
-from discrete_ae.runs import curve_name
+from discrete_ae.runs import cpu_name, curve_name
 from utils import load_checkpoint
 
 PER_BLOCK = " (a string per block)"  # the curve of model.compress's strings: in codec.json, not drawn
@@ -292,7 +292,20 @@ def evaluate_main(argv):
         rate = "no overlap" if bd["bd_rate_vs_webp"] is None else f"{bd['bd_rate_vs_webp']:+.1f}%"
         psnr = "no overlap" if bd["bd_psnr_vs_webp"] is None else f"{bd['bd_psnr_vs_webp']:+.2f} dB"
         print(f"{name}: against WebP, BD-rate {rate}, BD-PSNR {psnr} (mean curves over the photos)")
+    for line in speed_lines(result["speed_median"]):
+        print(line)
     print(f"wrote {out}/codec.json and codec.png")
+
+
+def speed_lines(speed):
+    """Every codec's median encode and decode megapixels per second, and their ratio to WebP's."""
+    webp = speed.get("webp")
+    lines = [f"speed, median over the photos, {torch.get_num_threads()} thread(s), {cpu_name()}:"]
+    for name, s in sorted(speed.items(), key=lambda kv: -kv[1]["decode_mp_s"]):
+        ratio = (f" ({s['encode_mp_s'] / webp['encode_mp_s']:.2f}x / {s['decode_mp_s'] / webp['decode_mp_s']:.2f}x WebP's)"
+                 if webp else "")
+        lines.append(f"  {name}: encode {s['encode_mp_s']:.2f}, decode {s['decode_mp_s']:.2f} MP/s{ratio}")
+    return lines
 
 
 def main(argv):

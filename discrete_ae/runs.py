@@ -202,3 +202,13 @@ def curve_name(config, q):
     entropy_model = q.entropy_model if q.has_indices else "fitted"
     return (config["quantizer"] + ("" if entropy_model == "fitted" else "_" + entropy_model)
             + ("_posthoc" if config.get("context_prior_fitted_to") else ""))
+
+
+def cpu_name():
+    """This machine's CPU, as /proc/cpuinfo names it: every time this repo quotes names its machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{os.cpu_count()}-core {model or 'unknown CPU'}"

@@ -54,7 +54,7 @@ from discrete_ae.errors import ConfigError, DataError, Stop, cli
 from discrete_ae.files import atomic_write, read_jsonl, save_json
 from discrete_ae.overrides import parse_paths_and_options
 from discrete_ae.process import run_logged
-from discrete_ae.runs import RunLock
+from discrete_ae.runs import RunLock, cpu_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
@@ -454,16 +454,6 @@ def report(data, where, opts, plan, prior, results):
     print(f"# {data['name']}, {prior} prior\n" + results_table(summary))
     print(f"{summary['runs']} runs, {total:.0f} CPU-minutes of training; wrote {out}/")
     return summary
-
-
-def cpu_name():
-    """The CPU the runs trained on, as /proc/cpuinfo names it (every time quoted names its machine)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{os.cpu_count()}-core {model or 'unknown CPU'}"
 
 
 PRIOR_WORDS = {"fitted": "fitted histogram (FSQ joint over its code, DDCL per channel)",

@@ -230,3 +230,11 @@ def test_a_photo_of_several_runs_round_trips_and_a_claimed_size_is_checked_at_on
     forged[1:5] = (2000).to_bytes(2, "big") * 2  # 63 x 63 blocks claimed: runs whose lengths the payload cannot hold
     with pytest.raises(BitstreamError, match="is truncated, or its header is not the one it was written with"):
         codec_file.decode_photo(model, bytes(forged))
+
+
+def test_the_speed_lines_give_every_codec_and_its_ratio_to_webp():
+    lines = codec.speed_lines({"webp": {"encode_mp_s": 8.0, "decode_mp_s": 40.0},
+                               "ddcl_context, 10 epochs": {"encode_mp_s": 2.0, "decode_mp_s": 4.0}})
+    assert lines[0].startswith("speed, median over the photos") and "core" in lines[0]
+    assert lines[1:] == ["  webp: encode 8.00, decode 40.00 MP/s (1.00x / 1.00x WebP's)",
+                         "  ddcl_context, 10 epochs: encode 2.00, decode 4.00 MP/s (0.25x / 0.10x WebP's)"]
