@@ -497,19 +497,30 @@ def cross_summary(results):
         for set_name, entry in out["priors"][prior].items():
             for m, e in entry["methods"].items():
                 if e["bd_vs_fsq"]:
-                    verdicts.setdefault(m, {})[set_name] = e["bd_vs_fsq"]["bd_rate"]["verdict"]
+                    verdicts.setdefault(m, {})[set_name] = verdict_of(e["bd_vs_fsq"])
         out["holds"][prior] = {m: {"sets": v, "on_every_set": next(iter(set(v.values()))) if len(set(v.values())) == 1
                                    else "differs between sets"} for m, v in verdicts.items()}
     out["headline_prior"] = next((p for p in HEADLINE_ORDER if p in out["priors"]), None)
     return out
 
 
+def verdict_of(bd):
+    """better / worse / level against FSQ: by BD-rate where the PSNR ranges overlap, else by BD-PSNR
+    where the rates do (a higher PSNR at equal bits is better too); "no overlap" where neither does."""
+    for key in ("bd_rate", "bd_psnr"):
+        if bd[key]["overlap"]:
+            return bd[key]["verdict"]
+    return "no overlap"
+
+
 def _bd_words(bd, digits=1):
-    rate = bd["bd_rate"]
-    if not rate["overlap"]:
-        return "no overlap"
-    iv = f" [{rate['interval'][0]:+.{digits}f}, {rate['interval'][1]:+.{digits}f}]" if rate["interval"] else ""
-    return f"{rate['mean']:+.{digits}f}%{iv}"
+    """"-7.3% [-9.0, -5.6]" (BD-rate), else "+0.24 dB [+0.13, +0.35] at equal bits" (BD-PSNR)."""
+    for key, unit, d, tail in (("bd_rate", "%", digits, ""), ("bd_psnr", " dB", 2, " at equal bits")):
+        stat = bd[key]
+        if stat["overlap"]:
+            iv = f" [{stat['interval'][0]:+.{d}f}, {stat['interval'][1]:+.{d}f}]" if stat["interval"] else ""
+            return f"{stat['mean']:+.{d}f}{unit}{iv}{tail}"
+    return "no overlap"
 
 
 def answer_text(summary):
@@ -528,10 +539,10 @@ def answer_text(summary):
         reading = {"better": "DDCL needs fewer bits than FSQ on every set",
                    "worse": "FSQ needs fewer bits than DDCL on every set",
                    "level": "DDCL and FSQ are level on every set"}.get(holds, "the verdict differs between sets")
-        terms = ", ".join(f"{s} {_bd_words(bd)}" for s, bd in ddcl.items())
+        terms = ", ".join(f"{s} {_bd_words(bd)}" for s, bd in ddcl.items())  # BD-rate, or BD-PSNR where no equal PSNR
         any_set = next(iter(per_set.values()))
         text = (f"under a {PRIOR_WORDS[prior]}, {len(ddcl)} set{'s' if len(ddcl) > 1 else ''}, {any_set['epochs']} "
-                f"epochs, {len(any_set['seeds'])} seeds: **{reading}** (BD-rate of DDCL against FSQ, 95% interval: {terms})")
+                f"epochs, {len(any_set['seeds'])} seeds: **{reading}** (DDCL against FSQ, 95% intervals: {terms})")
         if prior != summary["headline_prior"] and len(lines) == 1:
             lines += ["", "The other prior families, the same question:"]
         lines.append(("**The answer**, " if prior == summary["headline_prior"] else "- ") + text + ".")
@@ -556,8 +567,8 @@ def summary_table(summary):
                 elif bd is None:
                     rate, dpsnr = "-", "-"
                 else:
-                    rate = _bd_words(bd)
-                    dpsnr = fmt_interval(bd["bd_psnr"], " dB", 2) if bd["bd_psnr"]["overlap"] else "no overlap"
+                    rate = fmt_interval(bd["bd_rate"], "%", 1) if bd["bd_rate"]["overlap"] else "no overlap (PSNR)"
+                    dpsnr = fmt_interval(bd["bd_psnr"], " dB", 2) if bd["bd_psnr"]["overlap"] else "no overlap (bits)"
                 lines.append(f"| {prior} | {set_name} | {m} | {labels} | {bits} | {psnr} | {rate} | {dpsnr} |")
     runs = sum(e["runs"] for per_set in summary["priors"].values() for e in per_set.values())
     minutes = sum(e["training_cpu_minutes"] for per_set in summary["priors"].values() for e in per_set.values())

@@ -213,3 +213,12 @@ def test_a_second_compare_on_the_same_folder_is_refused_at_once(tmp_path, image_
         with pytest.raises(UserError, match="is in use by pid"):
             compare.main([f"tiny={image_folder}", "--only=['fsq']", "--seeds=1", f"--out={tmp_path / 'runs'}"])
     assert not (tmp_path / "runs" / "tiny_fitted").exists()
+
+
+def test_where_the_psnr_ranges_do_not_overlap_the_answer_reads_bd_psnr():
+    no_rate = {"mean": None, "interval": None, "seeds": [None] * 3, "overlap": False, "verdict": "no overlap"}
+    ahead = {"mean": 0.24, "interval": [0.13, 0.35], "seeds": [0.2, 0.25, 0.27], "overlap": True, "verdict": "better"}
+    bd = {"bd_rate": no_rate, "bd_psnr": ahead}
+    assert compare.verdict_of(bd) == "better"
+    assert compare._bd_words(bd) == "+0.24 dB [+0.13, +0.35] at equal bits"
+    assert compare.verdict_of({"bd_rate": no_rate, "bd_psnr": {**no_rate}}) == "no overlap"
