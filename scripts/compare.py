@@ -536,8 +536,8 @@ def answer_text(summary):
         if not ddcl:
             continue
         holds = summary["holds"][prior]["ddcl"]["on_every_set"]
-        reading = {"better": "DDCL needs fewer bits than FSQ on every set",
-                   "worse": "FSQ needs fewer bits than DDCL on every set",
+        reading = {"better": "DDCL is ahead of FSQ on every set",  # fewer bits at equal PSNR, or more PSNR at equal bits
+                   "worse": "FSQ is ahead of DDCL on every set",
                    "level": "DDCL and FSQ are level on every set"}.get(holds, "the verdict differs between sets")
         terms = ", ".join(f"{s} {_bd_words(bd)}" for s, bd in ddcl.items())  # BD-rate, or BD-PSNR where no equal PSNR
         any_set = next(iter(per_set.values()))

@@ -101,7 +101,7 @@ def test_summary_reads_bd_rate_over_seeds_and_the_table_says_level_only_when_the
     cross = compare.cross_summary(str(results))
     assert cross["headline_prior"] == "learned" and cross["holds"]["learned"]["ddcl"]["on_every_set"] == "better"
     answer = compare.answer_text(cross)
-    assert "**DDCL needs fewer bits than FSQ on every set**" in answer and "2 sets, 10 epochs, 3 seeds" in answer
+    assert "**DDCL is ahead of FSQ on every set**" in answer and "2 sets, 10 epochs, 3 seeds" in answer
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{compare.ANSWER_START}\nold\n{compare.ANSWER_END}\nmid\n{compare.TABLE_START}\nold\n"
                       f"{compare.TABLE_END}\nrest\n")
