@@ -25,16 +25,16 @@ def ar_member(name, data):
     return header + data + (b"\n" if len(data) % 2 else b"")
 
 
-def fake_deb(members):
-    """A .deb (ar archive) whose data.tar.xz holds {path: PIL image} as ./path JPEGs."""
+def fake_deb(members, image_format="JPEG"):
+    """A .deb (ar archive) whose data.tar.xz holds {path: PIL image} as ./path files (JPEG or PNG)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
         for path, image in members.items():
-            jpg = io.BytesIO()
-            image.save(jpg, format="JPEG")
+            encoded = io.BytesIO()
+            image.save(encoded, format=image_format)
             info = tarfile.TarInfo("./" + path)
-            info.size = len(jpg.getvalue())
-            tar.addfile(info, io.BytesIO(jpg.getvalue()))
+            info.size = len(encoded.getvalue())
+            tar.addfile(info, io.BytesIO(encoded.getvalue()))
     return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
 
 
@@ -114,19 +114,6 @@ def test_a_full_disk_is_one_line_and_leaves_no_empty_png(tmp_path, debs, capsys)
     assert not [p for p in out.rglob("*") if p.is_file()]  # no 0-byte or cut PNG, no temporary file
 
 
-def fake_stamp_deb(members):
-    """A .deb whose data.tar.xz holds {path: RGBA PIL image} as ./path PNGs."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-        for path, image in members.items():
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            info = tarfile.TarInfo("./" + path)
-            info.size = len(png.getvalue())
-            tar.addfile(info, io.BytesIO(png.getvalue()))
-    return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
-
-
 def test_objects_set_crops_only_inside_photographed_stamps_and_holds_every_sixth_out(tmp_path, monkeypatch):
     root = make_patches.OBJECT_ROOT
     stamps = {}
@@ -138,7 +125,7 @@ def test_objects_set_crops_only_inside_photographed_stamps_and_holds_every_sixth
     stamps[f"{root}symbols/sign.png"] = Image.new("RGBA", (300, 300), (30, 200, 30, 255))  # left out
     folder = tmp_path / "debs"
     folder.mkdir()
-    data = fake_stamp_deb(stamps)
+    data = fake_deb(stamps, "PNG")
     (pool,) = make_patches.OBJECT_DEBS
     (folder / os.path.basename(pool)).write_bytes(data)
     monkeypatch.setattr(make_patches, "OBJECT_DEBS", {pool: hashlib.sha256(data).hexdigest()})
