@@ -191,6 +191,7 @@ def train_all(jobs, opts):
         log = os.path.join(where["logs"], f"{name}.log")
         code = launch(train_command(data, where, opts, name, args), env, log)
         if code:
+            stopping.set()  # here, before this worker takes the next job
             raise ConfigError(f"{name} failed (exit {code}); see {log}")
         print(f"trained {data['name']}/{name}", flush=True)
 
@@ -198,11 +199,13 @@ def train_all(jobs, opts):
     try:
         for future in [pool.submit(one, job) for job in jobs]:
             future.result()
-    except KeyboardInterrupt:  # Ctrl-C reached the runs in flight too (one process group): start no other
+    except BaseException as err:  # a failed run or Ctrl-C (which reached the runs in flight too): start no other
         stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
-        raise Stop("interrupted: the runs in flight stopped at their last epoch; run the same command again to "
-                   "resume them", code=130) from None
+        if isinstance(err, KeyboardInterrupt):
+            raise Stop("interrupted: the runs in flight stopped at their last epoch; run the same command again to "
+                       "resume them", code=130) from None
+        raise
     pool.shutdown()
 
 

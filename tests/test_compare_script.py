@@ -222,3 +222,12 @@ def test_where_the_psnr_ranges_do_not_overlap_the_answer_reads_bd_psnr():
     assert compare.verdict_of(bd) == "better"
     assert compare._bd_words(bd) == "+0.24 dB [+0.13, +0.35] at equal bits"
     assert compare.verdict_of({"bd_rate": no_rate, "bd_psnr": {**no_rate}}) == "no overlap"
+
+
+def test_a_failed_run_starts_no_queued_run(tmp_path, image_folder):
+    args = [f"tiny={image_folder}", "--only=['fsq']", "--seeds=2", "--jobs=1", f"--out={tmp_path / 'runs'}",
+            "--train=['--lr=-1.0']"]  # every run fails its config check at once
+    with pytest.raises(ConfigError, match="failed \\(exit 2\\)"):
+        compare.main(args)
+    time.sleep(1)  # a queued run would have started by now
+    assert len(list((tmp_path / "runs" / "tiny_fitted" / "logs").glob("*.log"))) == 1
