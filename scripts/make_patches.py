@@ -4,6 +4,8 @@
     python scripts/make_patches.py /tmp/patches --wheel=scikit_image-0.26.0-....whl
     python scripts/make_patches.py /tmp/photos --set=wallpapers  # set "wallpapers": 3 Debian packages (156 MB)
     python scripts/make_patches.py /tmp/photos --set=wallpapers --debs=FOLDER   # .deb files already downloaded
+    python scripts/make_patches.py /tmp/objects --set=objects    # set "objects": Tux Paint's photographed stamps
+    python scripts/make_patches.py /tmp/textures --set=textures  # set "textures": GIMP's photographed materials
 
 CIFAR-10 cannot be downloaded on the machine the README was measured on, so its numbers come from
 32x32 crops of photos that anyone can fetch from a package registry. Training and test crops come
@@ -20,15 +22,22 @@ of 161 MB, checked by SHA-256): the photographed stamps (animals, food, plants, 
 vehicles, buildings; no cartoons or symbols), every 6th held out; crops only inside each object
 (fully opaque), at short sides of 96 and 160 pixels.
 
+set "textures" (materials, close up: GIMP's patterns, two Debian 12 packages of 18 MB, checked by
+SHA-256): the 29 patterns that are photographs (bark, brick, stone, wood, leaves, leather, cloth,
+paper, coffee beans, soil, marble, banknotes; no rendered or filtered ones), 64 to 161 pixels a
+side, cropped at their own scale (a crop holds a fifth to a half of the pattern); every 5th in name
+order held out.
+
 set "wallpapers" (the README's first set; 35 photographs from Debian 12's wallpaper packages, checked by SHA-256):
     OUT/train/  20,000 crops of 29 photos (landscapes, plants, animals, objects, interiors)
     OUT/test/    2,000 crops of 6 other photos
     each photo is scaled to a short side of 96, 160 and 256 pixels, so a 32x32 crop holds a third
     to an eighth of the picture's height, near CIFAR-10's framing.
 
-Both sets also write OUT/photos/: the held-out photos whole, at the middle of the crops' scales
+Every set also writes OUT/photos/: the held-out photos whole, at the middle of the crops' scales
 (wallpapers: a short side of 160 pixels, where a 32x32 block holds a fifth of the height;
-skimage: downscaled 2.5x), as PNG without metadata: what codec.py's evaluation compresses.
+skimage: downscaled 2.5x; objects: a short side of 160 on mid-grey; textures: as they are), as PNG
+without metadata: what codec.py's evaluation compresses.
 """
 import glob
 import hashlib
@@ -92,6 +101,16 @@ OBJECT_CATEGORIES = ("animals", "food", "plants", "household", "clothes", "vehic
 OBJECT_SIDES = (96, 160)  # each stamp scaled to these short sides; a crop holds a fifth to a third of it
 MIN_OPAQUE_WINDOWS = 8  # opaque crops (on an 8-pixel grid, at 160 px) a stamp needs to be used
 OBJECT_TEST_EVERY = 6  # every 6th stamp in path order is held out for the test split
+# set "textures": GIMP's photographed patterns (Debian 12), at their own scale
+TEXTURE_DEBS = {"g/gimp/gimp-data_2.10.34-1+deb12u10_all.deb":
+                "89007a69d4ef2b0440e5419e75d4112cfd1c49e97db38220d210b9f86322be7c",
+                "g/gimp-data-extras/gimp-data-extras_2.0.2-1.1_all.deb":
+                "aa7cb9f0993aebe1585ec6de7e401c4cac22a5961a6585a005acccee2a969f97"}
+TEXTURE_ROOT = "usr/share/gimp/2.0/patterns/"
+TEXTURES = ("amethyst", "bark", "brick", "burlap", "burlwood", "clovers", "connestoga", "corkboard", "crinklepaper",
+            "dirt", "drymud", "ground1", "java", "leather", "leaves3", "leaves4", "leaves6", "marble3", "money",
+            "parque1", "parque2", "parque3", "pebbles", "pink_marble", "rock", "stone33", "walnut", "wood1", "wood5")
+TEXTURE_TEST_EVERY = 5  # every 5th pattern in name order is held out for the test split
 PHOTO_SHORT_SIDE = 160  # set "wallpapers": the whole held-out photos, the middle of SHORT_SIDES
 PHOTO_DOWNSCALE = 2.5  # set "skimage": the whole held-out photos, between SCALES
 
@@ -132,7 +151,7 @@ def deb_bytes(pool_path, debs_dir, checksums=None):
             with urllib.request.urlopen(DEBIAN_POOL + pool_path, timeout=60) as r:
                 data = r.read()
         except OSError as err:  # URLError, timeouts, resets
-            raise DataError(f"could not download {DEBIAN_POOL + pool_path} ({err}); fetch the three packages "
+            raise DataError(f"could not download {DEBIAN_POOL + pool_path} ({err}); fetch the packages "
                             "another way (e.g. `apt-get download` or snapshot.debian.org) and pass --debs=DIR") from None
     if hashlib.sha256(data).hexdigest() != checksums[pool_path]:
         raise DataError(f"{name} does not have the SHA-256 this script expects; fetch it again from {DEBIAN_POOL}")
@@ -207,6 +226,39 @@ def read_object_photos(debs_dir):
     return photos
 
 
+def read_pattern(data):
+    """A GIMP pattern (.pat: a big-endian header of size, version, width, height, bytes per pixel,
+    b"GPAT" and a name, then the pixels row by row) -> RGB PIL image."""
+    import struct
+
+    if len(data) < 24 or data[20:24] != b"GPAT":
+        raise DataError("a pattern in the package is not a GIMP pattern: not the package this script expects")
+    header, _, width, height, depth = struct.unpack(">5I", data[:20])
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(depth)
+    if mode is None or len(data) < header + width * height * depth:
+        raise DataError("a GIMP pattern in the package is truncated or has an unknown pixel format")
+    return Image.frombytes(mode, (width, height), data[header:header + width * height * depth]).convert("RGB")
+
+
+def read_texture_photos(debs_dir):
+    """name -> RGB PIL image for TEXTURES, from GIMP's two pattern packages."""
+    photos = {}
+    for pool_path in TEXTURE_DEBS:
+        with deb_data_members(deb_bytes(pool_path, debs_dir, TEXTURE_DEBS)) as tar:
+            for member in tar.getmembers():
+                path = member.name.removeprefix("./")  # gimp-data keeps them in folders (Wood/bark.pat)
+                if path.startswith(TEXTURE_ROOT) and os.path.basename(path)[:-4] in TEXTURES and path.endswith(".pat"):
+                    photos[os.path.basename(path)[:-4]] = read_pattern(tar.extractfile(member).read())
+    missing = sorted(set(TEXTURES) - set(photos))
+    if missing:
+        raise DataError(f"the packages lack the patterns {', '.join(missing)}: not the ones this script expects")
+    return photos
+
+
+def as_is(photo, _):
+    return np.asarray(photo)
+
+
 def downscaled(photo, factor):
     return np.asarray(photo.resize((photo.width // factor, photo.height // factor), Image.BICUBIC))
 
@@ -233,10 +285,10 @@ def photo_name(path):
     parts = path.split("/")
     if path.startswith(OBJECT_ROOT):
         return "_".join(os.path.splitext(path[len(OBJECT_ROOT):])[0].split("/"))
-    return parts[3] if parts[-1] == "2560x1600.jpg" else os.path.splitext(parts[-1])[0]
+    return parts[3] if parts[-1] == "2560x1600.jpg" else os.path.splitext(parts[-1])[0]  # a pattern: its name
 
 
-USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers|objects] [--wheel=PATH] [--debs=DIR]"
+USAGE = "usage: python scripts/make_patches.py OUT_DIR [--set=skimage|wallpapers|objects|textures] [--wheel=PATH] [--debs=DIR]"
 
 
 def main(argv):
@@ -260,8 +312,14 @@ def main(argv):
                  "train": tuple(p for i, p in enumerate(ordered) if i % OBJECT_TEST_EVERY)}
         scale = [(to_short_side, s) for s in OBJECT_SIDES]
         whole = lambda photo: flattened(to_short_side(photo, OBJECT_SIDES[1]))  # noqa: E731
+    elif set_name == "textures":
+        photos = read_texture_photos(opts["debs"])
+        names = {"test": TEXTURES[::TEXTURE_TEST_EVERY],
+                 "train": tuple(n for i, n in enumerate(TEXTURES) if i % TEXTURE_TEST_EVERY)}
+        scale = [(as_is, None)]
+        whole = np.asarray
     else:
-        raise UserError(f"unknown --set={set_name}; use --set=skimage, --set=wallpapers or --set=objects")
+        raise UserError(f"unknown --set={set_name}; use --set=skimage, --set=wallpapers, --set=objects or --set=textures")
     rng = np.random.default_rng(0)
     for split, count in SPLIT_SIZES.items():
         folder = os.path.join(out_dir, split)

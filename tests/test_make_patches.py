@@ -137,3 +137,62 @@ def test_objects_set_crops_only_inside_photographed_stamps_and_holds_every_sixth
     assert np.abs(crops.astype(int) - np.array([200, 30, 30])).max() < 12  # inside the stamp, never its clear edge
     held_out = sorted(os.listdir(out / "photos"))
     assert held_out == [f"animals_a{i:02d}.png" for i in range(0, 18, 6)]  # every sixth stamp in path order
+
+
+def gimp_pattern(rgb, size=(80, 64)):
+    """A GIMP .pat file: the big-endian header (size, version 1, width, height, 3 bytes a pixel,
+    b"GPAT", a NUL-ended name), then the RGB pixels."""
+    import struct
+
+    name = b"test\0"
+    header = struct.pack(">5I", 24 + len(name), 1, *size, 3) + b"GPAT" + name
+    return header + bytes(rgb) * (size[0] * size[1])
+
+
+def fake_pattern_debs(tmp_path, monkeypatch, patterns):
+    """The two pattern packages, {name: .pat bytes} split between them (one in a folder, as gimp-data)."""
+    folder, hashes = tmp_path / "debs", {}
+    folder.mkdir()
+    pools = list(make_patches.TEXTURE_DEBS)
+    for i, pool in enumerate(pools):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+            for j, (name, data) in enumerate(sorted(patterns.items())):
+                if j % len(pools) == i:
+                    info = tarfile.TarInfo(f"./{make_patches.TEXTURE_ROOT}{'Wood/' if i == 0 else ''}{name}.pat")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        deb = b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
+        (folder / os.path.basename(pool)).write_bytes(deb)
+        hashes[pool] = hashlib.sha256(deb).hexdigest()
+    monkeypatch.setattr(make_patches, "TEXTURE_DEBS", hashes)
+    monkeypatch.setattr(make_patches, "SPLIT_SIZES", {"train": 24, "test": 12})
+    return folder
+
+
+def test_textures_set_reads_gimp_patterns_and_holds_every_fifth_out(tmp_path, monkeypatch):
+    patterns = {n: gimp_pattern(TEST_RGB if i % 5 == 0 else TRAIN_RGB) for i, n in enumerate(make_patches.TEXTURES)}
+    patterns["a_rendered_one"] = gimp_pattern((0, 255, 0))  # not in TEXTURES: left out
+    folder = fake_pattern_debs(tmp_path, monkeypatch, patterns)
+    out = tmp_path / "out"
+    make_patches.main([str(out), "--set=textures", f"--debs={folder}"])
+    for split, colour in (("train", TRAIN_RGB), ("test", TEST_RGB)):
+        crops = np.stack([np.asarray(Image.open(out / split / f)) for f in sorted(os.listdir(out / split))])
+        assert crops.shape[1:] == (32, 32, 3) and (crops == np.array(colour, dtype=np.uint8)).all()
+    assert sorted(os.listdir(out / "photos")) == sorted(n + ".png" for n in make_patches.TEXTURES[::5])
+    assert Image.open(out / "photos" / "amethyst.png").size == (80, 64)  # whole, at its own scale
+
+
+@pytest.mark.parametrize("damage, message", [("missing", "lack the patterns bark"), ("magic", "not a GIMP pattern"),
+                                             ("truncated", "truncated")])
+def test_textures_set_refuses_other_packages_in_one_line(tmp_path, monkeypatch, damage, message):
+    patterns = {n: gimp_pattern(TRAIN_RGB) for n in make_patches.TEXTURES}
+    if damage == "missing":
+        del patterns["bark"]
+    elif damage == "magic":
+        patterns["bark"] = patterns["bark"][:20] + b"XPAT" + patterns["bark"][24:]
+    else:
+        patterns["bark"] = patterns["bark"][:100]
+    folder = fake_pattern_debs(tmp_path, monkeypatch, patterns)
+    with pytest.raises(make_patches.DataError, match=message):
+        make_patches.main([str(tmp_path / "out"), "--set=textures", f"--debs={folder}"])
