@@ -121,7 +121,7 @@ class QuantizedVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x, seed=0):
         """Images -> integer indices (what a sender transmits); None for bottlenecks without any."""
-        return self.quantizer(self.encoder(x), seed=seed).indices
+        return self.quantizer.indices(self.encoder(x), seed=seed)
 
     @torch.no_grad()
     def decode(self, indices, seed=0):

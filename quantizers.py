@@ -147,17 +147,24 @@ class DDCL_Bottleneck(Bottleneck):
         """log2(2|z|/delta + 1) per latent value, (B, C, H, W). Keep the factor 2 (see the notes)."""
         return torch.log2(2.0 * z.abs() / self.delta + 1.0)
 
+    def _dithered(self, z, seed):
+        """Evaluation's subtractive dither: z (B, C, H, W) float32 -> (m, z_hat = m delta - u)."""
+        u = self.dither(z.shape[1:], seed, z.device)  # (C, H, W) shared, or (B, C, H, W) per image
+        if u.dim() == z.dim() and len(u) != len(z):
+            raise ConfigError(f"{len(u)} seeds for {len(z)} images: pass one integer, or one seed per image")
+        m = torch.round((z + u) / self.delta)
+        return m, m * self.delta - u
+
+    def indices(self, z, seed=0):
+        return super().indices(z, seed) if self.training else self._dithered(z.float(), seed)[0].long()
+
     def forward(self, z, seed=0):
         z = z.float()  # (B, C, H, W); fp32 even under bf16 autocast, so the noise is not rounded away
         if self.training:
             z_hat = z + (torch.rand_like(z) - 0.5) * self.delta
             m = torch.round(z_hat.detach() / self.delta)  # what the dithered quantizer would send
         else:
-            u = self.dither(z.shape[1:], seed, z.device)  # (C, H, W) shared, or (B, C, H, W) per image
-            if u.dim() == z.dim() and len(u) != len(z):
-                raise ConfigError(f"{len(u)} seeds for {len(z)} images: pass one integer, or one seed per image")
-            m = torch.round((z + u) / self.delta)
-            z_hat = m * self.delta - u
+            m, z_hat = self._dithered(z, seed)
         if self.prior is not None:  # bits of z_hat's delta-wide bin; the exact code length at evaluation
             return QuantizerOutput(z_hat, m.long(), *self.learned_rate(*self.prior.bits(z_hat.flatten(2), self.delta)))
         cost = self.comm_bits(z)  # (B, C, H, W) bits per value

@@ -91,6 +91,10 @@ class Bottleneck(nn.Module):
     def decode_indices(self, indices, seed=0):
         raise TypeError(f"{type(self).__name__} has no indices to decode")
 
+    def indices(self, z, seed=0):
+        """forward(z, seed).indices without the rate (what an encoder sends; the codec's hot path)."""
+        return self(z, seed=seed).indices
+
     def fixed_length_bits(self, indices):
         raise TypeError(f"{type(self).__name__} has no indices")
 
@@ -167,12 +171,18 @@ class CodebookBottleneck(Bottleneck):
     def codes(self, indices):
         raise NotImplementedError
 
-    def forward(self, z, seed=None):
+    def _quantized(self, z):
         # z: (B, C, H, W). Quantized in float32 with autocast off: the libraries force fp32 only
         # under CUDA autocast, and a bf16 latent would round the decision boundaries
         with torch.autocast(z.device.type, enabled=False):
             z_q, indices, aux = self.quantize(z.float())
-        indices, aux = indices.long(), aux.float().reshape(())
+        return z_q, indices.long(), aux.float().reshape(())
+
+    def indices(self, z, seed=None):
+        return self._quantized(z)[1]
+
+    def forward(self, z, seed=None):
+        z_q, indices, aux = self._quantized(z)
         if self.prior is None:
             bits = _latent_positions(z) * self.num_streams * math.log2(self.codebook_size)
             return QuantizerOutput(z_q, indices, aux, constant_bits(z, bits), zero(z))

@@ -24,6 +24,7 @@ string, one written by another model or prior, or one decoded with another seed 
 subset, in any order, decodes to the same images.
 """
 import binascii
+import functools
 import hashlib
 from typing import Callable, NamedTuple
 
@@ -46,8 +47,9 @@ class Table(NamedTuple):
 
     The values lo .. lo + K - 1 (lo .. lo + K - 2 when `open`) have probabilities `probs`, a float64
     array (B or 1, count or 1, K) whose rows sum to 1 and hold no zero: one row for every image and
-    position, or one shared row. With `open`, the last column is an escape symbol, after which the
-    value itself follows in ESCAPE_BITS raw bits."""
+    position, or one shared row. `lo` is an integer, or an int64 array (B or 1, count) with each
+    row's own first value (a window that follows the prediction). With `open`, the last column is
+    an escape symbol, after which the value itself follows in ESCAPE_BITS raw bits."""
     lo: int
     probs: np.ndarray
     open: bool
@@ -55,26 +57,32 @@ class Table(NamedTuple):
 
     def row(self, i):
         """The table of image i alone."""
-        return self._replace(probs=self.probs[i:i + 1] if self.probs.shape[0] > 1 else self.probs)
+        lo = self.lo[i:i + 1] if np.ndim(self.lo) and len(self.lo) > 1 else self.lo
+        return self._replace(lo=lo, probs=self.probs[i:i + 1] if self.probs.shape[0] > 1 else self.probs)
 
 
 class SequentialTables(NamedTuple):
     """The tables of a context model: group g's Table depends on the integers of groups 0 .. g-1,
-    which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table.
+    which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table; make_all
+    (values (B, G, count)) -> every group's Table at once, the same bits as make (the encoder's
+    one pass), or None.
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
     the values it has decoded (`_decode_batch`, `decode_payloads`): the same function of the same
     integers, so the two agree bit for bit as long as `make` computes each image's table
-    independently of the other images in the batch (`_CausalContext` says how)."""
+    independently of the other images in the batch (discrete_ae/exact.py says how)."""
     groups: int
     count: int
     make: Callable
+    make_all: Callable = None
 
 
 def materialise(tables, values):
     """A list of Tables for `values` (B, G, n): context tables computed from the values before each
     group, as the decoder will compute them; a plain list is returned as it is."""
     if isinstance(tables, SequentialTables):
+        if tables.make_all is not None:
+            return tables.make_all(values)
         return [tables.make(g, values[:, :g]) for g in range(tables.groups)]
     return tables
 
@@ -93,7 +101,7 @@ def _symbols(values, table):
     outside = (ids < 0) | (ids >= size)
     if outside.any():
         if not table.open:
-            raise ValueError(f"value outside the closed alphabet [{table.lo}, {table.lo + size})")
+            raise ValueError(f"value outside the closed alphabet of {size} values from {np.min(table.lo)}")
         if np.abs(values[outside]).max() >= ESCAPE_OFFSET:
             raise BitstreamError(f"a value of {int(np.abs(values[outside]).max())} is beyond the +-{ESCAPE_OFFSET - 1} "
                                  "that the coder sends: the latent diverged (in training: lower --lr)")
@@ -116,7 +124,9 @@ def ideal_bits(values, tables):
 class _Coder:
     """constriction models for `tables` over `batch` images, prepared once and reused by every
     encode and decode: a fixed categorical where a table is one shared row, the categorical family
-    with one contiguous row per symbol otherwise."""
+    with one contiguous row per symbol otherwise. When every table has per-symbol rows of one size,
+    they are also kept as one block (G, batch, count, K), so that values with no escape are coded
+    in one call instead of one per group: the same symbols in the same order, the same bits."""
 
     def __init__(self, tables, batch):
         import constriction
@@ -125,44 +135,100 @@ class _Coder:
         self.queue = constriction.stream.queue
         self.tables, self.batch = tables, batch
         self.escape = model.Uniform(2 ** ESCAPE_BITS)
-        family = model.Categorical(perfect=False)
+        self.family = model.Categorical(perfect=False)
         self.models = []  # (model, () or (rows (batch * count, K),)) per table
         for t in tables:
             if t.probs.shape[:2] == (1, 1):
                 self.models.append((model.Categorical(t.probs[0, 0], perfect=False), ()))
             else:
                 rows = np.broadcast_to(t.probs, (batch, t.count, t.probs.shape[-1])).reshape(-1, t.probs.shape[-1])
-                self.models.append((family, (np.ascontiguousarray(rows),)))
+                self.models.append((self.family, (np.ascontiguousarray(rows),)))
+        self.block = None  # rows (G, batch, count, K), first values (G, batch, count), sizes (G, 1, 1) or None
+        sizes = {rows[0].shape[-1] if rows else None for _, rows in self.models}
+        if tables and None not in sizes and len(sizes) == 1:
+            self.block = (np.stack([rows[0].reshape(batch, t.count, -1) for t, (_, rows) in zip(tables, self.models)]),
+                          np.stack([np.broadcast_to(t.lo, (batch, t.count)) for t in tables]),
+                          np.array([t.probs.shape[-1] - t.open for t in tables])[:, None, None])
 
     def row(self, i):
-        """The coder of image i alone (fixed models shared, per-symbol rows sliced)."""
-        one = object.__new__(_Coder)
-        one.queue, one.escape, one.batch = self.queue, self.escape, 1
-        one.tables = [t.row(i) for t in self.tables]
-        one.models = [(m, tuple(r[i * t.count:(i + 1) * t.count] for r in rows))
-                      for (m, rows), t in zip(self.models, self.tables)]
-        return one
+        """The coder of image i alone."""
+        return _ImageCoder(self, i)
+
+    def block_ids(self, values):
+        """values (batch, G, n) -> their symbol ids (G, batch, n) in the block, or None when a value
+        needs an escape (or there is no block): then the groups are coded one by one."""
+        if self.block is None:
+            return None
+        _, lo, sizes = self.block
+        ids = values.transpose(1, 0, 2) - lo
+        return ids if (ids >= 0).all() and (ids < sizes).all() else None
+
+    def _block_rows(self):
+        return np.ascontiguousarray(self.block[0]).reshape(-1, self.block[0].shape[-1])
 
     def encode(self, encoder, values):
         """Append `values` (batch, G, n) to `encoder`, group by group, escaped values after their group."""
+        ids = self.block_ids(values)
+        if ids is not None:
+            encoder.encode(ids.astype(np.int32).ravel(), self.family, self._block_rows())
+            return
         for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
             ids, escaped = _symbols(values[:, g], table)
             encoder.encode(ids.ravel(), model, *rows)
             if len(escaped):
                 encoder.encode((escaped + ESCAPE_OFFSET).astype(np.int32), self.escape)
 
+    def decodes_ids(self, decoder, ids):
+        """Whether `decoder` reads the block ids `ids` (from block_ids): values with no escape."""
+        return np.array_equal(decoder.decode(self.family, self._block_rows()), ids.ravel())
+
+    def decode_group(self, decoder, g, i):
+        """Group g's (n,) values of image i alone, read from its own decoder (per-image strings)."""
+        table, (model, rows) = self.tables[g], self.models[g]
+        n = table.count
+        ids = (decoder.decode(model, rows[0][i * n:(i + 1) * n]) if rows else decoder.decode(model, n)).astype(np.int64)
+        values = ids + (table.lo[min(i, len(table.lo) - 1)] if np.ndim(table.lo) else table.lo)
+        if table.open:
+            escaped = ids == table.probs.shape[-1] - 1
+            if escaped.any():
+                values[escaped] = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64) - ESCAPE_OFFSET
+        return values
+
     def decode(self, decoder):
         """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
-        out = np.empty((self.batch, len(self.tables), self.tables[0].count if self.tables else 0), dtype=np.int64)
+        if self.block is not None and (self.block[2] == self.block[0].shape[-1]).all():  # closed: no escape follows a group
+            ids = decoder.decode(self.family, self._block_rows()).astype(np.int64).reshape(self.block[1].shape)
+            return (ids + self.block[1]).transpose(1, 0, 2)
+        count = self.tables[0].count if self.tables else 0
+        out = np.empty((self.batch, len(self.tables), count), dtype=np.int64)
         for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
             ids = (decoder.decode(model, *rows) if rows else decoder.decode(model, self.batch * table.count)).astype(np.int64)
-            values = ids + table.lo
+            values = (ids.reshape(-1, table.count) + table.lo).reshape(-1)  # lo: a number or (batch or 1, count)
             if table.open:
                 escaped = ids == table.probs.shape[-1] - 1
                 if escaped.any():
                     values[escaped] = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64) - ESCAPE_OFFSET
             out[:, g] = values.reshape(self.batch, table.count)
         return out
+
+
+class _ImageCoder(_Coder):
+    """The coder of image i of a batch: the block sliced at once (the common path), the per-group
+    tables and models (fixed models shared, per-symbol rows sliced) when first needed."""
+
+    def __init__(self, coder, i):
+        self.queue, self.escape, self.family, self.batch = coder.queue, coder.escape, coder.family, 1
+        self.block = None if coder.block is None else (coder.block[0][:, i:i + 1], coder.block[1][:, i:i + 1], coder.block[2])
+        self._coder, self._i = coder, i
+
+    @functools.cached_property
+    def tables(self):
+        return [t.row(self._i) for t in self._coder.tables]
+
+    @functools.cached_property
+    def models(self):
+        i = self._i
+        return [(m, tuple(r[i * t.count:(i + 1) * t.count] for r in rows)) for (m, rows), t in zip(self._coder.models, self.tables)]
 
 
 class Stream:
@@ -186,8 +252,12 @@ class Stream:
     def bits_per_image(self):
         return self.encoder.get_compressed().size * 32.0 / max(1, sum(len(v) for v in self.values))
 
+    def decoder(self):
+        """A decoder of the whole stream, for `decode_payloads(..., stream=)` batch by batch."""
+        return self.decoder_type(self.encoder.get_compressed())
+
     def decodes_back(self, tables_per_batch):
-        decoder = self.decoder_type(self.encoder.get_compressed())
+        decoder = self.decoder()
         return all(np.array_equal(_decode_batch(decoder, tables, len(want)), want)
                    for tables, want in zip(tables_per_batch, self.values))
 
@@ -227,12 +297,13 @@ def _words(payload):
     return np.frombuffer(padded, dtype=">u4").astype(np.uint32)
 
 
-def _decodes_to(coder, payload, values):
+def _decodes_to(coder, payload, values, ids=None):
+    """Whether `payload` decodes to `values`; with their block ids (no escape), in one call."""
     try:
-        got = coder.decode(coder.queue.RangeDecoder(_words(payload)))
+        decoder = coder.queue.RangeDecoder(_words(payload))
+        return coder.decodes_ids(decoder, ids) if ids is not None else np.array_equal(coder.decode(decoder), values)
     except Exception:  # constriction refuses data it cannot decode
         return False
-    return np.array_equal(got, values)
 
 
 def _shortest_payload(coder, words, values):
@@ -240,12 +311,12 @@ def _shortest_payload(coder, words, values):
     word carries more precision than the message needs (a measured ~15 bits per image here);
     dropping the last byte, or dropping it and rounding the one before up, keeps the decoded
     values when the remaining number still lies in the final interval: checked by decoding."""
-    payload = words.astype(">u4").tobytes().rstrip(b"\0")
+    payload, ids = words.astype(">u4").tobytes().rstrip(b"\0"), coder.block_ids(values)
     while payload:
         shorter = payload[:-1]
         rounded = (int.from_bytes(shorter, "big") + 1).to_bytes(len(shorter), "big") if shorter and shorter != b"\xff" * len(shorter) else None
         for candidate in (shorter, rounded):
-            if candidate is not None and _decodes_to(coder, candidate, values):
+            if candidate is not None and _decodes_to(coder, candidate, values, ids):
                 payload = candidate
                 break
         else:
@@ -308,17 +379,18 @@ def compress(values, tables, key):
             for k, v, p in zip(keys, values, encode_payloads(values, tables))]
 
 
-def decompress(strings, tables, key):
+def decompress(strings, tables, key, stream=None):
     """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
-    Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
+    Raises BitstreamError, naming the string, when one is not what `compress` wrote. With `stream`,
+    also the next batch of a Stream's decoder, read with the same tables (decode_payloads)."""
     payloads = [_payload(i, s) for i, s in enumerate(strings)]
     keys = _keys(key, len(strings))
-    values, readable = decode_payloads(payloads, tables)
+    values, readable, *from_stream = decode_payloads(payloads, tables, stream)
     for i, s in enumerate(strings):
         if not readable[i] or _checksum(keys[i], values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
             raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
                                  "another model (or prior), or with another seed than the one passed to decompress")
-    return values
+    return values if stream is None else (values, from_stream[0])
 
 
 def _payload(i, s):
@@ -336,24 +408,29 @@ def _payload(i, s):
     return bytes(s[HEADER_BYTES:])
 
 
-def decode_payloads(payloads, tables):
+def decode_payloads(payloads, tables, stream=None):
     """Per-image payloads -> ((B, G, n) values, (B,) whether each image decoded). Group by group
-    across the images, so that a context model computes each group's tables once for the batch."""
+    across the images, so that a context model computes each group's tables once for the batch.
+    With `stream` (a decoder of a `Stream` whose next batch is these images), that batch is read
+    too, with the same tables, and returned third: one pass of a context model's tables checks both."""
     import constriction
 
     groups, count = _shape(tables)
     out = np.zeros((len(payloads), groups, count), dtype=np.int64)
+    from_stream = np.zeros_like(out)
     readable = np.ones(len(payloads), dtype=bool)
     decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
     for g in range(groups):
         coder = _Coder([_table(tables, g, out)], len(payloads))
+        if stream is not None:
+            from_stream[:, g] = coder.decode(stream)[:, 0]
         for i, decoder in enumerate(decoders):
             if readable[i]:
                 try:
-                    out[i, g] = coder.row(i).decode(decoder)[0, 0]
+                    out[i, g] = coder.decode_group(decoder, 0, i)
                 except Exception:  # constriction refuses data it cannot decode
                     readable[i] = False
-    return out, readable
+    return (out, readable) if stream is None else (out, readable, from_stream)
 
 
 def fingerprint(module):

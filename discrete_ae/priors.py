@@ -17,7 +17,8 @@ Three kinds (train.py's `entropy_model`):
 A logistic mixture's CDF has two implementations, one per numeric need: `_bin_probability` for
 training (float32, differentiable, accurate in the tails) and `mixture_cdf` for coding tables
 (float64, through exp alone, components summed in a fixed order, so a table is the same bits in
-any batch).
+any batch). The context priors' coding tables come from their network run on integers
+(discrete_ae/exact.py), so that they are the same bits on every machine.
 """
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from discrete_ae import exact
 from discrete_ae.coding import ESCAPE_OFFSET, SequentialTables, Table
 from discrete_ae.errors import CheckpointError
 
@@ -285,6 +287,7 @@ class LogisticMixturePrior(nn.Module):
 CONTEXT_HIDDEN = 64  # features of the context network
 LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple of DDCL bins wide
 CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
+CONTEXT_WINDOW = 1.5  # ...in a window of +-this around each value's predicted mean (docs/codec.md: its rate)
 SILU_EXP_CAP = -40.0  # _silu's exp(-x) stays finite, and its square too (the backward pass), in float32
 
 
@@ -308,6 +311,27 @@ def mixture_cdf(x, loc, log_scale, weight_logits):
     return cdf / total
 
 
+def _exact_mixture_mean(loc, weight_logits):
+    """The mixture's mean (..., K) -> (...), through exact.exp, components summed in order."""
+    w = exact.exp(weight_logits - weight_logits.max(-1, keepdims=True))
+    total, mean = 0.0, 0.0
+    for k in range(w.shape[-1]):
+        total = total + w[..., k]
+        mean = mean + w[..., k] * loc[..., k]
+    return mean / total
+
+
+def _exact_mixture_cdf(x, loc, log_scale, weight_logits):
+    """mixture_cdf in numpy through exact.exp: x (..., N), parameters (..., K) -> (..., N), the same
+    bits on any machine."""
+    w = exact.exp(weight_logits - weight_logits.max(-1, keepdims=True))
+    total, cdf = 0.0, 0.0
+    for k in range(w.shape[-1]):
+        total = total + w[..., k, None]
+        cdf = cdf + w[..., k, None] / (1.0 + exact.exp(-(x - loc[..., k, None]) * exact.exp(-log_scale[..., k, None])))
+    return cdf / total
+
+
 class _CausalContext(nn.Module):
     """The context network of the context priors (Minnen, Balle, Toderici, NeurIPS 2018, section 2,
     here without a hyperprior): a 3x3 convolution over all channels masked to the row above and the
@@ -317,8 +341,8 @@ class _CausalContext(nn.Module):
 
         x (B, C, H, W) -> masked 3x3 + position bias (B, 64, H, W) -> 1x1 (B, 64, H, W) -> 1x1 (B, out, H, W)
 
-    Coding computes it in float64, where convolutions treat each image alone, and through exp
-    alone (_silu), so an image's outputs are the same bits in any batch (tested)."""
+    Coding runs it on integers (discrete_ae/exact.py): the encoder computes every position in one
+    pass, the decoder one position at a time, and both get the same bits on any machine (tested)."""
 
     sequential = True  # the coder's groups are positions (B, H*W, C), decoded in raster order
 
@@ -348,16 +372,44 @@ class _CausalContext(nn.Module):
         if tuple(x.shape[1:]) != (self.channels, math.prod(self.grid)):
             raise ValueError(f"context prior for {self.channels} channels on a {self.grid} grid got latents {tuple(x.shape)}")
 
-    def _sequential(self, count, table_at):
-        """SequentialTables over `count` positions; table_at(g, earlier (B, C, P) float64 with the
-        values of positions < g and zeros after) -> position g's Table."""
-        @torch.no_grad()
-        def make(g, previous):
-            earlier = torch.zeros(len(previous), self.channels, count, dtype=torch.float64)
-            earlier[:, :, :g] = torch.from_numpy(np.ascontiguousarray(previous)).transpose(1, 2).double()
-            return table_at(g, earlier)
+    def _first_layers(self):
+        """(heads, hidden, C, 3, 3) masked 3x3 weights and (heads, hidden, H, W) biases with the position
+        bias, as float64 numpy: one head (ContextCodePrior: one per stream)."""
+        weight = (self.context.weight * self.mask).detach().double()[None]
+        bias = (self.context.bias[:, None, None] + self.position[0]).detach().double()[None]
+        return weight, bias
 
-        return SequentialTables(count, self.channels, make)
+    @torch.no_grad()
+    def exact(self):
+        """This network on integers (discrete_ae/exact.py), from the current weights."""
+        first, bias = self._first_layers()
+        def array(t):
+            return t.detach().double().cpu().numpy()
+
+        return exact.ExactNetwork(array(first), array(bias), array(self.hidden.weight)[..., 0, 0], array(self.hidden.bias),
+                                  array(self.out.weight)[..., 0, 0], array(self.out.bias))
+
+    def _tables(self, groups, count, inputs, rows, is_open=False, heads=1):
+        """SequentialTables over `groups` groups of `count` values; group g is at raster position
+        g // heads through first layer g % heads. inputs(values (B, g, count) of the groups sent so
+        far) -> the network's input (B, C, H, W) float64, zeros where nothing was sent;
+        rows(outputs (B, n, out), positions (n,)) -> (probabilities (B, n, count, K), the first values:
+        an integer or (B, n, count)) of Tables(lo, probs, is_open)."""
+        net = self.exact()
+
+        def table(probs, lo, j):
+            return Table(lo if np.ndim(lo) == 0 else lo[:, j], probs[:, j], is_open, count)
+
+        def make(g, previous):  # the decoder: position g's window alone
+            p = [g // heads]
+            return table(*rows(net(net.windows(net.quantize(inputs(previous)), p), g % heads, p), p), 0)
+
+        def make_all(values):  # the encoder: every position in one pass, the same integers
+            windows, positions = net.all_windows(net.quantize(inputs(values))), np.arange(groups // heads)
+            per_head = [rows(net(windows, h, positions), positions) for h in range(heads)]
+            return [table(*per_head[g % heads], g // heads) for g in range(groups)]
+
+        return SequentialTables(groups, count, make, make_all)
 
 
 class ContextMixturePrior(_CausalContext):
@@ -394,27 +446,39 @@ class ContextMixturePrior(_CausalContext):
 
         return cost(x, True), cost(x.detach(), False)
 
-    def support(self, delta):
-        """(lo, hi): the integers every table covers, |m delta| <= CONTEXT_SUPPORT, at most MAX_SUPPORT - 1."""
-        half = min(math.ceil(CONTEXT_SUPPORT / delta), (MAX_SUPPORT - 2) // 2)
-        return -half, half
+    def window(self, delta):
+        """(half, bound): a table covers the integers centre - half .. centre + half around each
+        value's predicted mean (|m delta - mean| <= CONTEXT_WINDOW), the centre within +-bound
+        (|centre delta| <= CONTEXT_SUPPORT); at most MAX_SUPPORT - 1 integers."""
+        return (min(math.ceil(CONTEXT_WINDOW / delta), (MAX_SUPPORT - 2) // 2),
+                min(math.ceil(CONTEXT_SUPPORT / delta), ESCAPE_OFFSET // 2))
 
     def tables(self, dither, delta):
         """dither u (B, C, P) -> SequentialTables over the P positions: position g's Table holds
-        P(m | u, values of positions < g) for the C channels, (B, C, K + 1) rows over m = lo .. hi
-        and an escape column with the mass outside."""
-        u = dither.detach().double().cpu()  # (B, C, P)
-        lo, hi = self.support(delta)
-        edges = (torch.arange(lo, hi + 2, dtype=torch.float64) - 0.5) * delta  # (K + 1,)
+        P(m | u, values of positions < g) for the C channels, (B, C, K + 1) rows over the K = 2 half
+        + 1 integers around each value's predicted mean (a per-row `lo`) and an escape column with
+        the mass outside."""
+        u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
+        half, bound = self.window(delta)
+        offsets = np.arange(-half, half + 2, dtype=np.float64) - 0.5  # (K + 1,) edges around the centre
 
-        def table_at(g, earlier):
-            z_hat = torch.where(torch.arange(u.shape[-1]) < g, earlier * delta - u, 0.0)  # the decoded z_hat, 0 beyond
-            loc, log_scale, logits = (t[:, :, g] for t in self.params(z_hat.reshape(len(z_hat), self.channels, *self.grid)))
-            cdf = mixture_cdf(edges - u[:, :, g, None], loc, log_scale, logits)  # (B, C, K + 1)
+        def inputs(values):  # (B, g, C) -> the decoded z_hat (B, C, H, W), 0 beyond
+            z_hat = np.zeros((len(values), self.channels, u.shape[-1]))
+            g = values.shape[1]
+            z_hat[:, :, :g] = values.transpose(0, 2, 1) * delta - u[:, :, :g]
+            return z_hat.reshape(len(values), self.channels, *self.grid)
+
+        def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
+            loc, log_scale, logits = np.moveaxis(out.reshape(*out.shape[:2], 3, self.channels, self.components), 2, 0)
+            u_at = u[:, :, positions].transpose(0, 2, 1)  # (B or 1, n, C)
+            centre = np.clip(np.round((_exact_mixture_mean(loc, logits) + u_at) / delta), -bound, bound)  # (B, n, C)
+            edges = (centre[..., None] + offsets) * delta - u_at[..., None]  # (B, n, C, K + 1), z_hat units
+            cdf = _exact_mixture_cdf(edges, loc, log_scale + LOG_SCALE_OFFSET, logits)
             escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
-            return Table(lo, _normalised(torch.cat([cdf[..., 1:] - cdf[..., :-1], escape], -1).numpy()), True, self.channels)
+            probs = exact.normalised(np.concatenate([cdf[..., 1:] - cdf[..., :-1], escape], -1), LIKELIHOOD_BOUND)
+            return probs, centre.astype(np.int64) - half
 
-        return self._sequential(u.shape[-1], table_at)
+        return self._tables(u.shape[-1], self.channels, inputs, rows, True)
 
 
 class ContextCategoricalPrior(_CausalContext):
@@ -449,13 +513,19 @@ class ContextCategoricalPrior(_CausalContext):
 
     def tables(self, count):
         """SequentialTables over `count` positions: position g's Table holds p(level | levels of
-        positions < g) for the C channels, (B, C, L) rows, exp-normalised (no softmax, see _silu)."""
-        def table_at(g, earlier):
-            logits = self.logits(earlier)[:, :, g]  # (B, C, L), float64
-            probs = torch.exp(logits - logits.max(-1, keepdim=True).values)  # masked levels: exp(-inf) = 0
-            return Table(0, _normalised(probs.numpy()), False, self.channels)
+        positions < g) for the C channels, (B, C, L) rows."""
+        sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
+        scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
-        return self._sequential(count, table_at)
+        def inputs(values):  # (B, g, C) levels -> scaled to [-1, 1] (B, C, H, W), 0 beyond
+            x = np.zeros((len(values), self.channels, count))
+            x[:, :, :values.shape[1]] = values.transpose(0, 2, 1) / scale * 2 - 1
+            return x.reshape(len(values), self.channels, *self.grid)
+
+        def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf) = 0
+            return exact.softmax(np.where(valid, out.reshape(*out.shape[:2], self.channels, -1), -np.inf), LIKELIHOOD_BOUND), 0
+
+        return self._tables(count, self.channels, inputs, rows)
 
 
 CODE_EMBEDDING = 8  # features of a code as the context network sees it
@@ -509,14 +579,25 @@ class ContextCodePrior(_CausalContext):
     def tables(self, count):
         """SequentialTables over `count` positions x S streams, one code per group: group g = p S + s
         holds p(code of stream s at position p | the codes sent before it), (B, 1, K) rows."""
-        @torch.no_grad()
-        def make(g, previous):
-            p, s = divmod(g, self.streams)
-            codes = torch.zeros(len(previous), self.streams * count, dtype=torch.long)
-            codes[:, :g] = torch.from_numpy(np.ascontiguousarray(previous[..., 0]))
-            codes = codes.reshape(len(previous), count, self.streams).transpose(1, 2)  # (B, S, P)
-            logits = self.logits(codes, torch.float64)[:, s, p]  # (B, K)
-            probs = torch.exp(logits - logits.max(-1, keepdim=True).values)
-            return Table(0, _normalised(probs.numpy())[:, None], False, 1)
+        embed = self.embed.weight.detach().double().cpu().numpy()  # (S K, E)
+        streams, k, e = self.streams, self.codebook_size, self.embed_dim
 
-        return SequentialTables(count * self.streams, 1, make)
+        def inputs(values):  # (B, g, 1) codes of groups < g -> embeddings (B, S E, H, W), 0 where unsent
+            sent = np.arange(values.shape[1])
+            x = np.zeros((len(values), streams, count, e))
+            x[:, sent % streams, sent // streams] = embed[values[..., 0] + (sent % streams) * k]
+            return x.transpose(0, 1, 3, 2).reshape(len(values), streams * e, *self.grid)
+
+        def rows(out, positions):  # (B, n, K) -> (B, n, 1, K)
+            return exact.softmax(out, LIKELIHOOD_BOUND)[:, :, None], 0
+
+        return self._tables(count * streams, 1, inputs, rows, heads=streams)
+
+    def _first_layers(self):
+        """Stream s's first layer: the masked 3x3 over every stream's earlier positions plus, at the
+        centre tap, the masked 1x1 over streams < s at the same position."""
+        weight, bias = super()._first_layers()  # (1, hidden, S E, 3, 3), (1, hidden, H, W)
+        same = (self.same.weight * self.same_mask).detach().double()[..., 0, 0]  # (S hidden, S E)
+        weight = weight.repeat(self.streams, 1, 1, 1, 1)
+        weight[:, :, :, 1, 1] += same.reshape(self.streams, -1, same.shape[-1])
+        return weight, bias.repeat(self.streams, 1, 1, 1)
