@@ -1,7 +1,7 @@
 """The whole-photo file of codec.py: a photo as 32x32 blocks, their integers range-coded under the
 model's prior (fitted, learned or context) behind one header.
 
-File format 2 (a 13-byte header, then the payload):
+File format 3 (a 13-byte header, then the payload):
 
     byte  0      0xA0 | FORMAT (this file's magic nibble and version)
     bytes 1-4    width, height (big-endian uint16 each)
@@ -39,7 +39,7 @@ from discrete_ae.geometry import LATENT_HW
 from discrete_ae.geometry import LATENT_POSITIONS as POSITIONS
 
 MAGIC = 0xA
-FORMAT = 2  # 1: one stream for all blocks (no runs)
+FORMAT = 3  # 1: one stream for all blocks (no runs); 2: context tables in float64 (3: on integers)
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
 MAX_SIDE = 65535  # the header's uint16

@@ -10,7 +10,7 @@ rates can never disagree about the model. The range coder is constriction's (Bam
 "Understanding Entropy Coding With Asymmetric Numeral Systems (ANS): a Statistician's
 Perspective", 2022).
 
-Per-image byte string, format version 2 (a 3-byte header, then the payload):
+Per-image byte string, format version 3 (a 3-byte header, then the payload):
 
     byte  0     MAGIC (high 4 bits) and FORMAT_VERSION (low 4 bits)
     bytes 1-2   CRC-16/CCITT of (the model's fingerprint, the seed, the decoded integers)
@@ -36,7 +36,8 @@ from discrete_ae.errors import BitstreamError
 ESCAPE_BITS = 16  # a value outside an open alphabet's support is sent raw in 16 bits
 ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)  # raw values are sent as value + offset in [0, 2^16)
 MAGIC = 0xD  # 4 bits: a random string passes this test 1 time in 16 and then the checksum 1 in 65,536
-FORMAT_VERSION = 2  # 4 bits; 2: the DDCL dither no longer depends on a string's place in its batch
+FORMAT_VERSION = 3  # 4 bits; 2: the DDCL dither no longer depends on a string's place in its batch; 3: context
+# tables from the integer network (discrete_ae/exact.py), DDCL's in a window around the prediction
 HEADER_BYTES = 3
 
 

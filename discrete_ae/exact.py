@@ -16,7 +16,8 @@ the context network on integers held exactly in float64 numpy arrays:
                 IEEE-754 machine
 
 The tables (softmax, mixture CDF) use the same `exp` and a fixed-order `tree_sum`. Quantizing to
-these grids moves the network's outputs by about 1e-4 (docs/codec.md measures the rate it costs).
+these grids moves the network's outputs by about 1e-4 of their range (docs/codec.md measures the
+rate it costs).
 """
 import math
 from decimal import Context, Decimal
@@ -48,7 +49,8 @@ EXP_RANGE = (-700.0, 700.0)  # 2^k stays a normal float64
 def exp(x):
     """e^x of a float64 array through +, *, floor, a table and ldexp only: the same bits on any
     IEEE-754 machine (np.exp and torch.exp pick a vector kernel per CPU); within a few ulp of e^x."""
-    x = np.clip(np.asarray(x, dtype=np.float64), *EXP_RANGE)
+    x = np.asarray(x, dtype=np.float64)
+    shape, x = x.shape, np.clip(x.reshape(-1), *EXP_RANGE)
     k = x * STEPS_PER_LN2
     k += 0.5
     np.floor(k, out=k)
@@ -63,7 +65,7 @@ def exp(x):
     k = k.astype(np.int64)
     p *= EXP_TABLE[k & (EXP_STEPS - 1)]
     k >>= EXP_STEPS.bit_length() - 1
-    return np.ldexp(p, k.astype(np.int32), out=p)
+    return np.ldexp(p, k.astype(np.int32)).reshape(shape)
 
 
 # SiLU by linear interpolation in a table of SILU_STEP spacing on [-SILU_END, SILU_END] (x beyond:

@@ -404,10 +404,11 @@ class _CausalContext(nn.Module):
             p = [g // heads]
             return table(*rows(net(net.windows(net.quantize(inputs(previous)), p), g % heads, p), p), 0)
 
-        def make_all(values):  # the encoder: every position in one pass, the same integers
+        def make_all(values):  # the encoder: the network at every position in one pass, the same integers
             windows, positions = net.all_windows(net.quantize(inputs(values))), np.arange(groups // heads)
-            per_head = [rows(net(windows, h, positions), positions) for h in range(heads)]
-            return [table(*per_head[g % heads], g // heads) for g in range(groups)]
+            out = [net(windows, h, positions) for h in range(heads)]  # (B, P, out) per head
+            # rows position by position: a table's arrays stay the decoder's size (in cache)
+            return [table(*rows(out[g % heads][:, [g // heads]], [g // heads]), 0) for g in range(groups)]
 
         return SequentialTables(groups, count, make, make_all)
 

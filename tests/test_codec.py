@@ -89,7 +89,7 @@ def test_bad_files_and_bad_checkpoints_are_one_line(checkpoint, tmp_path):
     cases = [(blob[:5], "fewer than the 13-byte header"), (blob[:-2], "fails its checksum"),
              (blob[:14] + bytes([blob[14] ^ 0x40]) + blob[15:], "fails its checksum"),
              (b"\x89PNG" + blob[4:], "not written by `python codec.py compress`"),
-             (bytes([blob[0] + 1]) + blob[1:], "codec format 3; this code reads format 2")]
+             (bytes([blob[0] + 1]) + blob[1:], "codec format 4; this code reads format 3")]
     for bad, message in cases:
         with pytest.raises(BitstreamError, match=message):
             codec.decode_photo(model, bad)

@@ -110,7 +110,9 @@ def test_every_quantizer_plugs_into_the_model(name):
     (out.recon.square().mean() + out.aux_loss).backward()
     assert all(p.grad is not None for p in model.encoder.parameters())  # the gradient reaches the encoder
     model.eval()
-    indices = model.encode(x, seed=3)
+    indices = model.encode(x, seed=3)  # the bottleneck's indices() alone, without the rate
+    forward = model.quantizer(model.encoder(x), seed=3).indices
+    assert (indices is None and forward is None) or torch.equal(indices, forward)
     if model.quantizer.num_streams:
         assert torch.allclose(model.decode(indices, seed=3), model(x, seed=3).recon, atol=1e-6)
     else:

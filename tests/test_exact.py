@@ -1,0 +1,98 @@
+"""discrete_ae/exact.py: the context network on integers (the same tables on every machine), and
+the coder paths it made fast (one pass for the encoder, one call for escape-free groups)."""
+import numpy as np
+import pytest
+import torch
+
+from discrete_ae import coding, exact
+from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior
+
+
+def test_exp_is_within_a_few_ulp_and_the_same_bits_in_any_slice():
+    x = np.random.default_rng(0).uniform(-700, 700, 100_003)
+    got = exact.exp(x)
+    assert np.max(np.abs(got - np.exp(x)) / np.spacing(np.exp(x))) <= 4
+    assert np.array_equal(exact.exp(x[7:20]), got[7:20]) and np.array_equal(exact.exp(x[-3:]), got[-3:])
+    assert exact.exp(np.array([-1e6, 1e6])).tolist() == [float(exact.exp(-700.0)), float(exact.exp(700.0))]  # clipped
+
+
+def test_silu_table_is_within_its_stated_error():
+    x = np.linspace(-30, 30, 200_001)
+    assert np.max(np.abs(exact.silu(x) - x / (1 + np.exp(-x)))) < 2e-5
+
+
+def test_tree_sum_adds_in_a_fixed_order_for_any_length():
+    for n in (1, 2, 3, 8, 13):
+        x = np.random.default_rng(n).random((4, n))
+        assert np.allclose(exact.tree_sum(x), x.sum(-1), rtol=1e-15, atol=0)
+
+
+def _trained_like(prior):
+    """Weights of a trained network's size (the defaults are near zero)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.normal_(0, 0.5)
+    return prior
+
+
+@pytest.mark.parametrize("make", [lambda: ContextCategoricalPrior([8, 5, 5], (4, 4)),
+                                  lambda: ContextMixturePrior(3, (4, 4)),
+                                  lambda: ContextCodePrior(2, 16, (4, 4))])
+def test_the_integer_network_is_the_float_network_to_1e3_of_its_range_and_one_position_is_every_position(make):
+    prior = _trained_like(make())
+    net = prior.exact()
+    x = np.random.default_rng(1).uniform(-1, 1, (5, prior.channels, 4, 4))
+    if isinstance(prior, ContextCodePrior):
+        heads, reference = prior.streams, None
+    else:
+        heads = 1
+        reference = prior.features(torch.from_numpy(x), detach=True).flatten(2).transpose(1, 2).numpy()  # (B, P, out)
+    xq = net.quantize(x)
+    every = [net(net.all_windows(xq), h, np.arange(16)) for h in range(heads)]
+    for h in range(heads):
+        for p in (0, 5, 15):
+            assert np.array_equal(net(net.windows(xq, [p]), h, [p])[:, 0], every[h][:, p])  # exact, not close
+    if reference is not None:
+        assert np.max(np.abs(every[0] - reference)) < 1e-3 * np.max(np.abs(reference))
+
+
+def test_weights_too_large_to_sum_exactly_are_refused_in_one_line():
+    prior = ContextCategoricalPrior([8, 5, 5], (4, 4))
+    with torch.no_grad():
+        prior.hidden.weight.fill_(1e12)
+    with pytest.raises(ValueError, match="hidden layer has weights too large to run exactly"):
+        prior.exact()
+
+
+def test_ddcl_windowed_tables_send_a_value_far_from_the_prediction_through_the_escape():
+    prior = _trained_like(ContextMixturePrior(3, (4, 4)))
+    delta = 1 / 15
+    u = torch.rand(1, 3, 16, generator=torch.Generator().manual_seed(0)).double() * delta - delta / 2
+    values = np.random.default_rng(2).integers(-5, 6, (4, 16, 3))
+    values[1, 7, 2] = 1000  # far outside any window: escaped
+    tables = prior.tables(u, delta)
+    sent = coding.materialise(tables, values)
+    assert any(np.ndim(t.lo) for t in sent) and sent[7].lo[1, 2] < 1000 - sent[7].probs.shape[-1]
+    strings = coding.compress(values, sent, b"k")
+    assert np.array_equal(coding.decompress(strings, tables, b"k"), values)  # read with the decoder's tables
+    bits, back = coding.stream_bits(values, tables)
+    assert back and bits > 16  # the escape's 16 raw bits are in the stream
+
+
+def test_escape_free_groups_in_one_call_are_the_same_bytes_as_group_by_group():
+    rng = np.random.default_rng(3)
+    probs = rng.random((6, 4, 2, 5)) + 0.1
+    probs /= probs.sum(-1, keepdims=True)
+    tables = [coding.Table(-2, probs[:, g], g % 2 == 1, 2) for g in range(4)]  # open and closed groups
+    values = rng.integers(-2, 2, (6, 4, 2))  # no escape needed
+    one_call = coding.encode_batch(values, tables)
+    coder = coding._Coder(tables, 6)
+    assert coder.block_ids(values) is not None
+    coder.block = None  # group by group
+    import constriction
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    coder.encode(encoder, values)
+    assert one_call == coding._shortest_payload(coder, encoder.get_compressed(), values)
+    assert np.array_equal(coding.decode_batch(one_call, tables, 6)[0], values)
