@@ -34,8 +34,9 @@ and writes, per data set and prior, to RESULTS/{set}/{prior}/:
 and across them RESULTS/summary.json and summary.md: every bottleneck's BD-rate against FSQ per set
 and prior, and what holds on every set. RESULTS is OUT/results unless --results is given; the
 README's answer and table are regenerated only with --readme=README.md.
-Options: --epochs=10 --early=5 --seeds=3 --jobs=2 --priors="['fitted']" --only="['fsq', 'ddcl']"
---out=compare --results= --readme= and any train.py knob given as --train="['--key=value']".
+Options: --epochs=10 --early=5 --seeds=3 --jobs=2 --priors="['fitted']" --out=compare --results=
+--readme=, --only= (every bottleneck of POINTS and the references none and vae unless a list is
+given, e.g. --only="['fsq', 'ddcl']") and any train.py knob given as --train="['--key=value']".
 
 Beyond one machine: --executor=slurm hands each run to Slurm through submitit (--slurm="{'slurm_partition':
 'gpu', 'timeout_min': 60}" sets the executor's parameters; --jobs runs are in flight at once), with
