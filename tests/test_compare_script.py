@@ -107,7 +107,8 @@ def test_summary_reads_bd_rate_over_seeds_and_the_table_says_level_only_when_the
                       f"{compare.TABLE_END}\nrest\n")
     compare.write_readme(str(readme), cross)
     assert readme.read_text() == (f"intro\n{compare.ANSWER_START}\n{answer}\n{compare.ANSWER_END}\nmid\n"
-                                  f"{compare.TABLE_START}\n{compare.summary_table(cross)}\n{compare.TABLE_END}\nrest\n")
+                                  f"{compare.TABLE_START}\n{compare.summary_table(cross, compare.README_PRIORS)}\n"
+                                  f"{compare.TABLE_END}\nrest\n")
 
 
 def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
@@ -118,7 +119,7 @@ def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     assert f"{compare.ANSWER_START}\n{compare.answer_text(summary)}\n{compare.ANSWER_END}" in readme
-    assert f"{compare.TABLE_START}\n{compare.summary_table(summary)}\n{compare.TABLE_END}" in readme
+    assert f"{compare.TABLE_START}\n{compare.summary_table(summary, compare.README_PRIORS)}\n{compare.TABLE_END}" in readme
     first = "\n".join(readme.splitlines()[:60])
     assert compare.ANSWER_START in first and summary["headline_prior"] in first and "epochs" in first
 
