@@ -144,12 +144,17 @@ class _Coder:
             else:
                 rows = np.broadcast_to(t.probs, (batch, t.count, t.probs.shape[-1])).reshape(-1, t.probs.shape[-1])
                 self.models.append((self.family, (np.ascontiguousarray(rows),)))
-        self.block = None  # rows (G, batch, count, K), first values (G, batch, count), sizes (G, 1, 1) or None
+
+    @functools.cached_property
+    def block(self):
+        """(rows (G, batch, count, K), first values (G, batch, count), sizes (G, 1, 1)) when every
+        table has per-symbol rows of one size, else None (built when first asked for: a copy)."""
         sizes = {rows[0].shape[-1] if rows else None for _, rows in self.models}
-        if tables and None not in sizes and len(sizes) == 1:
-            self.block = (np.stack([rows[0].reshape(batch, t.count, -1) for t, (_, rows) in zip(tables, self.models)]),
-                          np.stack([np.broadcast_to(t.lo, (batch, t.count)) for t in tables]),
-                          np.array([t.probs.shape[-1] - t.open for t in tables])[:, None, None])
+        if not self.tables or None in sizes or len(sizes) > 1:
+            return None
+        return (np.stack([rows[0].reshape(self.batch, t.count, -1) for t, (_, rows) in zip(self.tables, self.models)]),
+                np.stack([np.broadcast_to(t.lo, (self.batch, t.count)) for t in self.tables]),
+                np.array([t.probs.shape[-1] - t.open for t in self.tables])[:, None, None])
 
     def row(self, i):
         """The coder of image i alone."""
