@@ -99,10 +99,11 @@ def plot(path, result, edges):
     for name, entry in result["sets"].items():
         content = np.array(entry["content_bpp"])
         left.hist(content, bins=40, density=True, histtype="step", label=f"{name} ({len(content)} crops)")
-        centres = [(r["content_bpp"][0] + r["content_bpp"][1]) / 2 for r in entry["binned"]]
-        gains = [r["gain_db"] for r in entry["binned"]]
-        err = [[g - (r["interval"] or [g, g])[0] for g, r in zip(gains, entry["binned"])],
-               [(r["interval"] or [g, g])[1] - g for g, r in zip(gains, entry["binned"])]]
+        rows = [r for r in entry["binned"] if r["gain_db"] is not None]  # a set may hold no crop of a quintile
+        centres = [(r["content_bpp"][0] + r["content_bpp"][1]) / 2 for r in rows]
+        gains = [r["gain_db"] for r in rows]
+        err = [[g - (r["interval"] or [g, g])[0] for g, r in zip(gains, rows)],
+               [(r["interval"] or [g, g])[1] - g for g, r in zip(gains, rows)]]
         right.errorbar(centres, gains, yerr=err, marker="o", capsize=3, label=f"{name}: mean {entry['mean_gain_db']:+.2f} dB")
     for x in edges[1:-1]:
         left.axvline(x, color="0.8", lw=0.8)
@@ -152,7 +153,7 @@ def main(argv):
     save_json(os.path.join(opts["out"], "per_image.json"), result)
     plot(os.path.join(opts["out"], "per_image.png"), result, edges)
     for name, e in result["sets"].items():
-        bins = ", ".join(f"{r['gain_db']:+.2f}" for r in e["binned"])
+        bins = ", ".join("-" if r["gain_db"] is None else f"{r['gain_db']:+.2f}" for r in e["binned"])
         print(f"{name}: DDCL {e['mean_gain_db']:+.2f} dB at equal bits on average, ahead on {100 * e['share_ddcl_ahead']:.0f}% "
               f"of {len(e['gain_db'])} crops; by content quintile {bins} dB; correlation with content "
               f"{e['corr_gain_content']:+.2f}; mean content {e['mean_content_bpp']:.2f} PNG bpp")

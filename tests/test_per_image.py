@@ -31,6 +31,18 @@ def test_bins_hold_every_image_once():
     assert rows[0]["gain_db"] < 0 < rows[-1]["gain_db"]
 
 
+def test_a_set_with_no_crop_in_a_quintile_is_drawn_without_it(tmp_path):
+    """A set of busy crops only (the textures) leaves the flat quintiles empty: no point, no crash."""
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    busy = np.array([2.5, 2.6, 2.7])
+    rows = per_image.binned(busy, np.array([0.1, 0.2, 0.3]), edges)
+    assert [r["gain_db"] is None for r in rows] == [True, True, False]
+    result = {"prior": "context", "fsq": "a", "ddcl": "b",
+              "sets": {"busy": {"content_bpp": busy.tolist(), "binned": rows, "mean_gain_db": 0.2}}}
+    per_image.plot(str(tmp_path / "per_image.png"), result, edges)
+    assert (tmp_path / "per_image.png").stat().st_size > 0
+
+
 def test_the_analysis_scores_every_image_of_every_set(run_train, tmp_path, image_folder):
     runs = tmp_path / "runs"
     for name, knobs in (("fsq_a_s1337", {"quantizer": "fsq", "fsq_levels": [5, 4, 4]}),
