@@ -311,25 +311,30 @@ def mixture_cdf(x, loc, log_scale, weight_logits):
     return cdf / total
 
 
-def _exact_mixture_mean(loc, weight_logits):
-    """The mixture's mean (..., K) -> (...), through exact.exp, components summed in order."""
+def _exact_weights(weight_logits):
+    """A mixture's logits (..., K) -> (weights (..., K), their sum (...)) through exact.exp, summed in order."""
     w = exact.exp(weight_logits - weight_logits.max(-1, keepdims=True))
-    total, mean = 0.0, 0.0
+    total = 0.0
     for k in range(w.shape[-1]):
         total = total + w[..., k]
+    return w, total
+
+
+def _exact_mixture_mean(loc, w, total):
+    """The mixture's mean (...) from its locations (..., K) and _exact_weights."""
+    mean = 0.0
+    for k in range(w.shape[-1]):
         mean = mean + w[..., k] * loc[..., k]
     return mean / total
 
 
-def _exact_mixture_cdf(x, loc, log_scale, weight_logits):
-    """mixture_cdf in numpy through exact.exp: x (..., N), parameters (..., K) -> (..., N), the same
-    bits on any machine."""
-    w = exact.exp(weight_logits - weight_logits.max(-1, keepdims=True))
-    total, cdf = 0.0, 0.0
+def _exact_mixture_cdf(x, loc, log_scale, w, total):
+    """mixture_cdf in numpy through exact.exp: x (..., N), parameters (..., K) and _exact_weights ->
+    (..., N), the same bits on any machine."""
+    cdf = 0.0
     for k in range(w.shape[-1]):
-        total = total + w[..., k, None]
         cdf = cdf + w[..., k, None] / (1.0 + exact.exp(-(x - loc[..., k, None]) * exact.exp(-log_scale[..., k, None])))
-    return cdf / total
+    return cdf / total[..., None]
 
 
 class _CausalContext(nn.Module):
@@ -472,9 +477,10 @@ class ContextMixturePrior(_CausalContext):
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
             loc, log_scale, logits = np.moveaxis(out.reshape(*out.shape[:2], 3, self.channels, self.components), 2, 0)
             u_at = u[:, :, positions].transpose(0, 2, 1)  # (B or 1, n, C)
-            centre = np.clip(np.round((_exact_mixture_mean(loc, logits) + u_at) / delta), -bound, bound)  # (B, n, C)
+            w, total = _exact_weights(logits)
+            centre = np.clip(np.round((_exact_mixture_mean(loc, w, total) + u_at) / delta), -bound, bound)  # (B, n, C)
             edges = (centre[..., None] + offsets) * delta - u_at[..., None]  # (B, n, C, K + 1), z_hat units
-            cdf = _exact_mixture_cdf(edges, loc, log_scale + LOG_SCALE_OFFSET, logits)
+            cdf = _exact_mixture_cdf(edges, loc, log_scale + LOG_SCALE_OFFSET, w, total)
             escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
             probs = exact.normalised(np.concatenate([cdf[..., 1:] - cdf[..., :-1], escape], -1), LIKELIHOOD_BOUND)
             return probs, centre.astype(np.int64) - half
