@@ -26,15 +26,19 @@ def ar_member(name, data):
 
 
 def fake_deb(members, image_format="JPEG"):
-    """A .deb (ar archive) whose data.tar.xz holds {path: PIL image} as ./path files (JPEG or PNG)."""
+    """A .deb (ar archive) whose data.tar.xz holds {path: PIL image (saved as JPEG or PNG) or bytes}
+    as ./path files."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-        for path, image in members.items():
-            encoded = io.BytesIO()
-            image.save(encoded, format=image_format)
+        for path, member in members.items():
+            data = member
+            if not isinstance(member, bytes):
+                encoded = io.BytesIO()
+                member.save(encoded, format=image_format)
+                data = encoded.getvalue()
             info = tarfile.TarInfo("./" + path)
-            info.size = len(encoded.getvalue())
-            tar.addfile(info, io.BytesIO(encoded.getvalue()))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
 
 
@@ -155,14 +159,8 @@ def fake_pattern_debs(tmp_path, monkeypatch, patterns):
     folder.mkdir()
     pools = list(make_patches.TEXTURE_DEBS)
     for i, pool in enumerate(pools):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-            for j, (name, data) in enumerate(sorted(patterns.items())):
-                if j % len(pools) == i:
-                    info = tarfile.TarInfo(f"./{make_patches.TEXTURE_ROOT}{'Wood/' if i == 0 else ''}{name}.pat")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        deb = b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
+        deb = fake_deb({f"{make_patches.TEXTURE_ROOT}{'Wood/' if i == 0 else ''}{name}.pat": data
+                        for j, (name, data) in enumerate(sorted(patterns.items())) if j % len(pools) == i})
         (folder / os.path.basename(pool)).write_bytes(deb)
         hashes[pool] = hashlib.sha256(deb).hexdigest()
     monkeypatch.setattr(make_patches, "TEXTURE_DEBS", hashes)
