@@ -42,19 +42,25 @@ def fake_deb(members, image_format="JPEG"):
     return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", buf.getvalue())
 
 
+def pinned_debs(folder, pools, members):
+    """One fake package per pool file in `folder`, {path: member} dealt out in path order ->
+    {pool: SHA-256}, the checksums make_patches pins."""
+    folder.mkdir()
+    hashes = {}
+    for i, pool in enumerate(pools):
+        data = fake_deb({p: m for j, (p, m) in enumerate(sorted(members.items())) if j % len(pools) == i})
+        (folder / os.path.basename(pool)).write_bytes(data)
+        hashes[pool] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
 @pytest.fixture
 def debs(tmp_path, monkeypatch):
     """One fake package per pool file, each holding its share of the photos; DEBS pinned to them."""
-    folder, hashes = tmp_path / "debs", {}
-    folder.mkdir()
+    folder = tmp_path / "debs"
     photos = {p: Image.new("RGB", (300, 200), TRAIN_RGB) for p in make_patches.WALLPAPER_TRAIN}
     photos.update({p: Image.new("RGB", (200, 300), TEST_RGB) for p in make_patches.WALLPAPER_TEST})
-    pools = list(make_patches.DEBS)
-    for i, pool in enumerate(pools):
-        data = fake_deb({p: im for j, (p, im) in enumerate(sorted(photos.items())) if j % len(pools) == i})
-        (folder / os.path.basename(pool)).write_bytes(data)
-        hashes[pool] = hashlib.sha256(data).hexdigest()
-    monkeypatch.setattr(make_patches, "DEBS", hashes)
+    monkeypatch.setattr(make_patches, "DEBS", pinned_debs(folder, list(make_patches.DEBS), photos))
     monkeypatch.setattr(make_patches, "SPLIT_SIZES", {"train": 40, "test": 12})
     return folder
 
@@ -154,16 +160,11 @@ def gimp_pattern(rgb, size=(80, 64)):
 
 
 def fake_pattern_debs(tmp_path, monkeypatch, patterns):
-    """The two pattern packages, {name: .pat bytes} split between them (one in a folder, as gimp-data)."""
-    folder, hashes = tmp_path / "debs", {}
-    folder.mkdir()
-    pools = list(make_patches.TEXTURE_DEBS)
-    for i, pool in enumerate(pools):
-        deb = fake_deb({f"{make_patches.TEXTURE_ROOT}{'Wood/' if i == 0 else ''}{name}.pat": data
-                        for j, (name, data) in enumerate(sorted(patterns.items())) if j % len(pools) == i})
-        (folder / os.path.basename(pool)).write_bytes(deb)
-        hashes[pool] = hashlib.sha256(deb).hexdigest()
-    monkeypatch.setattr(make_patches, "TEXTURE_DEBS", hashes)
+    """The two pattern packages, {name: .pat bytes} split between them (some in a folder, as gimp-data)."""
+    folder = tmp_path / "debs"
+    members = {f"{make_patches.TEXTURE_ROOT}{'Wood/' if i % 3 == 0 else ''}{name}.pat": data
+               for i, (name, data) in enumerate(sorted(patterns.items()))}
+    monkeypatch.setattr(make_patches, "TEXTURE_DEBS", pinned_debs(folder, list(make_patches.TEXTURE_DEBS), members))
     monkeypatch.setattr(make_patches, "SPLIT_SIZES", {"train": 24, "test": 12})
     return folder
 
