@@ -202,7 +202,7 @@ class _Coder:
 
     def decode(self, decoder):
         """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
-        if self.block is not None and (self.block[2] == self.block[0].shape[-1]).all():  # closed: no escape follows a group
+        if not any(t.open for t in self.tables) and self.block is not None:  # closed: no escape follows a group
             ids = decoder.decode(self.family, self._block_rows()).astype(np.int64).reshape(self.block[1].shape)
             return (ids + self.block[1]).transpose(1, 0, 2)
         count = self.tables[0].count if self.tables else 0

@@ -13,6 +13,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def randomised(prior, std=0.3):
+    """A prior with seeded weights of a trained network's size (the defaults are near zero)."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.normal_(0, std)
+    return prior
+
+
 def write_images(folder, n, seed):
     """n smooth 32x32 RGB PNGs (random 4x4 colour fields, bilinearly upsampled): easy to learn."""
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomised
 from discrete_ae import coding, priors
 from discrete_ae.codec_file import SEED, decode_photo, encode_photo, from_blocks, one_thread, to_blocks, to_tensor
 from discrete_ae.data import load_dataset
@@ -13,13 +14,6 @@ from utils import load_checkpoint
 
 DISCRETE = ("fsq", "ddcl", "vq", "simvq", "lfq", "fsp", "rfsq")
 
-
-def randomised(prior):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in prior.parameters():
-            p.normal_(0, 0.3)
-    return prior
 
 
 def test_a_code_sees_the_earlier_positions_and_the_earlier_stages_at_its_own_position_only():

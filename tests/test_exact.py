@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomised
 from discrete_ae import coding, exact
 from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior
 
@@ -27,20 +28,11 @@ def test_tree_sum_adds_in_a_fixed_order_for_any_length():
         assert np.allclose(exact.tree_sum(x), x.sum(-1), rtol=1e-15, atol=0)
 
 
-def _trained_like(prior):
-    """Weights of a trained network's size (the defaults are near zero)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in prior.parameters():
-            p.normal_(0, 0.5)
-    return prior
-
-
 @pytest.mark.parametrize("make", [lambda: ContextCategoricalPrior([8, 5, 5], (4, 4)),
                                   lambda: ContextMixturePrior(3, (4, 4)),
                                   lambda: ContextCodePrior(2, 16, (4, 4))])
 def test_the_integer_network_is_the_float_network_to_1e3_of_its_range_and_one_position_is_every_position(make):
-    prior = _trained_like(make())
+    prior = randomised(make(), std=0.5)
     net = prior.exact()
     x = np.random.default_rng(1).uniform(-1, 1, (5, prior.channels, 4, 4))
     if isinstance(prior, ContextCodePrior):
@@ -66,7 +58,7 @@ def test_weights_too_large_to_sum_exactly_are_refused_in_one_line():
 
 
 def test_ddcl_windowed_tables_send_a_value_far_from_the_prediction_through_the_escape():
-    prior = _trained_like(ContextMixturePrior(3, (4, 4)))
+    prior = randomised(ContextMixturePrior(3, (4, 4)), std=0.5)
     delta = 1 / 15
     u = torch.rand(1, 3, 16, generator=torch.Generator().manual_seed(0)).double() * delta - delta / 2
     values = np.random.default_rng(2).integers(-5, 6, (4, 16, 3))
