@@ -37,9 +37,9 @@ from discrete_ae.codec_file import (
     PHOTO_EXTENSIONS,
     SEED,
     decode_photo,
+    decoder_threads,
     encode_photo,
     from_blocks,
-    one_thread,
     read_photo,
     to_blocks,
     to_tensor,
@@ -151,7 +151,7 @@ def tiled_row(model, name, rgb):
     height, width = rgb.shape[:2]
     blocks, grid = to_blocks(to_tensor(rgb, next(model.parameters()).device))
     strings = model.compress(blocks, seed=SEED)
-    with one_thread():
+    with decoder_threads():
         decoded = from_blocks(model.decompress(strings, seed=SEED).cpu(), grid, height, width)
     psnr, ssim = quality(rgb, decoded)
     size = HEADER + sum(len(s) for s in strings)

@@ -17,9 +17,9 @@ one run, whatever size its header claims.
 
 A truncated or corrupted file, one written by another model or prior, and a checkpoint without a
 prior each stop with one line. The integers decode the same on any machine (integer coding under
-float64 tables); the decoder network runs on one thread, so the pixels are the same bits for any
-thread count of the calling process on one machine (tested), and may differ in rounding across
-CPU types.
+float64 tables); the decoder network runs on DECODER_THREADS threads whatever the calling
+process's count, so the pixels are the same bits for any thread count on one machine (tested), and
+may differ in rounding across CPU types.
 
 `model` below is a models.QuantizedVAE, used through its public methods only (coder, encode,
 decode, its bottleneck's coding_values / coding_tables / indices_from_values).
@@ -48,13 +48,14 @@ NETWORK_BATCH = 1024  # blocks through the encoder or decoder network at once
 RUN_BLOCKS = 1024  # blocks coded as one independent stream: decoding holds one run's tables at a time
 RUN_LENGTH_BYTES = 3  # the byte length of each run but the last, before it
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DECODER_THREADS = 2  # fixed, not the caller's: a convolution's sums may be ordered by its thread count
 
 
 @contextmanager
-def one_thread():
-    """Run the decoder network on one thread: convolution sums may be ordered by the thread count."""
+def decoder_threads():
+    """Run the decoder network on DECODER_THREADS threads (more than the cores is slower, not different)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(DECODER_THREADS)
     try:
         yield
     finally:
@@ -185,7 +186,7 @@ def decode_photo(model, blob):
     if _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
         raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
     device = next(model.parameters()).device
-    with one_thread():
+    with decoder_threads():
         indices = q.indices_from_values(torch.from_numpy(values), LATENT_HW)
         blocks = torch.cat([to_uint8(model.decode(indices[i:i + NETWORK_BATCH].to(device), seed=SEED))
                             for i in range(0, len(indices), NETWORK_BATCH)])  # 8-bit as they come: a quarter the memory

@@ -128,6 +128,10 @@ class ExactNetwork:
     def __init__(self, first, first_bias, hidden_w, hidden_b, out_w, out_b):
         heads, hidden, cin = first.shape[:3]
         self.grid = tuple(first_bias.shape[-2:])
+        h, w = self.grid
+        rows, cols = np.arange(h * w)[:, None] // w + np.arange(9) // 3 - 1, np.arange(h * w)[:, None] % w + np.arange(9) % 3 - 1
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
         self.k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS).transpose(0, 2, 1)  # (heads, Cin 9, hidden)
         self.b1 = _integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1)  # (heads, P, hidden)
         self.k2, self.b2 = _integers(hidden_w, WEIGHT_BITS).T, _integers(hidden_b, ACT_BITS + WEIGHT_BITS)
@@ -147,18 +151,10 @@ class ExactNetwork:
 
     def windows(self, xq, positions):
         """xq (B, Cin, H, W) quantized inputs -> (B, len(positions), Cin 9): the 3x3 window around each
-        raster position, zero beyond the grid (the first layer's padding)."""
-        pad = np.pad(xq, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        width = self.grid[1]
-        return np.stack([pad[:, :, p // width:p // width + 3, p % width:p % width + 3].reshape(len(xq), -1)
-                         for p in positions], 1)
-
-    def all_windows(self, xq):
-        """(B, P, Cin 9): every position's window at once (the encoder's one pass)."""
-        b, cin, h, w = xq.shape
-        pad = np.pad(xq, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        taps = np.stack([pad[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)  # (B, Cin, H, W, 9)
-        return taps.transpose(0, 2, 3, 1, 4).reshape(b, h * w, cin * 9)
+        raster position, zero beyond the grid (the first layer's padding), gathered in one call."""
+        b, cin = xq.shape[:2]
+        flat = np.concatenate([xq.reshape(b, cin, -1), np.zeros((b, cin, 1))], -1)  # index H W reads a zero
+        return flat[:, :, self._taps[positions]].transpose(0, 2, 1, 3).reshape(b, len(positions), cin * 9)
 
     @staticmethod
     def _act(acc, bits):

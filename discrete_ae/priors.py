@@ -288,6 +288,7 @@ CONTEXT_HIDDEN = 64  # features of the context network
 LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple of DDCL bins wide
 CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
 CONTEXT_WINDOW = 1.5  # ...in a window of +-this around each value's predicted mean (docs/codec.md: its rate)
+TABLE_VALUES = 4096  # the encoder builds the tables of this many network outputs at a time: arrays in cache
 SILU_EXP_CAP = -40.0  # _silu's exp(-x) stays finite, and its square too (the backward pass), in float32
 
 
@@ -410,10 +411,18 @@ class _CausalContext(nn.Module):
             return table(*rows(net(net.windows(net.quantize(inputs(previous)), p), g % heads, p), p), 0)
 
         def make_all(values):  # the encoder: the network at every position in one pass, the same integers
-            windows, positions = net.all_windows(net.quantize(inputs(values))), np.arange(groups // heads)
-            out = [net(windows, h, positions) for h in range(heads)]  # (B, P, out) per head
-            # rows position by position: a table's arrays stay the decoder's size (in cache)
-            return [table(*rows(out[g % heads][:, [g // heads]], [g // heads]), 0) for g in range(groups)]
+            positions = np.arange(groups // heads)
+            windows = net.windows(net.quantize(inputs(values)), positions)
+            tables = [None] * groups
+            for h in range(heads):
+                out = net(windows, h, positions)  # (B, P, out)
+                step = max(1, TABLE_VALUES // out[:, 0].size)
+                for start in range(0, len(positions), step):
+                    part = positions[start:start + step]
+                    probs, lo = rows(out[:, part], part)
+                    for j, p in enumerate(part):
+                        tables[p * heads + h] = table(probs, lo, j)
+            return tables
 
         return SequentialTables(groups, count, make, make_all)
 

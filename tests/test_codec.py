@@ -50,7 +50,7 @@ def test_a_photo_of_any_size_round_trips_through_one_file(checkpoint, tmp_path, 
     x = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None].float() / 255
     x = torch.nn.functional.pad(x, (0, 64 - 45, 0, 64 - 37), mode="replicate")  # 2 x 2 blocks of 32
     blocks = torch.cat([x[..., r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)])  # raster order
-    with codec.one_thread():
+    with codec.decoder_threads():
         expected = model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED)
     top = torch.cat([expected[0], expected[1]], 2)
     whole = torch.cat([top, torch.cat([expected[2], expected[3]], 2)], 1)[:, :37, :45]
@@ -221,7 +221,7 @@ def test_a_photo_of_several_runs_round_trips_and_a_claimed_size_is_checked_at_on
     rgb = (torch.rand(70, 90, 3) * 255).to(torch.uint8).numpy()
     blob = codec_file.encode_photo(model, rgb)
     blocks, grid = codec.to_blocks(codec.to_tensor(rgb, "cpu"))
-    with codec.one_thread():
+    with codec.decoder_threads():
         expected = codec.from_blocks(model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED), grid, 70, 90)
     assert np.array_equal(codec_file.decode_photo(model, blob), expected)
     first = int.from_bytes(blob[codec.HEADER:codec.HEADER + 3], "big")

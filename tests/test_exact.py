@@ -41,7 +41,7 @@ def test_the_integer_network_is_the_float_network_to_1e3_of_its_range_and_one_po
         heads = 1
         reference = prior.features(torch.from_numpy(x), detach=True).flatten(2).transpose(1, 2).numpy()  # (B, P, out)
     xq = net.quantize(x)
-    every = [net(net.all_windows(xq), h, np.arange(16)) for h in range(heads)]
+    every = [net(net.windows(xq, np.arange(16)), h, np.arange(16)) for h in range(heads)]
     for h in range(heads):
         for p in (0, 5, 15):
             assert np.array_equal(net(net.windows(xq, [p]), h, [p])[:, 0], every[h][:, p])  # exact, not close
