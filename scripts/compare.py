@@ -464,7 +464,7 @@ PRIOR_WORDS = {"fitted": "fitted histogram (FSQ joint over its code, DDCL per ch
                "learned": "factorized prior trained in (one per channel or code)",
                "context": "context prior trained in (earlier positions)"}
 HEADLINE_ORDER = ("context", "learned", "fitted")  # the strongest family that ran leads
-README_PRIORS = ("context", "learned")  # the README's table: the families that model both the same way
+README_PRIORS = ("context",)  # the README's table: the headline family (the others: docs/results/summary.md)
 
 
 def command_line(opts, sets, priors):
@@ -548,10 +548,32 @@ def answer_text(summary):
         any_set = next(iter(per_set.values()))
         text = (f"under a {PRIOR_WORDS[prior]}, {len(ddcl)} set{'s' if len(ddcl) > 1 else ''}, {any_set['epochs']} "
                 f"epochs, {len(any_set['seeds'])} seeds: **{reading}** (DDCL against FSQ, 95% intervals: {terms})")
-        if prior != summary["headline_prior"] and len(lines) == 1:
+        if prior != summary["headline_prior"] and "- " not in {line[:2] for line in lines}:
             lines += ["", "The other prior families, the same question:"]
         lines.append(("**The answer**, " if prior == summary["headline_prior"] else "- ") + text + ".")
+        if prior == summary["headline_prior"]:
+            lines += others_text(per_set)
     return "\n".join(lines)
+
+
+OTHER_WORDS = {"better": "ahead of FSQ", "worse": "behind FSQ", "level": "level with FSQ", "no overlap": "no overlap with FSQ"}
+
+
+def others_text(per_set):
+    """The library's other bottlenecks against FSQ under the headline prior, on the sets they ran on
+    (an empty list when none did): a paragraph after the answer."""
+    found = {}
+    for set_name, entry in per_set.items():
+        for m, e in entry["methods"].items():
+            if m not in (ANCHOR, "ddcl") and m not in REFERENCES and e["bd_vs_fsq"]:
+                found.setdefault(m, []).append((set_name, e["bd_vs_fsq"]))
+    if not found:
+        return []
+    sets = sorted({s for runs in found.values() for s, _ in runs})
+    parts = [f"{m} {OTHER_WORDS[verdict_of(bd)]} ({_bd_words(bd)}" + (f", {s})" if len(sets) > 1 else ")")
+             for m, runs in found.items() for s, bd in runs]
+    return ["", f"The library's other bottlenecks under the same prior ({' and '.join(sets)} only; each curve against "
+                f"FSQ's): {'; '.join(parts)}."]
 
 
 def summary_table(summary, priors=HEADLINE_ORDER):
@@ -579,8 +601,9 @@ def summary_table(summary, priors=HEADLINE_ORDER):
     runs = sum(e["runs"] for p in shown for e in summary["priors"][p].values())
     minutes = sum(e["training_cpu_minutes"] for p in shown for e in summary["priors"][p].values())
     left_out = [p for p in summary["priors"] if p not in shown]
+    tables = "priors' tables" if len(left_out) > 1 else "prior's table"
     lines += ["", f"{runs} runs, {minutes:.0f} CPU-minutes of training (the CPU and command of each set"
-                  + (f", and the {' and '.join(left_out)} prior's table" if left_out else "")
+                  + (f", and the {' and '.join(left_out)} {tables}" if left_out else "")
                   + ": docs/results/summary.md). Bits are range-coded bits per image on held-out crops; intervals "
                   "are 95% over the seeds."]
     return "\n".join(lines)

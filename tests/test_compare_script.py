@@ -111,6 +111,22 @@ def test_summary_reads_bd_rate_over_seeds_and_the_table_says_level_only_when_the
                                   f"{compare.TABLE_END}\nrest\n")
 
 
+def test_the_answer_names_the_other_bottlenecks_on_the_sets_they_ran_on(tmp_path):
+    seeds = [1337, 1338, 1339]
+    results = tmp_path / "results"
+    for set_name, only, gain in (("one", ["fsq", "ddcl", "vq"], -0.3), ("two", ["fsq", "ddcl"], 0.2)):
+        plan = compare.runs({**compare.DEFAULTS, "only": only, "seeds": 3})
+        os.makedirs(results / set_name / "context")
+        comp = {"best": compare.summarise(plan, fake_evals(plan, gain), "best", seeds), "epochs": 10, "seeds": seeds,
+                "runs": 9 * len(only), "training_cpu_minutes": 30.0, "command": "python scripts/compare.py ..."}
+        (results / set_name / "context" / "comparison.json").write_text(json.dumps(comp))
+    answer = compare.answer_text(compare.cross_summary(str(results)))
+    assert "**the verdict differs between sets**" in answer  # DDCL: behind on one, ahead on two
+    others = answer.split("\n")[-1]
+    assert others.startswith("The library's other bottlenecks under the same prior (one only;")
+    assert "vq behind FSQ (+" in others and "ddcl" not in others and "fsq " not in others
+
+
 def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
     results = os.path.join(REPO, "docs", "results")
     with open(os.path.join(results, "summary.json")) as f:
