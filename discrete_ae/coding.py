@@ -69,7 +69,7 @@ class SequentialTables(NamedTuple):
     one pass), or None.
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
-    the values it has decoded (`_decode_batch`, `decode_payloads`): the same function of the same
+    the values it has decoded (`read_batch`, `decode_payloads`): the same function of the same
     integers, so the two agree bit for bit as long as `make` computes each image's table
     independently of the other images in the batch (discrete_ae/exact.py says how)."""
     groups: int
@@ -259,7 +259,7 @@ class Stream:
         return self.encoder.get_compressed().size * 32.0 / max(1, sum(len(v) for v in self.values))
 
     def decoder(self):
-        """A decoder of the whole stream, for `decode_payloads(..., stream=)` batch by batch."""
+        """A decoder of the whole stream, for `read_batch` batch by batch."""
         return self.decoder_type(self.encoder.get_compressed())
 
     def decodes_back(self, tables_per_batch):
@@ -276,11 +276,18 @@ def _table(tables, g, decoded):
 def _decode_batch(decoder, tables, batch):
     """(batch, G, n) values of `batch` images read from one decoder, group by group (each group of
     all the images, then its escaped values: the order `_Coder.encode` wrote)."""
+    return read_batch(decoder, tables, batch)[0]
+
+
+def read_batch(decoder, tables, batch):
+    """_decode_batch's values and the list of Tables they were read with (a context model's, computed
+    from the values decoded before each group, as a receiver computes them)."""
     groups, count = _shape(tables)
-    out = np.zeros((batch, groups, count), dtype=np.int64)
+    out, read = np.zeros((batch, groups, count), dtype=np.int64), []
     for g in range(groups):
-        out[:, g] = _Coder([_table(tables, g, out)], batch).decode(decoder)[:, 0]
-    return out
+        read.append(_table(tables, g, out))
+        out[:, g] = _Coder([read[-1]], batch).decode(decoder)[:, 0]
+    return out, read
 
 
 def stream_bits(values, tables):
@@ -385,18 +392,36 @@ def compress(values, tables, key):
             for k, v, p in zip(keys, values, encode_payloads(values, tables))]
 
 
-def decompress(strings, tables, key, stream=None):
+def decompress(strings, tables, key):
     """B byte strings from `compress` with the same tables and key -> (B, G, n) values.
-    Raises BitstreamError, naming the string, when one is not what `compress` wrote. With `stream`,
-    also the next batch of a Stream's decoder, read with the same tables (decode_payloads)."""
+    Raises BitstreamError, naming the string, when one is not what `compress` wrote."""
     payloads = [_payload(i, s) for i, s in enumerate(strings)]
     keys = _keys(key, len(strings))
-    values, readable, *from_stream = decode_payloads(payloads, tables, stream)
+    values, readable = decode_payloads(payloads, tables)
     for i, s in enumerate(strings):
         if not readable[i] or _checksum(keys[i], values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
             raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
                                  "another model (or prior), or with another seed than the one passed to decompress")
-    return values if stream is None else (values, from_stream[0])
+    return values
+
+
+def strings_read_back(strings, read, key, values):
+    """(B,) whether each string from `compress` decompresses to `values` (B, G, n), given `read`: the
+    list of Tables those values are coded with, as a receiver computes them (read_batch). A string
+    decodes group by group under tables computed from its own earlier groups; while it agrees with
+    `values` those are `read`'s tables, so it decompresses to `values` exactly when it decodes to
+    them under `read`: one decode call per string where no value escapes, not one per group."""
+    coder, keys = _Coder(read, len(values)), _keys(key, len(strings))
+    ok = np.zeros(len(strings), dtype=bool)
+    for i, s in enumerate(strings):
+        try:
+            payload = _payload(i, s)
+        except BitstreamError:
+            continue
+        one = coder.row(i)
+        ok[i] = (_checksum(keys[i], values[i]) == int.from_bytes(s[1:HEADER_BYTES], "big")
+                 and _decodes_to(one, payload, values[i:i + 1], one.block_ids(values[i:i + 1])))
+    return ok
 
 
 def _payload(i, s):
@@ -414,29 +439,24 @@ def _payload(i, s):
     return bytes(s[HEADER_BYTES:])
 
 
-def decode_payloads(payloads, tables, stream=None):
+def decode_payloads(payloads, tables):
     """Per-image payloads -> ((B, G, n) values, (B,) whether each image decoded). Group by group
-    across the images, so that a context model computes each group's tables once for the batch.
-    With `stream` (a decoder of a `Stream` whose next batch is these images), that batch is read
-    too, with the same tables, and returned third: one pass of a context model's tables checks both."""
+    across the images, so that a context model computes each group's tables once for the batch."""
     import constriction
 
     groups, count = _shape(tables)
     out = np.zeros((len(payloads), groups, count), dtype=np.int64)
-    from_stream = np.zeros_like(out)
     readable = np.ones(len(payloads), dtype=bool)
     decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
     for g in range(groups):
         coder = _Coder([_table(tables, g, out)], len(payloads))
-        if stream is not None:
-            from_stream[:, g] = coder.decode(stream)[:, 0]
         for i, decoder in enumerate(decoders):
             if readable[i]:
                 try:
                     out[i, g] = coder.decode_group(decoder, 0, i)
                 except Exception:  # constriction refuses data it cannot decode
                     readable[i] = False
-    return (out, readable) if stream is None else (out, readable, from_stream)
+    return out, readable
 
 
 def fingerprint(module):

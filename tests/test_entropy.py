@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomised
 from discrete_ae import coding, priors
 from discrete_ae.coding import ESCAPE_BITS
 from discrete_ae.priors import fit_prior
@@ -214,6 +215,45 @@ def test_context_tables_are_the_same_bits_in_any_batch(kind):
         assert all(np.array_equal(a.probs[i], b.probs[0]) for a, b in zip(batch, alone))
     bits, exact = coding.stream_bits(values, tables(slice(None)))  # the stream decodes position by position
     assert exact and bits > 0
+
+
+@pytest.mark.parametrize("kind", ["mixture", "categorical"])
+def test_checking_strings_against_the_receivers_tables_agrees_with_decompressing_each(kind):
+    """evaluate's round-trip check: one decode call per string under the tables read from the stream
+    says the same as decompress, which reads each string group by group under its own tables."""
+    rng = np.random.default_rng(4)
+    if kind == "mixture":  # DDCL, one value far outside its window: an escape
+        prior = randomised(priors.ContextMixturePrior(3, (4, 4)), std=0.5)
+        u = torch.rand(6, 3, 16, generator=torch.Generator().manual_seed(0)).double() / 15 - 1 / 30
+        values = rng.integers(-5, 6, (6, 16, 3))
+        values[2, 9, 1] = 1000
+
+        def tables(rows):
+            return prior.tables(u[rows], 1 / 15)
+    else:  # FSQ levels [8, 5, 5]
+        prior = randomised(priors.ContextCategoricalPrior([8, 5, 5], (4, 4)), std=0.5)
+        values = rng.integers(0, 5, (6, 16, 3))
+
+        def tables(rows):
+            return prior.tables(16)
+    strings = coding.compress(values, tables(slice(None)), b"k")
+    stream = coding.Stream()
+    stream.add(values, tables(slice(None)))
+    from_stream, read = coding.read_batch(stream.decoder(), tables(slice(None)), len(values))
+    assert np.array_equal(from_stream, values)
+    damaged = list(strings)
+    damaged[1] = strings[1][:-2]  # truncated
+    damaged[3] = strings[3][:5] + bytes([strings[3][5] ^ 0x10]) + strings[3][6:]  # one bit flipped
+    damaged[4] = bytes([0x00]) + strings[4][1:]  # not this repo's magic
+    checked = coding.strings_read_back(damaged, read, b"k", values)
+    for i, s in enumerate(damaged):
+        try:
+            alone = np.array_equal(coding.decompress([s], tables(slice(i, i + 1)), b"k")[0], values[i])
+        except coding.BitstreamError:
+            alone = False
+        assert checked[i] == alone, i
+    assert checked[[0, 2, 5]].all() and not checked[[1, 3, 4]].any()
+    assert not coding.strings_read_back(strings, read, b"other key", values).any()
 
 
 def test_context_categorical_bits_reach_the_symbol_and_its_context():
