@@ -361,8 +361,7 @@ def results_table(summary):
             bd = best[m]["bd_vs_fsq"]
             rate = fmt_interval(bd["bd_rate"], "%", 1) if bd["bd_rate"]["overlap"] else "no overlap"
             psnr_bd = fmt_interval(bd["bd_psnr"], " dB", 2) if bd["bd_psnr"]["overlap"] else "no overlap"
-            reading = {"better": "fewer bits than FSQ", "worse": "more bits than FSQ"}.get(bd["bd_rate"]["verdict"],
-                                                                                        bd["bd_rate"]["verdict"])
+            reading = {**OTHER_WORDS, "level": "level"}.get(verdict_of(bd), verdict_of(bd))
             lines.append(f"| {m} | {bits} | {psnr} | {rate} | {psnr_bd} | {reading} |")
     if "runs" in summary:  # the whole summary: say what stands behind the table
         lines += ["", f"{summary['runs']} runs: {len(summary['seeds'])} seeds of every point, {summary['epochs']} epochs "
@@ -556,22 +555,38 @@ def answer_text(summary):
     return "\n".join(lines)
 
 
-OTHER_WORDS = {"better": "ahead of FSQ", "worse": "behind FSQ", "level": "level with FSQ", "no overlap": "no overlap with FSQ"}
+OTHER_WORDS = {"better": "ahead of FSQ", "worse": "behind FSQ", "level": "level with FSQ"}
 
 
 def others_text(per_set):
-    """The library's other bottlenecks against FSQ under the headline prior, on the sets they ran on
-    (an empty list when none did): a paragraph after the answer."""
-    found = {}
+    """The library's other bottlenecks against FSQ under the headline prior, on the sets they ran on,
+    best first (an empty list when none did): a paragraph after the answer."""
+    found = []
     for set_name, entry in per_set.items():
         for m, e in entry["methods"].items():
             if m not in (ANCHOR, "ddcl") and m not in REFERENCES and e["bd_vs_fsq"]:
-                found.setdefault(m, []).append((set_name, e["bd_vs_fsq"]))
+                found.append((m, set_name, e))
     if not found:
         return []
-    sets = sorted({s for runs in found.values() for s, _ in runs})
-    parts = [f"{m} {OTHER_WORDS[verdict_of(bd)]} ({_bd_words(bd)}" + (f", {s})" if len(sets) > 1 else ")")
-             for m, runs in found.items() for s, bd in runs]
+    sets = sorted({s for _, s, _ in found})
+    where = (lambda s: f", {s}") if len(sets) > 1 else (lambda s: "")  # noqa: E731
+
+    def words(m, set_name, e):
+        bd = e["bd_vs_fsq"]
+        if verdict_of(bd) in OTHER_WORDS:
+            return f"{m} {OTHER_WORDS[verdict_of(bd)]} ({_bd_words(bd)}{where(set_name)})"
+        bits, psnr = [p["bits"] for p in e["points"]], [p["psnr"] for p in e["points"]]
+        return (f"{m} outside FSQ's range ({min(bits):.0f}-{max(bits):.0f} bits at {min(psnr):.1f}-{max(psnr):.1f} dB"
+                f"{where(set_name)})")
+
+    def order(item):  # BD-rate where there is one, then BD-PSNR (higher is better), then no overlap
+        bd = item[2]["bd_vs_fsq"]
+        for rank, (key, sign) in enumerate((("bd_rate", 1), ("bd_psnr", -1))):
+            if bd[key]["overlap"]:
+                return rank, sign * bd[key]["mean"]
+        return 2, 0.0
+
+    parts = [words(*item) for item in sorted(found, key=order)]
     return ["", f"The library's other bottlenecks under the same prior ({' and '.join(sets)} only; each curve against "
                 f"FSQ's): {'; '.join(parts)}."]
 

@@ -89,7 +89,7 @@ def test_summary_reads_bd_rate_over_seeds_and_the_table_says_level_only_when_the
     point = summary["ddcl"]["points"][0]
     assert point["bits"]["seeds"] == [120.0, 121.0, 122.0] and point["bits"]["interval"][0] < 121.0 < point["bits"]["interval"][1]
     table = compare.results_table({"best": summary})
-    assert "| **fsq** |" in table and "| ddcl |" in table and "fewer bits than FSQ" in table
+    assert "| **fsq** |" in table and "| ddcl |" in table and "ahead of FSQ |" in table
     level = compare.summarise(plan, fake_evals(plan, 0.0), "best", seeds)
     assert level["ddcl"]["bd_vs_fsq"]["bd_rate"]["verdict"] == "level"
     results = tmp_path / "results"
@@ -125,6 +125,13 @@ def test_the_answer_names_the_other_bottlenecks_on_the_sets_they_ran_on(tmp_path
     others = answer.split("\n")[-1]
     assert others.startswith("The library's other bottlenecks under the same prior (one only;")
     assert "vq behind FSQ (+" in others and "ddcl" not in others and "fsq " not in others
+    cross = compare.cross_summary(str(results))
+    vq = cross["priors"]["context"]["one"]["methods"]["vq"]
+    for key in ("bd_rate", "bd_psnr"):
+        vq["bd_vs_fsq"][key]["overlap"] = False  # as LFQ's curve, far below FSQ's
+    others = compare.answer_text(cross).split("\n")[-1]
+    low, high = vq["points"][0], vq["points"][-1]
+    assert f"vq outside FSQ's range ({low['bits']:.0f}-{high['bits']:.0f} bits at " in others
 
 
 def test_the_readme_answer_and_table_are_the_ones_the_committed_results_give():
