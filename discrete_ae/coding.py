@@ -264,7 +264,7 @@ class Stream:
 
     def decodes_back(self, tables_per_batch):
         decoder = self.decoder()
-        return all(np.array_equal(_decode_batch(decoder, tables, len(want)), want)
+        return all(np.array_equal(read_batch(decoder, tables, len(want))[0], want)
                    for tables, want in zip(tables_per_batch, self.values))
 
 
@@ -273,15 +273,11 @@ def _table(tables, g, decoded):
     return tables.make(g, decoded[:, :g]) if isinstance(tables, SequentialTables) else tables[g]
 
 
-def _decode_batch(decoder, tables, batch):
-    """(batch, G, n) values of `batch` images read from one decoder, group by group (each group of
-    all the images, then its escaped values: the order `_Coder.encode` wrote)."""
-    return read_batch(decoder, tables, batch)[0]
-
-
 def read_batch(decoder, tables, batch):
-    """_decode_batch's values and the list of Tables they were read with (a context model's, computed
-    from the values decoded before each group, as a receiver computes them)."""
+    """((batch, G, n) values of `batch` images read from one decoder, the list of Tables they were
+    read with): group by group (each group of all the images, then its escaped values: the order
+    `_Coder.encode` wrote), a context model's tables computed from the values decoded before each
+    group, as a receiver computes them."""
     groups, count = _shape(tables)
     out, read = np.zeros((batch, groups, count), dtype=np.int64), []
     for g in range(groups):
@@ -375,7 +371,7 @@ def decode_batch(payload, tables, batch):
     import constriction
 
     try:
-        return _decode_batch(constriction.stream.queue.RangeDecoder(_words(payload)), tables, batch), True
+        return read_batch(constriction.stream.queue.RangeDecoder(_words(payload)), tables, batch)[0], True
     except Exception:  # constriction refuses data it cannot decode
         groups, count = _shape(tables)
         return np.zeros((batch, groups, count), dtype=np.int64), False

@@ -129,7 +129,8 @@ class ExactNetwork:
         heads, hidden, cin = first.shape[:3]
         self.grid = tuple(first_bias.shape[-2:])
         h, w = self.grid
-        rows, cols = np.arange(h * w)[:, None] // w + np.arange(9) // 3 - 1, np.arange(h * w)[:, None] % w + np.arange(9) % 3 - 1
+        raster, tap = np.arange(h * w)[:, None], np.arange(9)
+        rows, cols = raster // w + tap // 3 - 1, raster % w + tap % 3 - 1
         inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
         self.k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS).transpose(0, 2, 1)  # (heads, Cin 9, hidden)

@@ -530,7 +530,7 @@ def _bd_words(bd, digits=1):
 def answer_text(summary):
     """The README's answer: DDCL against FSQ under the headline prior on every set, then the other
     priors, each with its terms (prior, data sets, epochs, seeds)."""
-    lines = []
+    lines, others_said = [], False
     for prior in [summary["headline_prior"]] + [p for p in HEADLINE_ORDER if p != summary["headline_prior"]]:
         per_set = summary["priors"].get(prior)
         if not per_set:
@@ -547,8 +547,9 @@ def answer_text(summary):
         any_set = next(iter(per_set.values()))
         text = (f"under a {PRIOR_WORDS[prior]}, {len(ddcl)} set{'s' if len(ddcl) > 1 else ''}, {any_set['epochs']} "
                 f"epochs, {len(any_set['seeds'])} seeds: **{reading}** (DDCL against FSQ, 95% intervals: {terms})")
-        if prior != summary["headline_prior"] and "- " not in {line[:2] for line in lines}:
+        if prior != summary["headline_prior"] and not others_said:
             lines += ["", "The other prior families, the same question:"]
+            others_said = True
         lines.append(("**The answer**, " if prior == summary["headline_prior"] else "- ") + text + ".")
         if prior == summary["headline_prior"]:
             lines += others_text(per_set)
