@@ -588,8 +588,10 @@ def others_text(per_set):
         return 2, 0.0
 
     parts = [words(*item) for item in sorted(found, key=order)]
-    return ["", f"The library's other bottlenecks under the same prior ({' and '.join(sets)} only; each curve against "
-                f"FSQ's): {'; '.join(parts)}."]
+    terms = sorted({(per_set[s]["epochs"], len(per_set[s]["seeds"])) for s in sets})
+    runs = " or ".join(f"{e} epochs, {n} seeds" for e, n in terms)
+    return ["", f"The library's other bottlenecks under the same prior ({' and '.join(sets)} only, {runs}; each curve "
+                f"against FSQ's): {'; '.join(parts)}."]
 
 
 def summary_table(summary, priors=HEADLINE_ORDER):

@@ -123,7 +123,7 @@ def test_the_answer_names_the_other_bottlenecks_on_the_sets_they_ran_on(tmp_path
     answer = compare.answer_text(compare.cross_summary(str(results)))
     assert "**the verdict differs between sets**" in answer  # DDCL: behind on one, ahead on two
     others = answer.split("\n")[-1]
-    assert others.startswith("The library's other bottlenecks under the same prior (one only;")
+    assert others.startswith("The library's other bottlenecks under the same prior (one only, 10 epochs, 3 seeds;")
     assert "vq behind FSQ (+" in others and "ddcl" not in others and "fsq " not in others
     cross = compare.cross_summary(str(results))
     vq = cross["priors"]["context"]["one"]["methods"]["vq"]
