@@ -300,6 +300,11 @@ def _checksum(key, values):
     return binascii.crc_hqx(np.ascontiguousarray(values, dtype="<i8").tobytes(), binascii.crc_hqx(key, 0))
 
 
+def _checksum_matches(key, values, string):
+    """Whether `string`'s header holds the checksum of `key` and the values (G, n) it should decode to."""
+    return _checksum(key, values) == int.from_bytes(string[1:HEADER_BYTES], "big")
+
+
 def _words(payload):
     """Big-endian bytes, zero-padded to whole words -> uint32 words."""
     padded = payload + b"\0" * (-len(payload) % 4)
@@ -395,7 +400,7 @@ def decompress(strings, tables, key):
     keys = _keys(key, len(strings))
     values, readable = decode_payloads(payloads, tables)
     for i, s in enumerate(strings):
-        if not readable[i] or _checksum(keys[i], values[i]) != int.from_bytes(s[1:HEADER_BYTES], "big"):
+        if not readable[i] or not _checksum_matches(keys[i], values[i], s):
             raise BitstreamError(f"string {i} fails its checksum: it is truncated or corrupted, or was written by "
                                  "another model (or prior), or with another seed than the one passed to decompress")
     return values
@@ -415,7 +420,7 @@ def strings_read_back(strings, read, key, values):
         except BitstreamError:
             continue
         one = coder.row(i)
-        ok[i] = (_checksum(keys[i], values[i]) == int.from_bytes(s[1:HEADER_BYTES], "big")
+        ok[i] = (_checksum_matches(keys[i], values[i], s)
                  and _decodes_to(one, payload, values[i:i + 1], one.block_ids(values[i:i + 1])))
     return ok
 
