@@ -36,9 +36,9 @@ from discrete_ae.codec_file import (
     HEADER,
     PHOTO_EXTENSIONS,
     SEED,
+    PhotoCodec,
     decode_photo,
     decoder_threads,
-    encode_photo,
     from_blocks,
     read_photo,
     to_blocks,
@@ -70,10 +70,10 @@ def _model(path, device="cpu"):
 def compress_file(checkpoint, source, target):
     """Write the file -> (bytes, bits per pixel, the PSNR it decodes to, checked by decoding it)."""
     check_distinct(target, source, checkpoint)
-    model, rgb = _model(checkpoint), read_photo(source)
-    blob = encode_photo(model, rgb)
+    codec, rgb = PhotoCodec(_model(checkpoint)), read_photo(source)
+    blob = codec.encode(rgb)
     atomic_write(target, lambda f: f.write(blob))
-    psnr, _ = quality(rgb, decode_photo(model, blob))
+    psnr, _ = quality(rgb, codec.decode(blob))
     return len(blob), 8 * len(blob) / (rgb.shape[0] * rgb.shape[1]), psnr
 
 
@@ -133,11 +133,13 @@ def row(rgb, codec, q, reached=True):
             "reached": reached, "encode_mp_s": pixels / 1e6 / enc, "decode_mp_s": pixels / 1e6 / dec}
 
 
-def model_row(model, name, rgb):
+def model_row(codec, name, rgb):
+    """The model's file for `rgb` through `codec` (a PhotoCodec, built once per checkpoint as a
+    server would) and its speed."""
     t0 = time.perf_counter()
-    blob = encode_photo(model, rgb)
+    blob = codec.encode(rgb)
     t1 = time.perf_counter()
-    decoded = decode_photo(model, blob)
+    decoded = codec.decode(blob)
     t2 = time.perf_counter()
     psnr, ssim = quality(rgb, decoded)
     pixels = rgb.shape[0] * rgb.shape[1]
@@ -174,17 +176,14 @@ def evaluate_photos(checkpoints, opts):
         raise DataError(f"--photos={folder!r} holds no .png/.jpg photos (scripts/make_patches.py writes OUT/photos/)")
     models = {}
     for path in checkpoints:
-        model = _model(path, opts["device"])
-        model.coder()
-        q = model.quantizer  # a curve per bottleneck and prior; its checkpoints are the points
-        models[path] = (model, q_name(load_checkpoint(path)[1], q))
+        codec = PhotoCodec(_model(path, opts["device"]))  # a curve per bottleneck and prior; its checkpoints are the points
+        models[path] = (codec, q_name(load_checkpoint(path)[1], codec.q))
     equal_bytes, curve_rows = [], []
     for photo in photos:
         rgb = read_photo(photo)
-        for path, (model, name) in models.items():
-            ours = {**model_row(model, name, rgb), "checkpoint": path, "settings": model.quantizer.settings(),
-                    "photo": photo.name}
-            curve_rows += [ours, {**tiled_row(model, name, rgb), "checkpoint": path, "photo": photo.name}]
+        for path, (codec, name) in models.items():
+            ours = {**model_row(codec, name, rgb), "checkpoint": path, "settings": codec.q.settings(), "photo": photo.name}
+            curve_rows += [ours, {**tiled_row(codec.model, name, rgb), "checkpoint": path, "photo": photo.name}]
             equal_bytes.append({**ours, "classical": {c: at_most(rgb, c, ours["bytes"]) for c in CLASSICAL}})
             print(line_of(equal_bytes[-1]), flush=True)
         curve_rows += [{**row(rgb, c, q), "photo": photo.name} for c in CLASSICAL for q in CURVE_QUALITIES]

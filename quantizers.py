@@ -7,7 +7,16 @@ import operator
 
 import torch
 
-from discrete_ae.bottleneck import Bottleneck, CodebookBottleneck, QuantizerOutput, by_position, check_index_range, zero
+from discrete_ae.bottleneck import (
+    Bottleneck,
+    CodebookBottleneck,
+    QuantizerOutput,
+    by_position,
+    check_index_range,
+    from_coding_order,
+    to_coding_order,
+    zero,
+)
 from discrete_ae.errors import ConfigError
 from discrete_ae.geometry import LATENT_HW
 from discrete_ae.library_quantizers import (
@@ -72,12 +81,12 @@ class FSQWrapper(CodebookBottleneck):
             return super().coding_values(indices)
         flat = indices.reshape(len(indices), -1)  # (B, P), where the caller holds them (the CPU in evaluate)
         levels = self.fsq.indices_to_level_indices(flat.to(self.half_levels.device)).long().to(flat.device)  # (B, P, C)
-        return levels if by_position(self.prior) else levels.transpose(1, 2)
+        return to_coding_order(levels, self.prior) if by_position(self.prior) else levels.transpose(1, 2)
 
     def indices_from_values(self, values, latent_hw):
         if self.prior is None:
             return super().indices_from_values(values, latent_hw)
-        levels = values if by_position(self.prior) else values.transpose(1, 2)  # (B, P, C)
+        levels = from_coding_order(values, self.prior) if by_position(self.prior) else values.transpose(1, 2)  # (B, P, C)
         codes = (levels.to(self.half_levels.device).float() - self.half_levels[:, 0]) / self.half_levels[:, 0]  # the library's codes
         return self.fsq.codes_to_indices(codes).reshape(values.shape[0], *latent_hw).long()
 
@@ -176,10 +185,10 @@ class DDCL_Bottleneck(Bottleneck):
     def coding_values(self, indices):
         """(B, C, H, W) -> (B, C, H*W), one stream per channel; under the context prior (B, H*W, C)."""
         values = indices.flatten(2)
-        return values.transpose(1, 2) if by_position(self.prior) else values
+        return to_coding_order(values.transpose(1, 2), self.prior) if by_position(self.prior) else values
 
     def indices_from_values(self, values, latent_hw):
-        values = values.transpose(1, 2) if by_position(self.prior) else values
+        values = from_coding_order(values, self.prior).transpose(1, 2) if by_position(self.prior) else values
         # contiguous, as encode returns them: the decoder's convolutions may sum in another order
         # for another memory layout, and decompress must equal decode(encode(x)) bit for bit
         return values.reshape(*values.shape[:2], *latent_hw).contiguous()

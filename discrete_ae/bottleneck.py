@@ -51,9 +51,21 @@ def constant_bits(z, bits_per_image):
 
 
 def by_position(prior):
-    """A context prior's coder sends (B, H*W, C): one group per position, in raster order, so the
-    decoder has a value's context before it."""
+    """A context prior's coder sends (B, H*W, C): one group per position, in the prior's coding
+    order (priors.coding_order), so the decoder has a value's context before it."""
     return getattr(prior, "sequential", False)
+
+
+def to_coding_order(values, prior):
+    """(B, G, n) groups in raster order -> the order `prior` codes them in."""
+    return values[:, torch.as_tensor(prior.order)]
+
+
+def from_coding_order(values, prior):
+    """The inverse of to_coding_order."""
+    out = torch.empty_like(values)
+    out[:, torch.as_tensor(prior.order)] = values
+    return out
 
 
 class Bottleneck(nn.Module):
@@ -197,16 +209,19 @@ class CodebookBottleneck(Bottleneck):
 
     def coding_values(self, indices):
         """indices -> (B, G, P): one stream per residual stage, each over the positions; under the
-        context prior one code per group, (B, P S, 1), position by position, stage by stage."""
+        context prior one code per group, (B, P S, 1), position by position, stage by stage, in
+        the prior's coding order."""
         codes = indices.reshape(indices.shape[0], self.num_streams, -1)  # (B, S, P)
-        return codes.transpose(1, 2).reshape(len(codes), -1, 1) if by_position(self.prior) else codes
+        if by_position(self.prior):
+            return to_coding_order(codes.transpose(1, 2).reshape(len(codes), -1, 1), self.prior)
+        return codes
 
     def index_shape(self, latent_hw):
         return tuple(latent_hw) if self.num_streams == 1 else (self.num_streams, *latent_hw)
 
     def indices_from_values(self, values, latent_hw):
         if by_position(self.prior):  # (B, P S, 1) -> (B, S, P)
-            values = values.reshape(len(values), -1, self.num_streams).transpose(1, 2)
+            values = from_coding_order(values, self.prior).reshape(len(values), -1, self.num_streams).transpose(1, 2)
         return values.reshape(values.shape[0], *self.index_shape(latent_hw)).contiguous()
 
     def learned_tables(self, batch, positions, seed):

@@ -1,7 +1,7 @@
 """The whole-photo file of codec.py: a photo as 32x32 blocks, their integers range-coded under the
 model's prior (fitted, learned or context) behind one header.
 
-File format 3 (a 13-byte header, then the payload):
+File format 4 (a 13-byte header, then the payload):
 
     byte  0      0xA0 | FORMAT (this file's magic nibble and version)
     bytes 1-4    width, height (big-endian uint16 each)
@@ -39,7 +39,7 @@ from discrete_ae.geometry import LATENT_HW
 from discrete_ae.geometry import LATENT_POSITIONS as POSITIONS
 
 MAGIC = 0xA
-FORMAT = 3  # 1: one stream for all blocks (no runs); 2: context tables in float64 (3: on integers)
+FORMAT = 4  # 1: one stream for all blocks (no runs); 2: context tables in float64; 3: on integers; 4: wavefront
 HEADER = 13
 SEED = 0  # DDCL's dither seed for every file: both sides know it
 MAX_SIDE = 65535  # the header's uint16
@@ -122,25 +122,6 @@ def runs_of(count):
     return [(start, min(RUN_BLOCKS, count - start)) for start in range(0, count, RUN_BLOCKS)]
 
 
-@torch.no_grad()
-def encode_photo(model, rgb):
-    """uint8 (H, W, 3) -> the file's bytes."""
-    q = model.coder()
-    height, width = rgb.shape[:2]
-    blocks, _ = to_blocks(to_tensor(rgb, next(model.parameters()).device))
-    model.eval()
-    indices = torch.cat([model.encode(blocks[i:i + NETWORK_BATCH], seed=SEED) for i in range(0, len(blocks), NETWORK_BATCH)])
-    values = q.coding_values(indices).cpu().numpy()  # (N, G, 16)
-    payload = b""
-    runs = runs_of(len(values))
-    for k, (start, n) in enumerate(runs):
-        part = coding.encode_batch(values[start:start + n], q.coding_tables(n, POSITIONS, SEED))
-        payload += (len(part).to_bytes(RUN_LENGTH_BYTES, "big") if k < len(runs) - 1 else b"") + part
-    fingerprint = coding.fingerprint(model)
-    header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
-    return header + fingerprint[:4] + _crc(header, fingerprint, values) + payload
-
-
 def read_runs(payload, count):
     """The payload -> the byte string of each run, checked against its length before anything is
     decoded: a header that claims more blocks than the payload holds fails here, at once."""
@@ -156,38 +137,73 @@ def read_runs(payload, count):
     return parts + [payload[pos:]]
 
 
-@torch.no_grad()
-def decode_photo(model, blob):
-    """The file's bytes -> uint8 (H, W, 3); BitstreamError names what is wrong with a bad file."""
-    q = model.coder()
-    if len(blob) < HEADER:
-        raise BitstreamError(f"the file has {len(blob)} bytes, fewer than the {HEADER}-byte header: truncated")
-    if blob[0] >> 4 != MAGIC:
-        raise BitstreamError("the file does not start with codec.py's magic: not written by `python codec.py compress`")
-    if blob[0] & 0xF != FORMAT:
-        raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
-    width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
-    if width * height > MAX_PIXELS or not width or not height:
-        raise BitstreamError(f"the header says {width}x{height} pixels; this codec writes 1 to {MAX_PIXELS // 2**20} "
-                             "megapixels: the file is corrupted or not this codec's")
-    fingerprint = coding.fingerprint(model)
-    if blob[5:9] != fingerprint[:4]:
-        raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
-                             f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
-    grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
-    count = grid[0] * grid[1]
-    decoded = []
-    for part, (_, n) in zip(read_runs(bytes(blob[HEADER:]), count), runs_of(count)):
-        values, readable = coding.decode_batch(part, q.coding_tables(n, POSITIONS, SEED), n)  # one run's tables at a time
-        if not readable:
+class PhotoCodec:
+    """The file format for one model whose weights stay as they are while it codes: its fingerprint
+    computed once for every photo (a hash of all its weights), the model put in evaluation mode.
+    `encode_photo` and `decode_photo` build one per call."""
+
+    def __init__(self, model):
+        self.model, self.q = model, model.coder()
+        model.eval()
+        self.fingerprint = coding.fingerprint(model)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, rgb):
+        """uint8 (H, W, 3) -> the file's bytes."""
+        model, q = self.model, self.q
+        height, width = rgb.shape[:2]
+        blocks, _ = to_blocks(to_tensor(rgb, self.device))
+        indices = torch.cat([model.encode(blocks[i:i + NETWORK_BATCH], seed=SEED) for i in range(0, len(blocks), NETWORK_BATCH)])
+        values = q.coding_values(indices).cpu().numpy()  # (N, G, 16)
+        payload = b""
+        runs = runs_of(len(values))
+        for k, (start, n) in enumerate(runs):
+            part = coding.encode_batch(values[start:start + n], q.coding_tables(n, POSITIONS, SEED))
+            payload += (len(part).to_bytes(RUN_LENGTH_BYTES, "big") if k < len(runs) - 1 else b"") + part
+        header = bytes([MAGIC << 4 | FORMAT]) + width.to_bytes(2, "big") + height.to_bytes(2, "big")
+        return header + self.fingerprint[:4] + _crc(header, self.fingerprint, values) + payload
+
+    @torch.no_grad()
+    def decode(self, blob):
+        """The file's bytes -> uint8 (H, W, 3); BitstreamError names what is wrong with a bad file."""
+        model, q, fingerprint = self.model, self.q, self.fingerprint
+        if len(blob) < HEADER:
+            raise BitstreamError(f"the file has {len(blob)} bytes, fewer than the {HEADER}-byte header: truncated")
+        if blob[0] >> 4 != MAGIC:
+            raise BitstreamError("the file does not start with codec.py's magic: not written by `python codec.py compress`")
+        if blob[0] & 0xF != FORMAT:
+            raise BitstreamError(f"the file is codec format {blob[0] & 0xF}; this code reads format {FORMAT}")
+        width, height = int.from_bytes(blob[1:3], "big"), int.from_bytes(blob[3:5], "big")
+        if width * height > MAX_PIXELS or not width or not height:
+            raise BitstreamError(f"the header says {width}x{height} pixels; this codec writes 1 to {MAX_PIXELS // 2**20} "
+                                 "megapixels: the file is corrupted or not this codec's")
+        if blob[5:9] != fingerprint[:4]:
+            raise BitstreamError(f"the file was written with another model (fingerprint {blob[5:9].hex()}, this checkpoint's "
+                                 f"{fingerprint[:4].hex()}): decode it with the checkpoint that compressed it")
+        grid = (-(-height // BLOCK), -(-width // BLOCK))  # rows, columns of whole blocks, as to_blocks pads
+        count = grid[0] * grid[1]
+        decoded = []
+        for part, (_, n) in zip(read_runs(bytes(blob[HEADER:]), count), runs_of(count)):
+            values, readable = coding.decode_batch(part, q.coding_tables(n, POSITIONS, SEED), n)  # one run's tables at a time
+            if not readable:
+                raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
+            decoded.append(values)
+        values = np.concatenate(decoded)
+        if _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
             raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
-        decoded.append(values)
-    values = np.concatenate(decoded)
-    if _crc(bytes(blob[:5]), fingerprint, values) != bytes(blob[9:13]):
-        raise BitstreamError("the file fails its checksum: it is truncated or corrupted")
-    device = next(model.parameters()).device
-    with decoder_threads():
-        indices = q.indices_from_values(torch.from_numpy(values), LATENT_HW)
-        blocks = torch.cat([to_uint8(model.decode(indices[i:i + NETWORK_BATCH].to(device), seed=SEED))
-                            for i in range(0, len(indices), NETWORK_BATCH)])  # 8-bit as they come: a quarter the memory
-    return from_blocks(blocks, grid, height, width)
+        with decoder_threads():
+            indices = q.indices_from_values(torch.from_numpy(values), LATENT_HW)
+            blocks = torch.cat([to_uint8(model.decode(indices[i:i + NETWORK_BATCH].to(self.device), seed=SEED))
+                                for i in range(0, len(indices), NETWORK_BATCH)])  # 8-bit as they come: a quarter the memory
+        return from_blocks(blocks, grid, height, width)
+
+
+def encode_photo(model, rgb):
+    """uint8 (H, W, 3) -> the file's bytes (PhotoCodec(model).encode: one photo)."""
+    return PhotoCodec(model).encode(rgb)
+
+
+def decode_photo(model, blob):
+    """The file's bytes -> uint8 (H, W, 3) (PhotoCodec(model).decode: one photo)."""
+    return PhotoCodec(model).decode(blob)

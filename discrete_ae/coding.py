@@ -10,7 +10,7 @@ rates can never disagree about the model. The range coder is constriction's (Bam
 "Understanding Entropy Coding With Asymmetric Numeral Systems (ANS): a Statistician's
 Perspective", 2022).
 
-Per-image byte string, format version 3 (a 3-byte header, then the payload):
+Per-image byte string, format version 4 (a 3-byte header, then the payload):
 
     byte  0     MAGIC (high 4 bits) and FORMAT_VERSION (low 4 bits)
     bytes 1-2   CRC-16/CCITT of (the model's fingerprint, the seed, the decoded integers)
@@ -36,8 +36,9 @@ from discrete_ae.errors import BitstreamError
 ESCAPE_BITS = 16  # a value outside an open alphabet's support is sent raw in 16 bits
 ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)  # raw values are sent as value + offset in [0, 2^16)
 MAGIC = 0xD  # 4 bits: a random string passes this test 1 time in 16 and then the checksum 1 in 65,536
-FORMAT_VERSION = 3  # 4 bits; 2: the DDCL dither no longer depends on a string's place in its batch; 3: context
-# tables from the integer network (discrete_ae/exact.py), DDCL's in a window around the prediction
+FORMAT_VERSION = 4  # 4 bits; 2: the DDCL dither no longer depends on a string's place in its batch; 3: context
+# tables from the integer network (discrete_ae/exact.py), DDCL's in a window around the prediction; 4: context
+# groups in wavefront order (priors.coding_order)
 HEADER_BYTES = 3
 
 
@@ -63,10 +64,12 @@ class Table(NamedTuple):
 
 
 class SequentialTables(NamedTuple):
-    """The tables of a context model: group g's Table depends on the integers of groups 0 .. g-1,
-    which a decoder has read before it. make(g, previous (B, g, count) int64) -> Table; make_all
-    (values (B, G, count)) -> every group's Table at once, the same bits as make (the encoder's
-    one pass), or None.
+    """The tables of a context model, computed in `steps`: runs of consecutive groups whose tables
+    depend on the integers of the groups before the run only, which a decoder has read by then, so
+    each run's tables come from one network call. make(start, stop, previous (B, start, count)
+    int64) -> the Tables of groups start .. stop - 1; make_all(values (B, G, count)) -> every
+    group's Table at once, the same bits as make (the encoder's one pass), or None; steps: the
+    runs' lengths (None: one group a step).
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
     the values it has decoded (`read_batch`, `decode_payloads`): the same function of the same
@@ -76,6 +79,24 @@ class SequentialTables(NamedTuple):
     count: int
     make: Callable
     make_all: Callable = None
+    steps: tuple = None
+
+
+def runs(tables):
+    """[(start, stop)] of the groups whose tables are computed together: a context model's steps,
+    or all the groups of a list at once."""
+    if not isinstance(tables, SequentialTables):
+        return [(0, len(tables))]
+    bounds = np.cumsum((0,) + tuple(tables.steps or (1,) * tables.groups))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def run_tables(tables, start, stop, decoded):
+    """The Tables of groups start .. stop - 1: from the list, or computed from the groups before
+    them (`decoded` (B, >= start, n))."""
+    if isinstance(tables, SequentialTables):
+        return tables.make(start, stop, decoded[:, :start])
+    return tables[start:stop]
 
 
 def materialise(tables, values):
@@ -84,7 +105,7 @@ def materialise(tables, values):
     if isinstance(tables, SequentialTables):
         if tables.make_all is not None:
             return tables.make_all(values)
-        return [tables.make(g, values[:, :g]) for g in range(tables.groups)]
+        return [t for start, stop in runs(tables) for t in tables.make(start, stop, values[:, :start])]
     return tables
 
 
@@ -268,21 +289,16 @@ class Stream:
                    for tables, want in zip(tables_per_batch, self.values))
 
 
-def _table(tables, g, decoded):
-    """Group g's Table: from the list, or computed from the groups before it (`decoded` (B, >= g, n))."""
-    return tables.make(g, decoded[:, :g]) if isinstance(tables, SequentialTables) else tables[g]
-
-
 def read_batch(decoder, tables, batch):
     """((batch, G, n) values of `batch` images read from one decoder, the list of Tables they were
     read with): group by group (each group of all the images, then its escaped values: the order
     `_Coder.encode` wrote), a context model's tables computed from the values decoded before each
-    group, as a receiver computes them."""
+    run of groups, as a receiver computes them."""
     groups, count = _shape(tables)
     out, read = np.zeros((batch, groups, count), dtype=np.int64), []
-    for g in range(groups):
-        read.append(_table(tables, g, out))
-        out[:, g] = _Coder([read[-1]], batch).decode(decoder)[:, 0]
+    for start, stop in runs(tables):
+        read += run_tables(tables, start, stop, out)
+        out[:, start:stop] = _Coder(read[start:stop], batch).decode(decoder)
     return out, read
 
 
@@ -449,14 +465,15 @@ def decode_payloads(payloads, tables):
     out = np.zeros((len(payloads), groups, count), dtype=np.int64)
     readable = np.ones(len(payloads), dtype=bool)
     decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
-    for g in range(groups):
-        coder = _Coder([_table(tables, g, out)], len(payloads))
+    for start, stop in runs(tables):
+        coder = _Coder(run_tables(tables, start, stop, out), len(payloads))
         for i, decoder in enumerate(decoders):
-            if readable[i]:
-                try:
-                    out[i, g] = coder.decode_group(decoder, 0, i)
-                except Exception:  # constriction refuses data it cannot decode
-                    readable[i] = False
+            for g in range(start, stop):
+                if readable[i]:
+                    try:
+                        out[i, g] = coder.decode_group(decoder, g - start, i)
+                    except Exception:  # constriction refuses data it cannot decode
+                        readable[i] = False
     return out, readable
 
 

@@ -10,7 +10,7 @@ Three kinds (train.py's `entropy_model`):
            autoencoder so that the loss pays for the bits the coder later writes (Balle, Laparra,
            Simoncelli, "End-to-end Optimized Image Compression", ICLR 2017, section 2).
   context  `ContextMixturePrior` (DDCL) and `ContextCategoricalPrior` (FSQ): the same, their
-           parameters predicted for each value from the values sent before it in raster order
+           parameters predicted for each value from the values sent before it (in `coding_order`)
            (Minnen, Balle, Toderici, "Joint Autoregressive and Hierarchical Priors for Learned
            Image Compression", NeurIPS 2018, section 2, without the hyperprior).
 
@@ -288,7 +288,8 @@ CONTEXT_HIDDEN = 64  # features of the context network
 LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple of DDCL bins wide
 CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
 CONTEXT_WINDOW = 1.5  # ...in a window of +-this around each value's predicted mean (docs/codec.md: its rate)
-TABLE_VALUES = 4096  # the encoder builds the tables of this many network outputs at a time: arrays in cache
+TABLE_VALUES = 16384  # the encoder builds the tables of this many network outputs at a time: arrays in cache
+GEOMETRIC_LIMIT = 600.0  # _exact_mixture_cdf: |exponent| up to which a progression of exps starts from one
 SILU_EXP_CAP = -40.0  # _silu's exp(-x) stays finite, and its square too (the backward pass), in float32
 
 
@@ -329,13 +330,43 @@ def _exact_mixture_mean(loc, w, total):
     return mean / total
 
 
-def _exact_mixture_cdf(x, loc, log_scale, w, total):
-    """mixture_cdf in numpy through exact.exp: x (..., N), parameters (..., K) and _exact_weights ->
-    (..., N), the same bits on any machine."""
+def _powers(r, n):
+    """r (...) -> (n, ...): r^0 .. r^(n-1) by doubling, each a product of at most 2 log2(n) correctly
+    rounded multiplications: the same bits on any IEEE-754 machine (the leading axis: whole blocks)."""
+    out = np.empty((n,) + r.shape)
+    out[0] = 1.0
+    done = 1
+    while done < n:
+        m = min(done, n - done)
+        np.multiply(out[:m], out[done - 1] * r, out=out[done:done + m])
+        done += m
+    return out
+
+
+def _exact_mixture_cdf(x, step, below, above, loc, log_scale, w, total):
+    """mixture_cdf in numpy at the evenly spaced x + j step, j = -below .. above: x (...),
+    parameters (..., K) and _exact_weights -> (..., below + 1 + above), the same bits on any machine.
+
+    A logistic's exp(-(x + j step - loc) / s) is exp(-(x - loc) / s) r^j with r = exp(-step / s): one
+    exact.exp per value and component and a geometric progression along the bins. Where the first
+    factor's exponent reaches GEOMETRIC_LIMIT the exps are taken one by one (exact.exp clips its
+    argument); below it a power that over- or underflows leaves a CDF that is 0 or 1 to within e^-100
+    either way."""
     cdf = 0.0
-    for k in range(w.shape[-1]):
-        cdf = cdf + w[..., k, None] / (1.0 + exact.exp(-(x - loc[..., k, None]) * exact.exp(-log_scale[..., k, None])))
-    return cdf / total[..., None]
+    j = np.arange(-below, above + 1)[:, None]
+    with np.errstate(over="ignore", under="ignore"):
+        for k in range(w.shape[-1]):
+            inv = exact.exp(-log_scale[..., k])  # 1 / s
+            t = (x - loc[..., k]) * inv
+            far = np.abs(t) >= GEOMETRIC_LIMIT
+            e = np.concatenate([_powers(exact.exp(step * inv), below + 1)[:0:-1], _powers(exact.exp(-step * inv), above + 1)])
+            e *= exact.exp(-np.where(far, 0.0, t))  # (below + 1 + above, ...)
+            if far.any():
+                e[:, far] = exact.exp(-((x[far] + j * step) - loc[..., k][far]) * inv[far])
+            e += 1.0
+            np.divide(w[..., k], e, out=e)
+            cdf = cdf + e
+    return np.moveaxis(cdf / total, 0, -1)
 
 
 class _CausalContext(nn.Module):
@@ -348,9 +379,11 @@ class _CausalContext(nn.Module):
         x (B, C, H, W) -> masked 3x3 + position bias (B, 64, H, W) -> 1x1 (B, 64, H, W) -> 1x1 (B, out, H, W)
 
     Coding runs it on integers (discrete_ae/exact.py): the encoder computes every position in one
-    pass, the decoder one position at a time, and both get the same bits on any machine (tested)."""
+    pass, the decoder one anti-diagonal of positions at a time (`coding_order`), and both get the
+    same bits on any machine (tested)."""
 
-    sequential = True  # the coder's groups are positions (B, H*W, C), decoded in raster order
+    sequential = True  # the coder's groups are positions (B, H*W, C), sent in `order`
+    heads = 1  # first layers: one group per position (ContextCodePrior: one per stream)
 
     def __init__(self, channels, grid, out, hidden=CONTEXT_HIDDEN):
         super().__init__()
@@ -387,33 +420,53 @@ class _CausalContext(nn.Module):
 
     @torch.no_grad()
     def exact(self):
-        """This network on integers (discrete_ae/exact.py), from the current weights."""
-        first, bias = self._first_layers()
-        def array(t):
-            return t.detach().double().cpu().numpy()
+        """This network on integers (discrete_ae/exact.py), from the current weights: built once and
+        kept until a parameter changes (torch counts every in-place write in a tensor's version)."""
+        key = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+        if self.__dict__.get("_exact", (None,))[0] != key:
+            first, bias = self._first_layers()
 
-        return exact.ExactNetwork(array(first), array(bias), array(self.hidden.weight)[..., 0, 0], array(self.hidden.bias),
-                                  array(self.out.weight)[..., 0, 0], array(self.out.bias))
+            def array(t):
+                return t.detach().double().cpu().numpy()
 
-    def _tables(self, groups, count, inputs, rows, is_open=False, heads=1):
-        """SequentialTables over `groups` groups of `count` values; group g is at raster position
-        g // heads through first layer g % heads. inputs(values (B, g, count) of the groups sent so
-        far) -> the network's input (B, C, H, W) float64, zeros where nothing was sent;
+            self.__dict__["_exact"] = (key, exact.ExactNetwork(
+                array(first), array(bias), array(self.hidden.weight)[..., 0, 0], array(self.hidden.bias),
+                array(self.out.weight)[..., 0, 0], array(self.out.bias)))
+        return self.__dict__["_exact"][1]
+
+    @property
+    def order(self):
+        """(G,) the raster group (position * heads + head) of each group in the order they are coded."""
+        return coding_order(self.grid, self.heads)[0]
+
+    def _tables(self, count, inputs, rows, is_open=False):
+        """SequentialTables over the groups of `count` values in coding order (`coding_order`); raster
+        group r is at position r // heads through first layer r % heads. inputs(values (B, G, count)
+        in raster order, zeros where not sent) -> the network's input (B, C, H, W) float64;
         rows(outputs (B, n, out), positions (n,)) -> (probabilities (B, n, count, K), the first values:
-        an integer or (B, n, count)) of Tables(lo, probs, is_open)."""
-        net = self.exact()
+        an integer or (B, n, count)) of Tables(lo, probs, is_open). A position's output reads only the
+        groups sent before it (the mask), so the values not yet sent may hold anything."""
+        net, heads = self.exact(), self.heads
+        order, steps = coding_order(self.grid, heads)
 
         def table(probs, lo, j):
             return Table(lo if np.ndim(lo) == 0 else lo[:, j], probs[:, j], is_open, count)
 
-        def make(g, previous):  # the decoder: position g's window alone
-            p = [g // heads]
-            return table(*rows(net(net.windows(net.quantize(inputs(previous)), p), g % heads, p), p), 0)
+        def raster(values):  # (B, g, count) of the first g groups coded -> (B, G, count) in raster order
+            out = np.zeros((len(values), len(order), count), dtype=np.int64)
+            out[:, order[:values.shape[1]]] = values
+            return out
+
+        def make(start, stop, previous):  # the decoder: one step's positions, all through one head
+            group = order[start:stop]
+            p = group // heads
+            probs, lo = rows(net(net.windows(net.quantize(inputs(raster(previous))), p), group[0] % heads, p), p)
+            return [table(probs, lo, j) for j in range(len(p))]
 
         def make_all(values):  # the encoder: the network at every position in one pass, the same integers
-            positions = np.arange(groups // heads)
-            windows = net.windows(net.quantize(inputs(values)), positions)
-            tables = [None] * groups
+            positions = np.arange(len(order) // heads)
+            windows = net.windows(net.quantize(inputs(raster(values))), positions)
+            tables = [None] * len(order)
             for h in range(heads):
                 out = net(windows, h, positions)  # (B, P, out)
                 step = max(1, TABLE_VALUES // out[:, 0].size)
@@ -422,9 +475,28 @@ class _CausalContext(nn.Module):
                     probs, lo = rows(out[:, part], part)
                     for j, p in enumerate(part):
                         tables[p * heads + h] = table(probs, lo, j)
-            return tables
+            return [tables[g] for g in order]
 
-        return SequentialTables(groups, count, make, make_all)
+        return SequentialTables(len(order), count, make, make_all, steps)
+
+
+def coding_order(grid, heads=1):
+    """(order (G,), steps): the raster group (position * heads + head) of each group in the order a
+    context prior codes them, and the lengths of the runs whose tables one network call computes.
+    Position (r, c) reads (r - 1, c - 1 .. c + 1) and (r, c - 1) (the mask), all on anti-diagonals
+    2 r' + c' < 2 r + c: so the positions of one anti-diagonal are coded together, 2 H + W - 2 steps
+    (H when W = 1) instead of H W (the wavefront order of PixelCNN-style masks), and at each position head by head
+    (ContextCodePrior: stream s reads the streams before it there)."""
+    h, w = grid
+    positions = np.arange(h * w)
+    diagonal = 2 * (positions // w) + positions % w
+    order, steps = [], []
+    for d in np.unique(diagonal):
+        at = positions[diagonal == d]
+        for head in range(heads):
+            order += (at * heads + head).tolist()
+            steps.append(len(at))
+    return np.array(order), tuple(steps)
 
 
 class ContextMixturePrior(_CausalContext):
@@ -475,26 +547,22 @@ class ContextMixturePrior(_CausalContext):
         the mass outside."""
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
         half, bound = self.window(delta)
-        offsets = np.arange(-half, half + 2, dtype=np.float64) - 0.5  # (K + 1,) edges around the centre
 
-        def inputs(values):  # (B, g, C) -> the decoded z_hat (B, C, H, W), 0 beyond
-            z_hat = np.zeros((len(values), self.channels, u.shape[-1]))
-            g = values.shape[1]
-            z_hat[:, :, :g] = values.transpose(0, 2, 1) * delta - u[:, :, :g]
-            return z_hat.reshape(len(values), self.channels, *self.grid)
+        def inputs(values):  # (B, P, C) -> the decoded z_hat (B, C, H, W)
+            return (values.transpose(0, 2, 1) * delta - u).reshape(len(values), self.channels, *self.grid)
 
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
             loc, log_scale, logits = np.moveaxis(out.reshape(*out.shape[:2], 3, self.channels, self.components), 2, 0)
             u_at = u[:, :, positions].transpose(0, 2, 1)  # (B or 1, n, C)
             w, total = _exact_weights(logits)
             centre = np.clip(np.round((_exact_mixture_mean(loc, w, total) + u_at) / delta), -bound, bound)  # (B, n, C)
-            edges = (centre[..., None] + offsets) * delta - u_at[..., None]  # (B, n, C, K + 1), z_hat units
-            cdf = _exact_mixture_cdf(edges, loc, log_scale + LOG_SCALE_OFFSET, w, total)
+            first = (centre - 0.5) * delta - u_at  # (B, n, C): the edge below the centre's bin, z_hat units
+            cdf = _exact_mixture_cdf(first, delta, half, half + 1, loc, log_scale + LOG_SCALE_OFFSET, w, total)  # (B, n, C, K + 1)
             escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
             probs = exact.normalised(np.concatenate([cdf[..., 1:] - cdf[..., :-1], escape], -1), LIKELIHOOD_BOUND)
             return probs, centre.astype(np.int64) - half
 
-        return self._tables(u.shape[-1], self.channels, inputs, rows, True)
+        return self._tables(self.channels, inputs, rows, True)
 
 
 class ContextCategoricalPrior(_CausalContext):
@@ -533,15 +601,13 @@ class ContextCategoricalPrior(_CausalContext):
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
         scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
-        def inputs(values):  # (B, g, C) levels -> scaled to [-1, 1] (B, C, H, W), 0 beyond
-            x = np.zeros((len(values), self.channels, count))
-            x[:, :, :values.shape[1]] = values.transpose(0, 2, 1) / scale * 2 - 1
-            return x.reshape(len(values), self.channels, *self.grid)
+        def inputs(values):  # (B, P, C) levels -> scaled to [-1, 1] (B, C, H, W)
+            return (values.transpose(0, 2, 1) / scale * 2 - 1).reshape(len(values), self.channels, *self.grid)
 
         def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf) = 0
             return exact.softmax(np.where(valid, out.reshape(*out.shape[:2], self.channels, -1), -np.inf), LIKELIHOOD_BOUND), 0
 
-        return self._tables(count, self.channels, inputs, rows)
+        return self._tables(self.channels, inputs, rows)
 
 
 CODE_EMBEDDING = 8  # features of a code as the context network sees it
@@ -550,7 +616,7 @@ CODE_EMBEDDING = 8  # features of a code as the context network sees it
 class ContextCodePrior(_CausalContext):
     """Learned p(code | the codes sent before it) for codebook bottlenecks (VQ, SimVQ, LFQ, FSP,
     residual FSQ): S streams of codes in [0, K) per position (residual FSQ: one per stage), sent
-    position by position in raster order and, at one position, stream by stream. A code enters the
+    position by position (in `coding_order`) and, at one position, stream by stream. A code enters the
     context as a learned embedding (codes have no order), and stream s at a position also sees the
     codes of streams < s there (a residual stage sees the stages before it), through a 1x1 term
     masked to those streams (as the 3x3 term is masked to earlier positions; Minnen et al. 2018):
@@ -564,6 +630,7 @@ class ContextCodePrior(_CausalContext):
     def __init__(self, streams, codebook_size, grid, hidden=CONTEXT_HIDDEN, embed=CODE_EMBEDDING):
         super().__init__(streams * embed, grid, codebook_size, hidden)
         self.streams, self.codebook_size, self.embed_dim = streams, codebook_size, embed
+        self.heads = streams
         self.embed = nn.Embedding(streams * codebook_size, embed)  # stream s's code k is row s K + k
         self.same = nn.Conv2d(streams * embed, streams * hidden, 1, bias=False)
         earlier = torch.arange(streams)[:, None] > torch.arange(streams)[None, :]  # (S out, S in): in < out
@@ -598,16 +665,14 @@ class ContextCodePrior(_CausalContext):
         embed = self.embed.weight.detach().double().cpu().numpy()  # (S K, E)
         streams, k, e = self.streams, self.codebook_size, self.embed_dim
 
-        def inputs(values):  # (B, g, 1) codes of groups < g -> embeddings (B, S E, H, W), 0 where unsent
-            sent = np.arange(values.shape[1])
-            x = np.zeros((len(values), streams, count, e))
-            x[:, sent % streams, sent // streams] = embed[values[..., 0] + (sent % streams) * k]
-            return x.transpose(0, 1, 3, 2).reshape(len(values), streams * e, *self.grid)
+        def inputs(values):  # (B, P S, 1) codes, group p S + s -> embeddings (B, S E, H, W)
+            x = embed[values[..., 0].reshape(len(values), -1, streams) + np.arange(streams) * k]  # (B, P, S, E)
+            return x.transpose(0, 2, 3, 1).reshape(len(values), streams * e, *self.grid)
 
         def rows(out, positions):  # (B, n, K) -> (B, n, 1, K)
             return exact.softmax(out, LIKELIHOOD_BOUND)[:, :, None], 0
 
-        return self._tables(count * streams, 1, inputs, rows, heads=streams)
+        return self._tables(1, inputs, rows)
 
     def _first_layers(self):
         """Stream s's first layer: the masked 3x3 over every stream's earlier positions plus, at the

@@ -105,7 +105,7 @@ def flip(s, i):
     (lambda s: flip(s, HEADER_BYTES), "fails its checksum"),
     (lambda s: flip(s, 1), "fails its checksum"),
     (lambda s: b"PK\x03\x04" + s, "does not start with this repo's magic"),
-    (lambda s: bytes([s[0] + 1]) + s[1:], "format version 4; this code reads version 3"),
+    (lambda s: bytes([s[0] + 1]) + s[1:], "format version 5; this code reads version 4"),
 ])
 def test_bad_strings_raise_one_clear_error(fsq_strings, mangle, message):
     model, strings = fsq_strings

@@ -89,7 +89,7 @@ def test_bad_files_and_bad_checkpoints_are_one_line(checkpoint, tmp_path):
     cases = [(blob[:5], "fewer than the 13-byte header"), (blob[:-2], "fails its checksum"),
              (blob[:14] + bytes([blob[14] ^ 0x40]) + blob[15:], "fails its checksum"),
              (b"\x89PNG" + blob[4:], "not written by `python codec.py compress`"),
-             (bytes([blob[0] + 1]) + blob[1:], "codec format 4; this code reads format 3")]
+             (bytes([blob[0] + 1]) + blob[1:], "codec format 5; this code reads format 4")]
     for bad, message in cases:
         with pytest.raises(BitstreamError, match=message):
             codec.decode_photo(model, bad)
@@ -224,6 +224,10 @@ def test_a_photo_of_several_runs_round_trips_and_a_claimed_size_is_checked_at_on
     with codec.decoder_threads():
         expected = codec.from_blocks(model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED), grid, 70, 90)
     assert np.array_equal(codec_file.decode_photo(model, blob), expected)
+    one = codec_file.PhotoCodec(model)  # built once, as codec.py evaluate does, for photos of any size
+    other = (torch.rand(40, 33, 3) * 255).to(torch.uint8).numpy()
+    assert [one.encode(rgb), one.encode(other), one.encode(rgb)] == [blob, codec_file.encode_photo(model, other), blob]
+    assert np.array_equal(one.decode(blob), expected)
     first = int.from_bytes(blob[codec.HEADER:codec.HEADER + 3], "big")
     assert 0 < first < len(blob)  # run 1's length, before it
     forged = bytearray(blob)

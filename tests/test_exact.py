@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import randomised
-from discrete_ae import coding, exact
-from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior
+from discrete_ae import coding, exact, priors
+from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior, coding_order
 
 
 def test_exp_is_within_a_few_ulp_and_the_same_bits_in_any_slice():
@@ -88,3 +88,69 @@ def test_escape_free_groups_in_one_call_are_the_same_bytes_as_group_by_group():
     coder.encode(encoder, values)
     assert one_call == coding._shortest_payload(coder, encoder.get_compressed(), values)
     assert np.array_equal(coding.decode_batch(one_call, tables, 6)[0], values)
+
+
+@pytest.mark.parametrize("grid,heads", [((4, 4), 1), ((4, 4), 2), ((3, 5), 1), ((1, 4), 3), ((4, 1), 1)])
+def test_the_coding_order_sends_every_value_the_mask_reads_in_an_earlier_step(grid, heads):
+    order, steps = coding_order(grid, heads)
+    h, w = grid
+    assert sorted(order.tolist()) == list(range(h * w * heads)) and sum(steps) == len(order)
+    step_of = np.empty(len(order), dtype=int)
+    step_of[order] = np.repeat(np.arange(len(steps)), steps)
+    for g in range(len(order)):
+        (r, c), head = divmod(g // heads, w), g % heads
+        reads = [(r - 1, c - 1), (r - 1, c), (r - 1, c + 1), (r, c - 1)]  # the 3x3 mask's taps
+        earlier = [(rr * w + cc) * heads + k for rr, cc in reads if 0 <= rr < h and 0 <= cc < w for k in range(heads)]
+        earlier += [(g // heads) * heads + k for k in range(head)]  # the streams before it at its own position
+        assert all(step_of[e] < step_of[g] for e in earlier)
+    assert len(steps) == (2 * h + w - 2 if w > 1 else h) * heads  # anti-diagonals, not positions
+    assert all(len({g % heads for g in order[a:a + n]}) == 1 for a, n in zip(np.cumsum((0,) + steps), steps))
+
+
+@pytest.mark.parametrize("name", ["fsq", "ddcl", "codes"])
+def test_a_steps_tables_are_the_one_pass_tables_whatever_the_unsent_values_hold(name):
+    rng = np.random.default_rng(4)
+    if name == "fsq":
+        prior, values = randomised(ContextCategoricalPrior([8, 5, 5], (4, 4)), std=0.5), rng.integers(0, 5, (3, 16, 3))
+        tables = prior.tables(16)
+    elif name == "ddcl":
+        prior, values = randomised(ContextMixturePrior(3, (4, 4)), std=0.5), rng.integers(-5, 6, (3, 16, 3))
+        tables = prior.tables(torch.rand(3, 3, 16, generator=torch.Generator().manual_seed(0)).double() / 15 - 1 / 30, 1 / 15)
+    else:
+        prior, values = randomised(ContextCodePrior(2, 16, (4, 4)), std=0.5), rng.integers(0, 16, (3, 32, 1))
+        tables = prior.tables(16)
+    one_pass = coding.materialise(tables, values)
+    for start, stop in coding.runs(tables):
+        garbage = values.copy()
+        garbage[:, start:] = rng.integers(0, 5, garbage[:, start:].shape)  # what a decoder has not read yet
+        for got, want in zip(tables.make(start, stop, garbage[:, :start]), one_pass[start:stop]):
+            assert np.array_equal(got.probs, want.probs) and np.array_equal(got.lo, want.lo)
+
+
+def test_the_geometric_mixture_cdf_is_the_float64_cdf_to_1e12_and_the_same_bits_in_any_slice():
+    rng = np.random.default_rng(5)
+    shape = (50, 3)
+    loc, log_scale = rng.normal(0, 1, shape + (3,)), rng.normal(-2, 1.5, shape + (3,))
+    x = rng.normal(0, 1, shape)
+    log_scale[0, 0, 1], loc[0, 0, 1] = -12.0, x[0, 0] + 1e-3  # a needle in the window: the progression over- and underflows
+    loc[1, 0, 0] = 200.0  # far above its window: exps one by one
+    w, total = priors._exact_weights(rng.normal(0, 1, shape + (3,)))
+    delta, below, above = 1 / 15, 23, 24
+    got = priors._exact_mixture_cdf(x, delta, below, above, loc, log_scale, w, total)
+    edges = torch.from_numpy(x[..., None] + np.arange(-below, above + 1) * delta)
+    want = priors.mixture_cdf(edges, *(torch.from_numpy(a) for a in (loc, log_scale, np.log(w)))).numpy()
+    assert got.shape == shape + (below + above + 1,) and np.max(np.abs(got - want)) < 1e-12
+    assert np.array_equal(priors._exact_mixture_cdf(x[:2], delta, below, above, loc[:2], log_scale[:2], w[:2], total[:2]), got[:2])
+
+
+def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
+    prior = randomised(ContextCategoricalPrior([8, 5, 5], (4, 4)))
+    net = prior.exact()
+    assert prior.exact() is net
+    loss = prior.logits(torch.rand(2, 3, 16) * 4).sum()
+    loss.backward()
+    torch.optim.SGD(prior.parameters(), lr=0.1).step()  # in place: the tensors are the same objects
+    assert prior.exact() is not net
+    rebuilt = prior.exact()
+    prior.load_state_dict({k: v.clone() for k, v in prior.state_dict().items()})
+    assert prior.exact() is not rebuilt
