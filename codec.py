@@ -223,8 +223,8 @@ def summary(photos, equal_bytes, curve_rows):
 
 CODEC_NAMES = {"jpeg": "JPEG (optimised)", "webp": "WebP (method 6)", "avif": "AVIF (speed 4)"}
 PRIOR_NAMES = {"": "fitted histogram", "learned": "learned prior", "context": "context prior",
-               "context_posthoc": "context prior fitted after training"}
-PRIOR_STYLES = {"": ":", "learned": "--", "context": "-", "context_posthoc": "-."}
+               "checkerboard": "checkerboard context prior", "context_posthoc": "context prior fitted after training"}
+PRIOR_STYLES = {"": ":", "learned": "--", "context": "-", "checkerboard": (0, (5, 1)), "context_posthoc": "-."}
 
 
 def readable(name):
