@@ -28,8 +28,8 @@ from discrete_ae.errors import CheckpointError, ConfigError
 from discrete_ae.geometry import LATENT_HW, PIXELS_PER_IMAGE
 from discrete_ae.priors import CategoricalPrior, ContextCodePrior, priors_from_state, priors_to_state
 
-ENTROPY_MODELS = ("fitted", "learned", "context", "checkerboard")
-CONTEXT_MODELS = {"context": "raster", "checkerboard": "checkerboard"}  # entropy model -> priors.context_masks layout
+ENTROPY_MODELS = ("fitted", "learned", "context", "checkerboard", "anchor_rows")
+CONTEXT_MODELS = {"context": "raster", "checkerboard": "checkerboard", "anchor_rows": "anchor_rows"}  # entropy model -> priors.context_masks layout
 NO_PRIOR = ("this model holds no fitted rate prior (it was never evaluated); fit one in Python with "
             "evaluate.fit_rate_prior(model, train_images), or store one in the checkpoint with "
             "python evaluate.py CHECKPOINT --save_prior=True")

@@ -479,7 +479,7 @@ class _CausalContext(nn.Module):
         return SequentialTables(len(order), count, make, make_all, steps)
 
 
-LAYOUTS = ("raster", "checkerboard")  # which earlier values a context prior reads (context_masks)
+LAYOUTS = ("raster", "checkerboard", "anchor_rows")  # which earlier values a context prior reads (context_masks)
 
 
 def context_masks(layout, grid):
@@ -491,13 +491,18 @@ def context_masks(layout, grid):
       checkerboard  the four neighbours, of the anchors only ((r + c) even): anchors are coded from
                     their position alone, then every other position from the anchors around it, in
                     2 steps (He et al., "Checkerboard Context Model for Efficient Learned Image
-                    Compression", CVPR 2021, section 3)"""
+                    Compression", CVPR 2021, section 3)
+      anchor_rows   the same, and each anchor also reads the two anchors diagonally above it: the
+                    anchors row by row, then the rest, H + 1 steps"""
     if layout not in LAYOUTS:
         raise ValueError(f"context layout {layout!r}; choose one of {LAYOUTS}")
     h, w = grid
     if layout == "raster":
         return np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=bool), np.ones(grid, dtype=bool)
-    return np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=bool), (np.add.outer(np.arange(h), np.arange(w)) % 2 == 0)
+    anchors = np.add.outer(np.arange(h), np.arange(w)) % 2 == 0
+    if layout == "checkerboard":
+        return np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors
+    return np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors  # an anchor's cross taps read zeros
 
 
 def coding_order(mask, read, heads=1):

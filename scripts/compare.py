@@ -62,7 +62,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
                 readme="", dry_run=False, report_only=False, train=[""], executor="local", slurm={"": ""})
 EXECUTORS = ("local", "submitit_local", "slurm")  # how each train.py run is started
-PRIORS = ("fitted", "learned", "context", "checkerboard")
+PRIORS = ("fitted", "learned", "context", "checkerboard", "anchor_rows")
 FIRST_SEED = 1337
 ANCHOR = "fsq"  # every BD number is against this bottleneck's curve
 # bottleneck -> [(label, train.py knobs)]: three or more operating points in the same measured range
@@ -463,7 +463,8 @@ def report(data, where, opts, plan, prior, results):
 PRIOR_WORDS = {"fitted": "fitted histogram (FSQ joint over its code, DDCL per channel)",
                "learned": "factorized prior trained in (one per channel or code)",
                "context": "context prior trained in (earlier positions)",
-               "checkerboard": "checkerboard context prior trained in (the anchor positions; 2 decoding steps)"}
+               "checkerboard": "checkerboard context prior trained in (the anchor positions; 2 decoding steps)",
+               "anchor_rows": "checkerboard context prior, anchors row by row (5 decoding steps)"}
 HEADLINE_ORDER = ("context", "learned", "fitted")  # the strongest family that ran leads
 README_PRIORS = ("context",)  # the README's table: the headline family (the others: docs/results/summary.md)
 

@@ -93,7 +93,7 @@ def test_escape_free_groups_in_one_call_are_the_same_bytes_as_group_by_group():
 
 @pytest.mark.parametrize("layout,grid,heads", [("raster", (4, 4), 1), ("raster", (4, 4), 2), ("raster", (3, 5), 1),
                                                ("raster", (1, 4), 3), ("raster", (4, 1), 1), ("checkerboard", (4, 4), 1),
-                                               ("checkerboard", (3, 5), 2)])
+                                               ("checkerboard", (3, 5), 2), ("anchor_rows", (4, 4), 1), ("anchor_rows", (3, 5), 2)])
 def test_the_coding_order_sends_every_value_a_position_reads_in_an_earlier_step(layout, grid, heads):
     mask, read = priors.context_masks(layout, grid)
     order, steps = coding_order(mask, read, heads)
@@ -108,7 +108,7 @@ def test_the_coding_order_sends_every_value_a_position_reads_in_an_earlier_step(
                    for k in range(heads)]
         earlier += [(g // heads) * heads + k for k in range(head)]  # the streams before it at its own position
         assert all(step_of[e] < step_of[g] for e in earlier)
-    wavefronts = {"raster": 2 * h + w - 2 if w > 1 else h, "checkerboard": 2}[layout]  # not H W positions
+    wavefronts = {"raster": 2 * h + w - 2 if w > 1 else h, "checkerboard": 2, "anchor_rows": h + 1}[layout]  # not H W
     assert len(steps) == wavefronts * heads
     assert all(len({g % heads for g in order[a:a + n]}) == 1 for a, n in zip(np.cumsum((0,) + steps), steps))
 
