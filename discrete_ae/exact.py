@@ -162,8 +162,22 @@ class ExactNetwork:
 
     @staticmethod
     def _act(acc, bits):
-        """Exact sums on a grid of 2^-bits -> SiLU on the ACT_BITS grid, clipped to +-ACT_CLIP."""
-        return _integers(np.clip(silu(acc * 2.0 ** -bits), -ACT_CLIP, ACT_CLIP), ACT_BITS)
+        """Exact sums on a grid of 2^-bits -> SiLU on the ACT_BITS grid, clipped to +-ACT_CLIP: `silu`
+        with its steps fused (scaling by powers of two is exact, so the same bits), in place."""
+        t = acc * 2.0 ** -bits
+        above = np.minimum(t, ACT_CLIP)  # SiLU(x) = x beyond SILU_END; SiLU >= -0.28 needs no lower clip
+        large = t > SILU_END
+        t *= 1.0 / SILU_STEP
+        np.maximum(t, -SILU_END / SILU_STEP, out=t)
+        np.minimum(t, SILU_END / SILU_STEP, out=t)
+        t += SILU_END / SILU_STEP
+        i = t.astype(np.int64)  # t >= 0: truncation is floor
+        t -= i
+        t *= SILU_SLOPE[i]
+        t += SILU_TABLE[i]
+        t = np.where(large, above, t)
+        t *= 2.0 ** ACT_BITS
+        return np.round(t, out=t)
 
     def __call__(self, windows, head, positions):
         """windows (B, n, Cin 9) at raster `positions` (n,) through first layer `head` -> (B, n, out) floats."""
