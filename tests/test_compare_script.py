@@ -255,3 +255,43 @@ def test_a_failed_run_starts_no_queued_run(tmp_path, image_folder):
         compare.main(args)
     time.sleep(1)  # a queued run would have started by now
     assert len(list((tmp_path / "runs" / "tiny_fitted" / "logs").glob("*.log"))) == 1
+
+
+def fake_comparison(path, prior, scale):
+    """A comparison.json with FSQ's curve at bits x `scale` for two seeds (and DDCL only in one file)."""
+    def point(bits, psnr):
+        return {"seeds": [1337, 1338], "bits": {"seeds": [bits * scale, bits * scale * 1.01]},
+                "psnr": {"seeds": [psnr, psnr + 0.01]}}
+
+    best = {"fsq": {"points": [point(90, 23.6), point(110, 24.2), point(125, 24.5)]}}
+    if scale == 1.0:
+        best["ddcl"] = {"points": [point(100, 24.0), point(130, 24.6)]}
+    path.write_text(json.dumps({"set": "wallpapers", "prior": prior, "epochs": 10, "best": best}))
+    return str(path)
+
+
+def test_compare_priors_prices_a_layout_against_the_reference_per_seed(tmp_path, capsys):
+    import compare_priors
+
+    slow, fast = fake_comparison(tmp_path / "a.json", "context", 1.0), fake_comparison(tmp_path / "b.json", "checkerboard", 1.1)
+    compare_priors.main([fast, slow, f"--out={tmp_path / 'costs.json'}"])
+    out = capsys.readouterr().out
+    assert out.startswith("checkerboard against context (wallpapers, 10 epochs") and "| ddcl" not in out
+    costs = json.loads((tmp_path / "costs.json").read_text())["costs"]
+    assert costs["fsq"]["seeds"] == [1337, 1338] and costs["fsq"]["bd_rate"] == pytest.approx([10.0, 10.0], abs=1e-6)
+    assert "| fsq | 2 | +10.0% [+10.0, +10.0] |" in out
+
+
+@pytest.mark.parametrize("content,match", [(None, "no file at"), ("{", "not a JSON file"), ("[1, 2]", "no 'best' curves"),
+                                           ('{"prior": "x", "best": {"vq": {"points": []}}}', "share no bottleneck")])
+def test_compare_priors_refuses_what_is_not_a_comparison_in_one_line(tmp_path, content, match):
+    import compare_priors
+
+    good = fake_comparison(tmp_path / "good.json", "context", 1.0)
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    with pytest.raises(DataError, match=match):
+        compare_priors.main([str(bad), good])
+    with pytest.raises(DataError, match="pass two comparison.json files"):
+        compare_priors.main([good])

@@ -10,7 +10,7 @@ from discrete_ae.overrides import parse_overrides
 
 DEFAULTS = dict(lr=3e-4, epochs=50, quantizer="ddcl", fsq_levels=[8, 6, 6, 5], compile=False, channels=[16, 32, 64])
 SCRIPTS = ["train.py", "evaluate.py", "bench.py", "codec.py", "scripts/make_patches.py", "scripts/compare.py",
-           "scripts/check_rates.py", "scripts/fit_context_prior.py"]
+           "scripts/check_rates.py", "scripts/fit_context_prior.py", "scripts/compare_priors.py"]
 
 
 def test_overrides_parse_literals_and_check_types():

@@ -1,0 +1,89 @@
+"""One bottleneck's curve under two prior families of scripts/compare.py, against itself: what a
+faster context layout costs in rate, at the same settings, seeds and epochs.
+
+    python scripts/compare_priors.py RESULTS/wallpapers/checkerboard/comparison.json \
+        RESULTS/wallpapers/context/comparison.json [--out=costs.json]
+
+For every bottleneck in both files and every seed in both, the BD-rate and BD-PSNR of the first
+file's curve against the second's (each point its best checkpoint: range-coded bits per held-out
+image against PSNR), then the mean over those seeds with its 95% interval; a markdown table, and
+with --out the same numbers as JSON. docs/codec.md's table of context layouts comes from this script.
+"""
+import json
+
+from discrete_ae.bjontegaard import bd_pair, interval
+from discrete_ae.errors import DataError, cli
+from discrete_ae.files import save_json
+from discrete_ae.overrides import parse_paths_and_options
+
+DEFAULTS = dict(out="")
+
+
+def read_comparison(path):
+    """A comparison.json of scripts/compare.py -> its dict, or one DataError line."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no file at {path!r}: pass RESULTS/SET/PRIOR/comparison.json of scripts/compare.py") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a JSON file ({type(err).__name__}): pass a comparison.json of scripts/compare.py") from None
+    if not isinstance(data, dict) or not isinstance(data.get("best"), dict) or "prior" not in data:
+        raise DataError(f"{path} has no 'best' curves and 'prior': not a comparison.json of scripts/compare.py")
+    return data
+
+
+def seed_curves(points):
+    """{seed: [(bits, PSNR) per point]} of one bottleneck's points in a comparison.json."""
+    curves = {}
+    for p in points:
+        for seed, bits, psnr in zip(p["seeds"], p["bits"]["seeds"], p["psnr"]["seeds"]):
+            curves.setdefault(seed, []).append((bits, psnr))
+    return curves
+
+
+def costs(a, b):
+    """{bottleneck: {"seeds", "bd_rate", "bd_psnr" (per seed), "bd_rate_mean", "bd_psnr_mean"
+    ((mean, low, high))}} of comparison a's curves against b's."""
+    out = {}
+    for method in sorted(set(a["best"]) & set(b["best"])):
+        ours, theirs = seed_curves(a["best"][method]["points"]), seed_curves(b["best"][method]["points"])
+        seeds = sorted(set(ours) & set(theirs))
+        pairs = [bd_pair(ours[s], theirs[s]) for s in seeds]
+        out[method] = {"seeds": seeds, "bd_rate": [p[0] for p in pairs], "bd_psnr": [p[1] for p in pairs],
+                       "bd_rate_mean": interval([p[0] for p in pairs]), "bd_psnr_mean": interval([p[1] for p in pairs])}
+    if not out:
+        raise DataError(f"the two files share no bottleneck ({sorted(a['best'])} and {sorted(b['best'])})")
+    return out
+
+
+def cell(mean, unit, digits):
+    value, low, high = mean
+    if value is None:
+        return "no overlap"
+    return f"{value:+.{digits}f}{unit}" + ("" if low is None else f" [{low:+.{digits}f}, {high:+.{digits}f}]")
+
+
+def table(result, a, b):
+    lines = [f"{a['prior']} against {b['prior']} ({a.get('set', '?')}, {a.get('epochs', '?')} epochs; 95% intervals over seeds)",
+             "| bottleneck | seeds | BD-rate | BD-PSNR |", "| --- | --- | --- | --- |"]
+    lines += [f"| {m} | {len(r['seeds'])} | {cell(r['bd_rate_mean'], '%', 1)} | {cell(r['bd_psnr_mean'], ' dB', 3)} |"
+              for m, r in result.items()]
+    return "\n".join(lines)
+
+
+def main(argv):
+    paths, opts = parse_paths_and_options(argv, DEFAULTS, "usage: python scripts/compare_priors.py A.json B.json "
+                                          "[--out=FILE.json] (see --help)")
+    if len(paths) != 2:
+        raise DataError(f"pass two comparison.json files (the layout to price, then the reference); got {len(paths)}")
+    a, b = (read_comparison(p) for p in paths)
+    result = costs(a, b)
+    print(table(result, a, b))
+    if opts["out"]:
+        save_json(opts["out"], {"a": paths[0], "b": paths[1], "a_prior": a["prior"], "b_prior": b["prior"],
+                                "set": a.get("set"), "epochs": a.get("epochs"), "costs": result})
+
+
+if __name__ == "__main__":
+    cli(main, __doc__)
