@@ -64,12 +64,12 @@ class Table(NamedTuple):
 
 
 class SequentialTables(NamedTuple):
-    """The tables of a context model, computed in `steps`: runs of consecutive groups whose tables
-    depend on the integers of the groups before the run only, which a decoder has read by then, so
-    each run's tables come from one network call. make(start, stop, previous (B, start, count)
-    int64) -> the Tables of groups start .. stop - 1; make_all(values (B, G, count)) -> every
+    """The tables of a context model, computed in steps: each step a span of consecutive groups
+    whose tables depend only on the integers of the groups before it, which a decoder has read by
+    then, so each step's tables come from one network call. make(start, stop, previous (B, start,
+    count) int64) -> the Tables of groups start .. stop - 1; make_all(values (B, G, count)) -> every
     group's Table at once, the same bits as make (the encoder's one pass), or None; steps: the
-    runs' lengths (None: one group a step).
+    steps' lengths in groups (None: one group a step).
 
     The encoder computes every table from the values it sends (`materialise`), the decoder from
     the values it has decoded (`read_batch`, `decode_payloads`): the same function of the same
@@ -82,7 +82,7 @@ class SequentialTables(NamedTuple):
     steps: tuple = None
 
 
-def runs(tables):
+def step_ranges(tables):
     """[(start, stop)] of the groups whose tables are computed together: a context model's steps,
     or all the groups of a list at once."""
     if not isinstance(tables, SequentialTables):
@@ -91,7 +91,7 @@ def runs(tables):
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-def run_tables(tables, start, stop, decoded):
+def step_tables(tables, start, stop, decoded):
     """The Tables of groups start .. stop - 1: from the list, or computed from the groups before
     them (`decoded` (B, >= start, n))."""
     if isinstance(tables, SequentialTables):
@@ -105,7 +105,7 @@ def materialise(tables, values):
     if isinstance(tables, SequentialTables):
         if tables.make_all is not None:
             return tables.make_all(values)
-        return [t for start, stop in runs(tables) for t in tables.make(start, stop, values[:, :start])]
+        return [t for start, stop in step_ranges(tables) for t in tables.make(start, stop, values[:, :start])]
     return tables
 
 
@@ -293,11 +293,11 @@ def read_batch(decoder, tables, batch):
     """((batch, G, n) values of `batch` images read from one decoder, the list of Tables they were
     read with): group by group (each group of all the images, then its escaped values: the order
     `_Coder.encode` wrote), a context model's tables computed from the values decoded before each
-    run of groups, as a receiver computes them."""
+    step, as a receiver computes them."""
     groups, count = _shape(tables)
     out, read = np.zeros((batch, groups, count), dtype=np.int64), []
-    for start, stop in runs(tables):
-        read += run_tables(tables, start, stop, out)
+    for start, stop in step_ranges(tables):
+        read += step_tables(tables, start, stop, out)
         out[:, start:stop] = _Coder(read[start:stop], batch).decode(decoder)
     return out, read
 
@@ -465,8 +465,8 @@ def decode_payloads(payloads, tables):
     out = np.zeros((len(payloads), groups, count), dtype=np.int64)
     readable = np.ones(len(payloads), dtype=bool)
     decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
-    for start, stop in runs(tables):
-        coder = _Coder(run_tables(tables, start, stop, out), len(payloads))
+    for start, stop in step_ranges(tables):
+        coder = _Coder(step_tables(tables, start, stop, out), len(payloads))
         for i, decoder in enumerate(decoders):
             for g in range(start, stop):
                 if readable[i]:

@@ -127,7 +127,7 @@ def test_a_steps_tables_are_the_one_pass_tables_whatever_the_unsent_values_hold(
         prior, values = randomised(ContextCodePrior(2, 16, (4, 4), layout=layout), std=0.5), rng.integers(0, 16, (3, 32, 1))
         tables = prior.tables(16)
     one_pass = coding.materialise(tables, values)
-    for start, stop in coding.runs(tables):
+    for start, stop in coding.step_ranges(tables):
         garbage = values.copy()
         garbage[:, start:] = rng.integers(0, 5, garbage[:, start:].shape)  # what a decoder has not read yet
         for got, want in zip(tables.make(start, stop, garbage[:, :start]), one_pass[start:stop]):
