@@ -181,8 +181,9 @@ class ExactNetwork:
 
     def __call__(self, windows, head, positions):
         """windows (B, n, Cin 9) at raster `positions` (n,) through first layer `head` -> (B, n, out) floats."""
-        b, n = windows.shape[:2]
-        a = (windows.reshape(b * n, -1) @ self.k1[head]).reshape(b, n, -1)  # one matrix product, not one per image
-        a = self._act((a + self.b1[head][positions]).reshape(b * n, -1), INPUT_BITS + WEIGHT_BITS)
+        # (B, n, .) @ (., .): a small product per image, which OpenBLAS runs on the calling thread; one
+        # (B n, .) product is faster alone but wakes OpenBLAS's own threads, which then spin beside
+        # torch's and slow the networks around it (2x on 2 cores, docs/codec.md)
+        a = self._act(windows @ self.k1[head] + self.b1[head][positions], INPUT_BITS + WEIGHT_BITS)
         a = self._act(a @ self.k2 + self.b2, ACT_BITS + WEIGHT_BITS)
-        return ((a @ self.k3 + self.b3) * 2.0 ** -(ACT_BITS + WEIGHT_BITS)).reshape(b, n, -1)
+        return (a @ self.k3 + self.b3) * 2.0 ** -(ACT_BITS + WEIGHT_BITS)

@@ -20,6 +20,7 @@ training (float32, differentiable, accurate in the tails) and `mixture_cdf` for 
 any batch). The context priors' coding tables come from their network run on integers
 (discrete_ae/exact.py), so that they are the same bits on every machine.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -436,7 +437,7 @@ class _CausalContext(nn.Module):
     @property
     def order(self):
         """(G,) the raster group (position * heads + head) of each group in the order they are coded."""
-        return coding_order(self.mask[0, 0].cpu().numpy() > 0, self.read[0, 0].cpu().numpy() > 0, self.heads)[0]
+        return layout_order(self.layout, self.grid, self.heads)[0]
 
     def _tables(self, count, inputs, rows, is_open=False):
         """SequentialTables over the groups of `count` values in coding order (`coding_order`); raster
@@ -446,7 +447,7 @@ class _CausalContext(nn.Module):
         an integer or (B, n, count)) of Tables(lo, probs, is_open). A position's output reads only the
         groups sent before it (the mask), so the values not yet sent may hold anything."""
         net, heads = self.exact(), self.heads
-        order, steps = coding_order(self.mask[0, 0].cpu().numpy() > 0, self.read[0, 0].cpu().numpy() > 0, heads)
+        order, steps = layout_order(self.layout, self.grid, heads)
 
         def table(probs, lo, j):
             return Table(lo if np.ndim(lo) == 0 else lo[:, j], probs[:, j], is_open, count)
@@ -503,6 +504,12 @@ def context_masks(layout, grid):
     if layout == "checkerboard":
         return np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors
     return np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors  # an anchor's cross taps read zeros
+
+
+@functools.lru_cache(maxsize=None)
+def layout_order(layout, grid, heads):
+    """coding_order of a layout's masks on a grid (computed once: a few Python loops)."""
+    return coding_order(*context_masks(layout, grid), heads)
 
 
 def coding_order(mask, read, heads=1):
