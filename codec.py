@@ -223,10 +223,8 @@ def summary(photos, equal_bytes, curve_rows):
 
 CODEC_NAMES = {"jpeg": "JPEG (optimised)", "webp": "WebP (method 6)", "avif": "AVIF (speed 4)"}
 PRIOR_NAMES = {"": "fitted histogram", "learned": "learned prior", "context": "context prior",
-               "checkerboard": "checkerboard context prior", "anchor_rows": "checkerboard prior, anchors by rows",
                "context_posthoc": "context prior fitted after training"}
-PRIOR_STYLES = {"": ":", "learned": "--", "context": "-", "checkerboard": (0, (5, 1)), "anchor_rows": (0, (3, 1, 1, 1)),
-                "context_posthoc": "-."}
+PRIOR_STYLES = {"": ":", "learned": "--", "context": "-", "context_posthoc": "-."}
 
 
 def readable(name):

@@ -8,7 +8,6 @@ import operator
 import torch
 
 from discrete_ae.bottleneck import (
-    CONTEXT_MODELS,
     Bottleneck,
     CodebookBottleneck,
     QuantizerOutput,
@@ -54,8 +53,7 @@ class FSQWrapper(CodebookBottleneck):
         levels = validate_levels(levels, "fsq_levels")
         super().__init__(len(levels), math.prod(levels), entropy_model, rate_weight,
                          priors={"learned": lambda: CategoricalPrior(levels),
-                                 **{kind: lambda layout=layout: ContextCategoricalPrior(levels, LATENT_HW, layout=layout)
-                                    for kind, layout in CONTEXT_MODELS.items()}})
+                                 "context": lambda: ContextCategoricalPrior(levels, LATENT_HW)})
         from vector_quantize_pytorch import FSQ
 
         self.fsq = FSQ(levels=levels)
@@ -140,8 +138,8 @@ class DDCL_Bottleneck(Bottleneck):
         self.num_streams = latent_dim  # unbounded signed integers, one prior per latent channel
         if self.entropy_model == "learned":
             self.prior = LogisticMixturePrior(latent_dim)
-        elif self.entropy_model in CONTEXT_MODELS:
-            self.prior = ContextMixturePrior(latent_dim, LATENT_HW, layout=CONTEXT_MODELS[self.entropy_model])
+        elif self.entropy_model == "context":
+            self.prior = ContextMixturePrior(latent_dim, LATENT_HW)
 
     def settings(self):
         weight = "" if self.prior is not None else f" w={self.comm_weight:g}"

@@ -63,7 +63,7 @@ codebook_size = 1024  # vq, simvq, lfq: codes per position (lfq: a power of 2, o
 ddcl_delta = 1 / 15  # ddcl: quantization step, the width of the training noise and of the dither
 ddcl_comm_weight = 1e-3  # ddcl: loss weight of the cost log2(2|z|/delta + 1) bits per latent value
 vae_kl_weight = 1e-3  # vae: loss weight of the KL term (nats per latent value)
-entropy_model = "fitted"  # rate prior: "fitted" after training; "learned", "context" or "checkerboard" trained in
+entropy_model = "fitted"  # rate prior: "fitted" after training; "learned" or "context" (earlier integers) trained in
 rate_weight = 0.01  # learned/context prior: loss = MSE + rate_weight * bits / 1024
 # the autoencoder
 latent_dim = 4  # latent channels C of the 4x4 grid (fsq, fsp, rfsq and lfq set it themselves)

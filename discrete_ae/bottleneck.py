@@ -28,8 +28,7 @@ from discrete_ae.errors import CheckpointError, ConfigError
 from discrete_ae.geometry import LATENT_HW, PIXELS_PER_IMAGE
 from discrete_ae.priors import CategoricalPrior, ContextCodePrior, priors_from_state, priors_to_state
 
-ENTROPY_MODELS = ("fitted", "learned", "context", "checkerboard", "anchor_rows")
-CONTEXT_MODELS = {"context": "raster", "checkerboard": "checkerboard", "anchor_rows": "anchor_rows"}  # entropy model -> priors.context_masks layout
+ENTROPY_MODELS = ("fitted", "learned", "context")
 NO_PRIOR = ("this model holds no fitted rate prior (it was never evaluated); fit one in Python with "
             "evaluate.fit_rate_prior(model, train_images), or store one in the checkpoint with "
             "python evaluate.py CHECKPOINT --save_prior=True")
@@ -147,7 +146,7 @@ def validate_entropy_model(entropy_model, rate_weight, bottleneck):
     if entropy_model != "fitted" and not bottleneck.has_indices:
         raise ConfigError(f"entropy_model={entropy_model!r} needs a bottleneck that sends integers; "
                           f"{type(bottleneck).__name__} sends none: use entropy_model='fitted'")
-    if entropy_model in CONTEXT_MODELS and not bottleneck.has_context_prior:
+    if entropy_model == "context" and not bottleneck.has_context_prior:
         raise ConfigError(f"entropy_model='context' is implemented for the bottlenecks that send integers; "
                           f"{type(bottleneck).__name__} can use entropy_model='learned' or 'fitted'")
     if not isinstance(rate_weight, (int, float)) or isinstance(rate_weight, bool) or not math.isfinite(rate_weight) or rate_weight < 0:
@@ -174,8 +173,7 @@ class CodebookBottleneck(Bottleneck):
         super().__init__(in_channels, entropy_model, rate_weight)
         self.codebook_size, self.num_streams = codebook_size, num_streams
         makers = {"learned": lambda: CategoricalPrior([codebook_size] * num_streams),
-                  **{kind: lambda kind=kind: ContextCodePrior(num_streams, codebook_size, LATENT_HW, layout=CONTEXT_MODELS[kind])
-                     for kind in CONTEXT_MODELS}, **(priors or {})}
+                  "context": lambda: ContextCodePrior(num_streams, codebook_size, LATENT_HW), **(priors or {})}
         if self.entropy_model in makers:
             self.prior = makers[self.entropy_model]()
 

@@ -117,8 +117,7 @@ def _integers(w, bits):
 
 class ExactNetwork:
     """A context network (discrete_ae/priors.py, _CausalContext) on integers: `heads` first layers
-    (a masked 3x3 convolution with a bias per position, reading the positions `read` (H, W) holds;
-    ContextCodePrior has one per stream), then
+    (a masked 3x3 convolution with a bias per position; ContextCodePrior has one per stream), then
     two 1x1 layers with SiLU shared by the heads:
 
         windows (B, n, Cin 9) of the quantized input -> head h: (B, n, hidden) -> (B, n, hidden) -> (B, n, out)
@@ -126,16 +125,14 @@ class ExactNetwork:
     first (heads, hidden, Cin, 3, 3) masked weights, first_bias (heads, hidden, H, W) with the
     position bias, hidden (hidden, hidden) and out (out, hidden) 1x1 weights with their biases."""
 
-    def __init__(self, first, first_bias, hidden_w, hidden_b, out_w, out_b, read=None):
+    def __init__(self, first, first_bias, hidden_w, hidden_b, out_w, out_b):
         heads, hidden, cin = first.shape[:3]
         self.grid = tuple(first_bias.shape[-2:])
         h, w = self.grid
-        read = np.ones(self.grid, dtype=bool) if read is None else read  # the positions whose values are read
         raster, tap = np.arange(h * w)[:, None], np.arange(9)
         rows, cols = raster // w + tap // 3 - 1, raster % w + tap % 3 - 1
         inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        inside &= read.reshape(-1)[np.where(inside, rows * w + cols, 0)]
-        self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W: a zero
+        self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
         self.k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS).transpose(0, 2, 1)  # (heads, Cin 9, hidden)
         self.b1 = _integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1)  # (heads, P, hidden)
         self.k2, self.b2 = _integers(hidden_w, WEIGHT_BITS).T, _integers(hidden_b, ACT_BITS + WEIGHT_BITS)

@@ -386,16 +386,17 @@ class _CausalContext(nn.Module):
     sequential = True  # the coder's groups are positions (B, H*W, C), sent in `order`
     heads = 1  # first layers: one group per position (ContextCodePrior: one per stream)
 
-    def __init__(self, channels, grid, out, hidden=CONTEXT_HIDDEN, layout="raster"):
+    def __init__(self, channels, grid, out, hidden=CONTEXT_HIDDEN):
         super().__init__()
-        self.channels, self.grid, self.layout = channels, tuple(grid), layout
+        self.channels, self.grid = channels, tuple(grid)
         self.context = nn.Conv2d(channels, hidden, 3, padding=1)
         self.position = nn.Parameter(torch.zeros(1, hidden, *self.grid))
         self.hidden = nn.Conv2d(hidden, hidden, 1)
         self.out = nn.Conv2d(hidden, out, 1)
-        mask, read = context_masks(layout, self.grid)
-        self.register_buffer("mask", torch.from_numpy(mask).float()[None, None], persistent=False)  # (1, 1, 3, 3)
-        self.register_buffer("read", torch.from_numpy(read).float()[None, None], persistent=False)  # (1, 1, H, W)
+        mask = torch.ones(1, 1, 3, 3)
+        mask[..., 1, 1:] = 0  # the value itself and the one to its right
+        mask[..., 2, :] = 0  # the row below
+        self.register_buffer("mask", mask, persistent=False)
 
     def features(self, x, detach=False):
         """x (B, C, H, W) -> (B, out, H, W): each position's output from the positions before it,
@@ -403,7 +404,7 @@ class _CausalContext(nn.Module):
         def w(t):
             return (t.detach() if detach else t).to(device=x.device, dtype=x.dtype)
 
-        h = F.conv2d(x * w(self.read), w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
+        h = F.conv2d(x, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
         h = F.conv2d(_silu(h), w(self.hidden.weight), w(self.hidden.bias))
         return F.conv2d(_silu(h), w(self.out.weight), w(self.out.bias))
 
@@ -431,13 +432,13 @@ class _CausalContext(nn.Module):
 
             self.__dict__["_exact"] = (key, exact.ExactNetwork(
                 array(first), array(bias), array(self.hidden.weight)[..., 0, 0], array(self.hidden.bias),
-                array(self.out.weight)[..., 0, 0], array(self.out.bias), self.read[0, 0].cpu().numpy() > 0))
+                array(self.out.weight)[..., 0, 0], array(self.out.bias)))
         return self.__dict__["_exact"][1]
 
     @property
     def order(self):
         """(G,) the raster group (position * heads + head) of each group in the order they are coded."""
-        return layout_order(self.layout, self.grid, self.heads)[0]
+        return coding_order(self.grid, self.heads)[0]
 
     def _tables(self, count, inputs, rows, is_open=False):
         """SequentialTables over the groups of `count` values in coding order (`coding_order`); raster
@@ -447,7 +448,7 @@ class _CausalContext(nn.Module):
         an integer or (B, n, count)) of Tables(lo, probs, is_open). A position's output reads only the
         groups sent before it (the mask), so the values not yet sent may hold anything."""
         net, heads = self.exact(), self.heads
-        order, steps = layout_order(self.layout, self.grid, heads)
+        order, steps = coding_order(self.grid, heads)
 
         def table(probs, lo, j):
             return Table(lo if np.ndim(lo) == 0 else lo[:, j], probs[:, j], is_open, count)
@@ -480,58 +481,20 @@ class _CausalContext(nn.Module):
         return SequentialTables(len(order), count, make, make_all, steps)
 
 
-LAYOUTS = ("raster", "checkerboard", "anchor_rows")  # which earlier values a context prior reads (context_masks)
-
-
-def context_masks(layout, grid):
-    """(mask (3, 3), read (H, W)) bool: the 3x3 taps the context reads and the positions whose
-    values it reads at all.
-
-      raster        the row above and the value to the left (Minnen et al. 2018): every position
-                    reads, 2 H + W - 2 steps to decode (coding_order)
-      checkerboard  the four neighbours, of the anchors only ((r + c) even): anchors are coded from
-                    their position alone, then every other position from the anchors around it, in
-                    2 steps (He et al., "Checkerboard Context Model for Efficient Learned Image
-                    Compression", CVPR 2021, section 3)
-      anchor_rows   the same, and each anchor also reads the two anchors diagonally above it: the
-                    anchors row by row, then the rest, H + 1 steps"""
-    if layout not in LAYOUTS:
-        raise ValueError(f"context layout {layout!r}; choose one of {LAYOUTS}")
-    h, w = grid
-    if layout == "raster":
-        return np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=bool), np.ones(grid, dtype=bool)
-    anchors = np.add.outer(np.arange(h), np.arange(w)) % 2 == 0
-    if layout == "checkerboard":
-        return np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors
-    return np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=bool), anchors  # an anchor's cross taps read zeros
-
-
-@functools.lru_cache(maxsize=None)
-def layout_order(layout, grid, heads):
-    """coding_order of a layout's masks on a grid (computed once: a few Python loops)."""
-    return coding_order(*context_masks(layout, grid), heads)
-
-
-def coding_order(mask, read, heads=1):
+@functools.lru_cache(maxsize=None)  # a few Python loops: once per grid and head count
+def coding_order(grid, heads=1):
     """(order (G,), steps): the raster group (position * heads + head) of each group in the order a
     context prior codes them, and the lengths of the runs whose tables one network call computes.
-
-    Position p depends on the positions its `mask` taps reach that `read` holds (context_masks); a
-    position's step is one more than the latest step it depends on, so every position of a step is
-    decoded from the steps before it in one call (the wavefront order of PixelCNN-style masks: for
-    the raster mask the anti-diagonals 2 r + c, 2 H + W - 2 steps instead of H W). At each step, head
-    by head (ContextCodePrior: stream s reads the streams before it at its own position)."""
-    h, w = read.shape
-    rows, cols = np.divmod(np.arange(h * w), w)
-    taps = [(dr - 1, dc - 1) for dr in range(3) for dc in range(3) if mask[dr, dc]]
-    deps = [[(r + dr) * w + c + dc for dr, dc in taps if 0 <= r + dr < h and 0 <= c + dc < w and read[r + dr, c + dc]]
-            for r, c in zip(rows, cols)]
-    step = np.zeros(h * w, dtype=int)
-    for _ in range(h * w):  # longest paths: at most H W rounds in an acyclic mask
-        step = np.array([1 + max((step[d] for d in ds), default=-1) for ds in deps])
+    Position (r, c) reads (r - 1, c - 1 .. c + 1) and (r, c - 1) (the mask), all on anti-diagonals
+    2 r' + c' < 2 r + c: so the positions of one anti-diagonal are coded together, 2 H + W - 2 steps
+    (H when W = 1) instead of H W (the wavefront order of PixelCNN-style masks), and at each position head by head
+    (ContextCodePrior: stream s reads the streams before it there)."""
+    h, w = grid
+    positions = np.arange(h * w)
+    diagonal = 2 * (positions // w) + positions % w
     order, steps = [], []
-    for s in range(int(step.max()) + 1):
-        at = np.flatnonzero(step == s)
+    for d in np.unique(diagonal):
+        at = positions[diagonal == d]
         for head in range(heads):
             order += (at * heads + head).tolist()
             steps.append(len(at))
@@ -548,8 +511,8 @@ class ContextMixturePrior(_CausalContext):
     with the context taken from the noisy z + u; evaluation codes m under P(m | u, earlier values),
     the context taken from the dequantized z_hat = m delta - u that the decoder has."""
 
-    def __init__(self, channels, grid, components=3, hidden=CONTEXT_HIDDEN, layout="raster"):
-        super().__init__(channels, grid, 3 * channels * components, hidden, layout)
+    def __init__(self, channels, grid, components=3, hidden=CONTEXT_HIDDEN):
+        super().__init__(channels, grid, 3 * channels * components, hidden)
         self.components = components
 
     def params(self, z_hat, detach=False):
@@ -614,8 +577,8 @@ class ContextCategoricalPrior(_CausalContext):
     through the level itself (the slope to its neighbours, as CategoricalPrior) and through the
     context (the levels are FSQ's straight-through codes)."""
 
-    def __init__(self, sizes, grid, hidden=CONTEXT_HIDDEN, layout="raster"):
-        super().__init__(len(sizes), grid, len(sizes) * max(sizes), hidden, layout)
+    def __init__(self, sizes, grid, hidden=CONTEXT_HIDDEN):
+        super().__init__(len(sizes), grid, len(sizes) * max(sizes), hidden)
         self.register_buffer("sizes", torch.tensor(sizes), persistent=False)
         self.register_buffer("valid", torch.arange(max(sizes)) < self.sizes[:, None], persistent=False)  # (C, L)
 
@@ -666,8 +629,8 @@ class ContextCodePrior(_CausalContext):
     The codes carry no gradient (a nearest-code choice), so the rate trains this prior and does
     not move the encoder, as CodebookBottleneck's learned prior."""
 
-    def __init__(self, streams, codebook_size, grid, hidden=CONTEXT_HIDDEN, embed=CODE_EMBEDDING, layout="raster"):
-        super().__init__(streams * embed, grid, codebook_size, hidden, layout)
+    def __init__(self, streams, codebook_size, grid, hidden=CONTEXT_HIDDEN, embed=CODE_EMBEDDING):
+        super().__init__(streams * embed, grid, codebook_size, hidden)
         self.streams, self.codebook_size, self.embed_dim = streams, codebook_size, embed
         self.heads = streams
         self.embed = nn.Embedding(streams * codebook_size, embed)  # stream s's code k is row s K + k
@@ -685,7 +648,7 @@ class ContextCodePrior(_CausalContext):
         b, h = len(codes), self.context.out_channels
         emb = F.embedding(codes.long() + self.offsets.to(codes.device)[:, None], w(self.embed.weight))  # (B, S, P, E)
         x = emb.permute(0, 1, 3, 2).reshape(b, self.channels, *self.grid)  # (B, S E, H, W)
-        base = F.conv2d(x * w(self.read), w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
+        base = F.conv2d(x, w(self.context.weight) * w(self.mask), w(self.context.bias), padding=1) + w(self.position)
         same = F.conv2d(x, w(self.same.weight) * w(self.same_mask)).reshape(b, self.streams, h, *self.grid)
         z = (base[:, None] + same).reshape(b * self.streams, h, *self.grid)  # each stream its own pre-activation
         z = F.conv2d(_silu(z), w(self.hidden.weight), w(self.hidden.bias))

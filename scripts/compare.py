@@ -17,7 +17,6 @@ integers' rate is modelled, the same kind for every bottleneck:
               over its whole code; DDCL: one per channel): the cheap baseline
     learned   a factorized prior trained with the model, one per transmitted channel or code
     context   each integer predicted from the integers sent before it, trained with the model
-    checkerboard  the same from the anchor positions only (2 decoding steps, not 10: docs/codec.md)
 
 Trains each bottleneck of POINTS at each of its operating points (under learned and context priors
 DDCL's knob is rate_weight: its comm_weight is unused there) with train.py's defaults, once per
@@ -62,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(epochs=10, early=5, seeds=3, jobs=2, only=[""], priors=["fitted"], out="compare", results="",
                 readme="", dry_run=False, report_only=False, train=[""], executor="local", slurm={"": ""})
 EXECUTORS = ("local", "submitit_local", "slurm")  # how each train.py run is started
-PRIORS = ("fitted", "learned", "context", "checkerboard", "anchor_rows")
+PRIORS = ("fitted", "learned", "context")
 FIRST_SEED = 1337
 ANCHOR = "fsq"  # every BD number is against this bottleneck's curve
 # bottleneck -> [(label, train.py knobs)]: three or more operating points in the same measured range
@@ -462,9 +461,7 @@ def report(data, where, opts, plan, prior, results):
 
 PRIOR_WORDS = {"fitted": "fitted histogram (FSQ joint over its code, DDCL per channel)",
                "learned": "factorized prior trained in (one per channel or code)",
-               "context": "context prior trained in (earlier positions)",
-               "checkerboard": "checkerboard context prior trained in (the anchor positions; 2 decoding steps)",
-               "anchor_rows": "checkerboard context prior, anchors row by row (5 decoding steps)"}
+               "context": "context prior trained in (earlier positions)"}
 HEADLINE_ORDER = ("context", "learned", "fitted")  # the strongest family that ran leads
 README_PRIORS = ("context",)  # the README's table: the headline family (the others: docs/results/summary.md)
 

@@ -1,13 +1,14 @@
 """One bottleneck's curve under two prior families of scripts/compare.py, against itself: what a
-faster context layout costs in rate, at the same settings, seeds and epochs.
+prior family costs or saves against another, at the same settings, seeds and epochs.
 
-    python scripts/compare_priors.py RESULTS/wallpapers/checkerboard/comparison.json \
+    python scripts/compare_priors.py RESULTS/wallpapers/learned/comparison.json \
         RESULTS/wallpapers/context/comparison.json [--out=costs.json]
 
 For every bottleneck in both files and every seed in both, the BD-rate and BD-PSNR of the first
 file's curve against the second's (each point its best checkpoint: range-coded bits per held-out
 image against PSNR), then the mean over those seeds with its 95% interval; a markdown table, and
-with --out the same numbers as JSON. docs/codec.md's table of context layouts comes from this script.
+with --out the same numbers as JSON. docs/codec.md's table of the context layouts tried (checkerboard
+and anchor rows against the raster context) comes from this script.
 """
 import json
 

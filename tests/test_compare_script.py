@@ -273,10 +273,10 @@ def fake_comparison(path, prior, scale):
 def test_compare_priors_prices_a_layout_against_the_reference_per_seed(tmp_path, capsys):
     import compare_priors
 
-    slow, fast = fake_comparison(tmp_path / "a.json", "context", 1.0), fake_comparison(tmp_path / "b.json", "checkerboard", 1.1)
+    slow, fast = fake_comparison(tmp_path / "a.json", "context", 1.0), fake_comparison(tmp_path / "b.json", "learned", 1.1)
     compare_priors.main([fast, slow, f"--out={tmp_path / 'costs.json'}"])
     out = capsys.readouterr().out
-    assert out.startswith("checkerboard against context (wallpapers, 10 epochs") and "| ddcl" not in out
+    assert out.startswith("learned against context (wallpapers, 10 epochs") and "| ddcl" not in out
     costs = json.loads((tmp_path / "costs.json").read_text())["costs"]
     assert costs["fsq"]["seeds"] == [1337, 1338] and costs["fsq"]["bd_rate"] == pytest.approx([10.0, 10.0], abs=1e-6)
     assert "| fsq | 2 | +10.0% [+10.0, +10.0] |" in out
