@@ -543,8 +543,8 @@ class ContextMixturePrior(_CausalContext):
                 min(math.ceil(CONTEXT_SUPPORT / delta), ESCAPE_OFFSET // 2))
 
     def tables(self, dither, delta):
-        """dither u (B, C, P) -> SequentialTables over the P positions: position g's Table holds
-        P(m | u, values of positions < g) for the C channels, (B, C, K + 1) rows over the K = 2 half
+        """dither u (B, C, P) -> SequentialTables over the P positions in `coding_order`: the Table
+        of position p holds P(m | u, values of the positions sent before p) for the C channels, (B, C, K + 1) rows over the K = 2 half
         + 1 integers around each value's predicted mean (a per-row `lo`) and an escape column with
         the mass outside."""
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
@@ -598,8 +598,8 @@ class ContextCategoricalPrior(_CausalContext):
         return exact + _straight_through(slope, symbols), prior_bits
 
     def tables(self, count):
-        """SequentialTables over `count` positions: position g's Table holds p(level | levels of
-        positions < g) for the C channels, (B, C, L) rows."""
+        """SequentialTables over the `count` positions of the grid in `coding_order`: the Table of
+        position p holds p(level | levels of the positions sent before p) for the C channels, (B, C, L) rows."""
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
         scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
@@ -662,8 +662,9 @@ class ContextCodePrior(_CausalContext):
         return prior_bits.detach(), prior_bits
 
     def tables(self, count):
-        """SequentialTables over `count` positions x S streams, one code per group: group g = p S + s
-        holds p(code of stream s at position p | the codes sent before it), (B, 1, K) rows."""
+        """SequentialTables over the `count` positions of the grid x S streams in `coding_order`, one
+        code per group: raster group p S + s holds p(code of stream s at position p | the codes sent
+        before it), (B, 1, K) rows."""
         embed = self.embed.weight.detach().double().cpu().numpy()  # (S K, E)
         streams, k, e = self.streams, self.codebook_size, self.embed_dim
 
