@@ -77,10 +77,12 @@ SILU_SLOPE = np.append(np.diff(SILU_TABLE), 0.0)
 
 
 def silu(x):
-    """SiLU of a float64 array through a table (the same bits everywhere)."""
-    t = np.clip(x, -SILU_END, SILU_END)
-    t += SILU_END
-    t *= 1.0 / SILU_STEP
+    """SiLU of a float64 array through a table (the same bits everywhere). In table steps from
+    -SILU_END, computed in place: scaling by a power of two is exact, so the clip may come after it."""
+    t = x * (1.0 / SILU_STEP)
+    np.maximum(t, -SILU_END / SILU_STEP, out=t)
+    np.minimum(t, SILU_END / SILU_STEP, out=t)
+    t += SILU_END / SILU_STEP
     i = t.astype(np.int64)  # t >= 0: truncation is floor
     t -= i
     t *= SILU_SLOPE[i]
@@ -159,20 +161,10 @@ class ExactNetwork:
 
     @staticmethod
     def _act(acc, bits):
-        """Exact sums on a grid of 2^-bits -> SiLU on the ACT_BITS grid, clipped to +-ACT_CLIP: `silu`
-        with its steps fused (scaling by powers of two is exact, so the same bits), in place."""
-        t = acc * 2.0 ** -bits
-        above = np.minimum(t, ACT_CLIP)  # SiLU(x) = x beyond SILU_END; SiLU >= -0.28 needs no lower clip
-        large = t > SILU_END
-        t *= 1.0 / SILU_STEP
-        np.maximum(t, -SILU_END / SILU_STEP, out=t)
-        np.minimum(t, SILU_END / SILU_STEP, out=t)
-        t += SILU_END / SILU_STEP
-        i = t.astype(np.int64)  # t >= 0: truncation is floor
-        t -= i
-        t *= SILU_SLOPE[i]
-        t += SILU_TABLE[i]
-        t = np.where(large, above, t)
+        """Exact sums on a grid of 2^-bits -> SiLU on the ACT_BITS grid, clipped to +ACT_CLIP (SiLU is
+        above -0.28: no lower clip), in place."""
+        t = silu(acc * 2.0 ** -bits)
+        np.minimum(t, ACT_CLIP, out=t)
         t *= 2.0 ** ACT_BITS
         return np.round(t, out=t)
 
