@@ -295,24 +295,31 @@ def summarise(plan, evals, key, seeds):
     for method, entry in out.items():
         if method == ANCHOR or anchor is None or method in REFERENCES:
             continue
-        per_seed = {"bd_rate": [], "bd_psnr": []}
-        for seed in seeds:
-            a = [(p["bits"]["seeds"][p["seeds"].index(seed)], p["psnr"]["seeds"][p["seeds"].index(seed)])
-                 for p in entry["points"] if seed in p["seeds"]]
-            b = [(p["bits"]["seeds"][p["seeds"].index(seed)], p["psnr"]["seeds"][p["seeds"].index(seed)])
-                 for p in anchor["points"] if seed in p["seeds"]]
-            if len(a) < 2 or len(b) < 2:
-                continue
-            rate, psnr = bd_pair(a, b)
-            per_seed["bd_rate"].append(rate)
-            per_seed["bd_psnr"].append(psnr)
-        entry["bd_vs_fsq"] = {}
-        for k, values in per_seed.items():
-            mean, lo, hi = interval(values)
-            overlap = all(v is not None for v in values) and bool(values)
-            entry["bd_vs_fsq"][k] = {"mean": mean, "interval": None if lo is None else [lo, hi], "seeds": values,
-                                     "overlap": overlap,
-                                     "verdict": verdict(lo, hi, k == "bd_rate") if overlap else "no overlap"}
+        entry["bd_vs_fsq"] = bd_per_seed(entry["points"], anchor["points"], seeds)
+    return out
+
+
+def bd_per_seed(points, reference, seeds):
+    """{"bd_rate", "bd_psnr"}: each {"mean", "interval", "seeds" (one value per seed), "overlap",
+    "verdict"} of one curve's points (comparison.json's "points") against another's, seed by seed;
+    a seed with fewer than 2 points on either curve is left out."""
+    per_seed = {"bd_rate": [], "bd_psnr": []}
+    for seed in seeds:
+        a = [(p["bits"]["seeds"][p["seeds"].index(seed)], p["psnr"]["seeds"][p["seeds"].index(seed)])
+             for p in points if seed in p["seeds"]]
+        b = [(p["bits"]["seeds"][p["seeds"].index(seed)], p["psnr"]["seeds"][p["seeds"].index(seed)])
+             for p in reference if seed in p["seeds"]]
+        if len(a) < 2 or len(b) < 2:
+            continue
+        rate, psnr = bd_pair(a, b)
+        per_seed["bd_rate"].append(rate)
+        per_seed["bd_psnr"].append(psnr)
+    out = {}
+    for k, values in per_seed.items():
+        mean, lo, hi = interval(values)
+        overlap = all(v is not None for v in values) and bool(values)
+        out[k] = {"mean": mean, "interval": None if lo is None else [lo, hi], "seeds": values, "overlap": overlap,
+                  "verdict": verdict(lo, hi, k == "bd_rate") if overlap else "no overlap"}
     return out
 
 

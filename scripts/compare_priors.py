@@ -12,7 +12,8 @@ and anchor rows against the raster context) comes from this script.
 """
 import json
 
-from discrete_ae.bjontegaard import bd_pair, interval
+from compare import bd_per_seed, fmt_interval
+
 from discrete_ae.errors import DataError, cli
 from discrete_ae.files import save_json
 from discrete_ae.overrides import parse_paths_and_options
@@ -34,41 +35,27 @@ def read_comparison(path):
     return data
 
 
-def seed_curves(points):
-    """{seed: [(bits, PSNR) per point]} of one bottleneck's points in a comparison.json."""
-    curves = {}
-    for p in points:
-        for seed, bits, psnr in zip(p["seeds"], p["bits"]["seeds"], p["psnr"]["seeds"]):
-            curves.setdefault(seed, []).append((bits, psnr))
-    return curves
-
-
 def costs(a, b):
-    """{bottleneck: {"seeds", "bd_rate", "bd_psnr" (per seed), "bd_rate_mean", "bd_psnr_mean"
-    ((mean, low, high))}} of comparison a's curves against b's."""
+    """{bottleneck: {"seeds": the seeds both ran, "bd_rate", "bd_psnr" (compare.bd_per_seed)}} of
+    comparison a's curves against b's."""
     out = {}
     for method in sorted(set(a["best"]) & set(b["best"])):
-        ours, theirs = seed_curves(a["best"][method]["points"]), seed_curves(b["best"][method]["points"])
-        seeds = sorted(set(ours) & set(theirs))
-        pairs = [bd_pair(ours[s], theirs[s]) for s in seeds]
-        out[method] = {"seeds": seeds, "bd_rate": [p[0] for p in pairs], "bd_psnr": [p[1] for p in pairs],
-                       "bd_rate_mean": interval([p[0] for p in pairs]), "bd_psnr_mean": interval([p[1] for p in pairs])}
+        ours, theirs = a["best"][method]["points"], b["best"][method]["points"]
+        seeds = sorted(set().union(*(p["seeds"] for p in ours)) & set().union(*(p["seeds"] for p in theirs)))
+        out[method] = {"seeds": seeds, **bd_per_seed(ours, theirs, seeds)}
     if not out:
         raise DataError(f"the two files share no bottleneck ({sorted(a['best'])} and {sorted(b['best'])})")
     return out
 
 
-def cell(mean, unit, digits):
-    value, low, high = mean
-    if value is None:
-        return "no overlap"
-    return f"{value:+.{digits}f}{unit}" + ("" if low is None else f" [{low:+.{digits}f}, {high:+.{digits}f}]")
+def cell(stat, unit, digits):
+    return fmt_interval(stat, unit, digits) if stat["overlap"] else "no overlap"
 
 
 def table(result, a, b):
     lines = [f"{a['prior']} against {b['prior']} ({a.get('set', '?')}, {a.get('epochs', '?')} epochs; 95% intervals over seeds)",
              "| bottleneck | seeds | BD-rate | BD-PSNR |", "| --- | --- | --- | --- |"]
-    lines += [f"| {m} | {len(r['seeds'])} | {cell(r['bd_rate_mean'], '%', 1)} | {cell(r['bd_psnr_mean'], ' dB', 3)} |"
+    lines += [f"| {m} | {len(r['bd_rate']['seeds'])} | {cell(r['bd_rate'], '%', 1)} | {cell(r['bd_psnr'], ' dB', 3)} |"
               for m, r in result.items()]
     return "\n".join(lines)
 

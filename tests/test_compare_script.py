@@ -278,7 +278,7 @@ def test_compare_priors_prices_a_layout_against_the_reference_per_seed(tmp_path,
     out = capsys.readouterr().out
     assert out.startswith("learned against context (wallpapers, 10 epochs") and "| ddcl" not in out
     costs = json.loads((tmp_path / "costs.json").read_text())["costs"]
-    assert costs["fsq"]["seeds"] == [1337, 1338] and costs["fsq"]["bd_rate"] == pytest.approx([10.0, 10.0], abs=1e-6)
+    assert costs["fsq"]["seeds"] == [1337, 1338] and costs["fsq"]["bd_rate"]["seeds"] == pytest.approx([10.0, 10.0], abs=1e-6)
     assert "| fsq | 2 | +10.0% [+10.0, +10.0] |" in out
 
 
