@@ -487,8 +487,8 @@ def coding_order(grid, heads=1):
     context prior codes them, and the lengths of the runs whose tables one network call computes.
     Position (r, c) reads (r - 1, c - 1 .. c + 1) and (r, c - 1) (the mask), all on anti-diagonals
     2 r' + c' < 2 r + c: so the positions of one anti-diagonal are coded together, 2 H + W - 2 steps
-    (H when W = 1) instead of H W (the wavefront order of PixelCNN-style masks), and at each position head by head
-    (ContextCodePrior: stream s reads the streams before it there)."""
+    (H when W = 1) instead of H W (the wavefront order of PixelCNN-style masks), and at each
+    position head by head (ContextCodePrior: stream s reads the streams before it there)."""
     h, w = grid
     positions = np.arange(h * w)
     diagonal = 2 * (positions // w) + positions % w
@@ -544,9 +544,9 @@ class ContextMixturePrior(_CausalContext):
 
     def tables(self, dither, delta):
         """dither u (B, C, P) -> SequentialTables over the P positions in `coding_order`: the Table
-        of position p holds P(m | u, values of the positions sent before p) for the C channels, (B, C, K + 1) rows over the K = 2 half
-        + 1 integers around each value's predicted mean (a per-row `lo`) and an escape column with
-        the mass outside."""
+        of position p holds P(m | u, values of the positions sent before p) for the C channels,
+        (B, C, K + 1) rows over the K = 2 half + 1 integers around each value's predicted mean (a
+        per-row `lo`) and an escape column with the mass outside."""
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
         half, bound = self.window(delta)
 
@@ -599,7 +599,8 @@ class ContextCategoricalPrior(_CausalContext):
 
     def tables(self, count):
         """SequentialTables over the `count` positions of the grid in `coding_order`: the Table of
-        position p holds p(level | levels of the positions sent before p) for the C channels, (B, C, L) rows."""
+        position p holds p(level | levels of the positions sent before p) for the C channels, (B, C,
+        L) rows."""
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
         scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
