@@ -40,6 +40,7 @@ FORMAT_VERSION = 4  # 4 bits; 2: the DDCL dither no longer depends on a string's
 # tables from the integer network (discrete_ae/exact.py), DDCL's in a window around the prediction; 4: context
 # groups in wavefront order (priors.coding_order)
 HEADER_BYTES = 3
+CUT_GUESS = 2  # bytes _shortest_payload first tries to drop: about the median it drops (docs/codec.md)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -190,14 +191,17 @@ class _Coder:
         ids = values.transpose(1, 0, 2) - lo
         return ids if (ids >= 0).all() and (ids < sizes).all() else None
 
-    def _block_rows(self):
+    @functools.cached_property
+    def block_rows(self):
+        """The block's rows (G batch count, K), contiguous, as the coder reads them (a copy for one
+        image's slice: made once, however many trial decodes read it)."""
         return np.ascontiguousarray(self.block[0]).reshape(-1, self.block[0].shape[-1])
 
     def encode(self, encoder, values):
         """Append `values` (batch, G, n) to `encoder`, group by group, escaped values after their group."""
         ids = self.block_ids(values)
         if ids is not None:
-            encoder.encode(ids.astype(np.int32).ravel(), self.family, self._block_rows())
+            encoder.encode(ids.astype(np.int32).ravel(), self.family, self.block_rows)
             return
         for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
             ids, escaped = _symbols(values[:, g], table)
@@ -207,7 +211,7 @@ class _Coder:
 
     def decodes_ids(self, decoder, ids):
         """Whether `decoder` reads the block ids `ids` (from block_ids): values with no escape."""
-        return np.array_equal(decoder.decode(self.family, self._block_rows()), ids.ravel())
+        return np.array_equal(decoder.decode(self.family, self.block_rows), ids.ravel())
 
     def decode_group(self, decoder, g, i):
         """Group g's (n,) values of image i alone, read from its own decoder (per-image strings)."""
@@ -224,7 +228,7 @@ class _Coder:
     def decode(self, decoder):
         """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
         if not any(t.open for t in self.tables) and self.block is not None:  # closed: no escape follows a group
-            ids = decoder.decode(self.family, self._block_rows()).astype(np.int64).reshape(self.block[1].shape)
+            ids = decoder.decode(self.family, self.block_rows).astype(np.int64).reshape(self.block[1].shape)
             return (ids + self.block[1]).transpose(1, 0, 2)
         count = self.tables[0].count if self.tables else 0
         out = np.empty((self.batch, len(self.tables), count), dtype=np.int64)
@@ -339,19 +343,25 @@ def _decodes_to(coder, payload, values, ids=None):
 def _shortest_payload(coder, words, values):
     """The coder's words as bytes, cut after the last byte the decoder needs. A range coder's final
     word carries more precision than the message needs (a measured ~15 bits per image here);
-    dropping the last byte, or dropping it and rounding the one before up, keeps the decoded
-    values when the remaining number still lies in the final interval: checked by decoding."""
+    dropping the last d bytes, or dropping them and rounding the byte before up, keeps the decoded
+    values when the remaining number still lies in the final interval: checked by decoding. A cut
+    that decodes leaves every smaller cut decoding (the number it leaves lies between the cut one
+    and the whole one, all in the interval), so the search starts at CUT_GUESS bytes and walks up
+    or down from there: fewer trial decodes than dropping a byte at a time."""
     payload, ids = words.astype(">u4").tobytes().rstrip(b"\0"), coder.block_ids(values)
-    while payload:
-        shorter = payload[:-1]
+
+    def cut(d):  # the payload less its last d bytes, truncated or rounded up, that decodes; else None
+        shorter = payload[:len(payload) - d]
         rounded = (int.from_bytes(shorter, "big") + 1).to_bytes(len(shorter), "big") if shorter and shorter != b"\xff" * len(shorter) else None
-        for candidate in (shorter, rounded):
-            if candidate is not None and _decodes_to(coder, candidate, values, ids):
-                payload = candidate
-                break
-        else:
-            break
-    return payload
+        return next((c for c in (rounded, shorter) if c is not None and _decodes_to(coder, c, values, ids)), None)
+
+    d = min(CUT_GUESS, len(payload))
+    best = cut(d) if d else payload
+    if best is None:  # fewer than the guess: the first cut below it that decodes
+        return next((c for c in map(cut, range(d - 1, 0, -1)) if c is not None), payload)
+    while d < len(payload) and (longer := cut(d + 1)) is not None:
+        best, d = longer, d + 1
+    return best
 
 
 def _keys(key, count):

@@ -50,7 +50,8 @@ def exp(x):
     """e^x of a float64 array through +, *, floor, a table and ldexp only: the same bits on any
     IEEE-754 machine (np.exp and torch.exp pick a vector kernel per CPU); within a few ulp of e^x."""
     x = np.asarray(x, dtype=np.float64)
-    shape, x = x.shape, np.clip(x.reshape(-1), *EXP_RANGE)
+    shape, x = x.shape, np.maximum(x.reshape(-1), EXP_RANGE[0])  # clipped (maximum, minimum: np.clip's wrapper costs more)
+    np.minimum(x, EXP_RANGE[1], out=x)
     k = x * STEPS_PER_LN2
     k += 0.5
     np.floor(k, out=k)
@@ -91,11 +92,14 @@ def silu(x):
 
 
 def tree_sum(x):
-    """x (..., n) -> (...,) summed in a fixed order (halves added, zeros padded to a power of two)."""
+    """x (..., n) -> (...,) summed in a fixed order: halves added, as if zeros were padded to a power
+    of two (an entry paired with a padded zero is kept as it is: x + 0 is x)."""
     n = x.shape[-1]
-    size = 1 << max(0, n - 1).bit_length()
-    if size != n:
-        x = np.concatenate([x, np.zeros(x.shape[:-1] + (size - n,))], -1)
+    half = 1 << max(0, n - 1).bit_length() >> 1
+    if half and n > half:  # the first halving pairs entry i with i + half where that exists
+        first = x[..., :half].copy()
+        first[..., :n - half] += x[..., half:]
+        x = first
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
         x = x[..., :half] + x[..., half:]
@@ -150,7 +154,7 @@ class ExactNetwork:
     @staticmethod
     def quantize(x):
         """Inputs (float64) -> the integers the network reads."""
-        return _integers(np.clip(x, -INPUT_CLIP, INPUT_CLIP), INPUT_BITS)
+        return _integers(np.minimum(np.maximum(x, -INPUT_CLIP), INPUT_CLIP), INPUT_BITS)
 
     def windows(self, xq, positions):
         """xq (B, Cin, H, W) quantized inputs -> (B, len(positions), Cin 9): the 3x3 window around each

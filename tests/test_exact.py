@@ -23,9 +23,16 @@ def test_silu_table_is_within_its_stated_error():
 
 
 def test_tree_sum_adds_in_a_fixed_order_for_any_length():
-    for n in (1, 2, 3, 8, 13):
-        x = np.random.default_rng(n).random((4, n))
-        assert np.allclose(exact.tree_sum(x), x.sum(-1), rtol=1e-15, atol=0)
+    def padded(x):  # the order it promises: zeros padded to a power of two, halves added
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + ((1 << (x.shape[-1] - 1).bit_length()) - x.shape[-1],))], -1)
+        while x.shape[-1] > 1:
+            x = x[..., :x.shape[-1] // 2] + x[..., x.shape[-1] // 2:]
+        return x[..., 0]
+
+    for n in (1, 2, 3, 5, 8, 13, 47, 48):
+        x = np.random.default_rng(n).random((4, 3, n)) * 10.0 ** np.random.default_rng(n).integers(-8, 8, (4, 3, n))
+        assert np.array_equal(exact.tree_sum(x), padded(x))
+        assert np.allclose(exact.tree_sum(x), x.sum(-1), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: ContextCategoricalPrior([8, 5, 5], (4, 4)),
@@ -88,6 +95,40 @@ def test_escape_free_groups_in_one_call_are_the_same_bytes_as_group_by_group():
     coder.encode(encoder, values)
     assert one_call == coding._shortest_payload(coder, encoder.get_compressed(), values)
     assert np.array_equal(coding.decode_batch(one_call, tables, 6)[0], values)
+
+
+def test_the_cut_is_the_shortest_that_decodes_the_byte_at_a_time_search_finds():
+    import constriction
+
+    def decodes(coder, payload, values):
+        return coding._decodes_to(coder, payload, values, coder.block_ids(values))
+
+    def one_byte_at_a_time(coder, words, values):  # the search before CUT_GUESS
+        payload = words.astype(">u4").tobytes().rstrip(b"\0")
+        while payload:
+            shorter = payload[:-1]
+            rounded = (int.from_bytes(shorter, "big") + 1).to_bytes(len(shorter), "big") if shorter and shorter != b"\xff" * len(shorter) else None
+            found = next((c for c in (shorter, rounded) if c is not None and decodes(coder, c, values)), None)
+            if found is None:
+                return payload
+            payload = found
+        return payload
+
+    rng = np.random.default_rng(5)
+    drops = set()
+    for case in range(40):
+        batch, k = int(rng.integers(1, 4)), int(rng.integers(2, 9))
+        probs = rng.dirichlet(np.full(k, 0.3), (batch, 16)) * 0.98 + 0.02 / k  # peaked: short messages
+        tables = [coding.Table(0, probs, False, 16)]
+        values = np.stack([[rng.choice(k, p=p) for p in row] for row in probs])[:, None]
+        coder = coding._Coder(tables, batch)
+        encoder = constriction.stream.queue.RangeEncoder()
+        coder.encode(encoder, values)
+        words = encoder.get_compressed()
+        cut = coding._shortest_payload(coder, words, values)
+        assert decodes(coder, cut, values) and cut == one_byte_at_a_time(coder, words, values)
+        drops.add(len(words.astype(">u4").tobytes().rstrip(b"\0")) - len(cut))
+    assert {0, 1, 3} <= drops  # below, at and above the guess of 2 bytes
 
 
 @pytest.mark.parametrize("grid,heads", [((4, 4), 1), ((4, 4), 2), ((3, 5), 1), ((1, 4), 3), ((4, 1), 1)])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models import build_model, model_args_from_config
+from models import SubPixelConvTranspose2d, build_model, model_args_from_config
 from quantizers import QUANTIZERS, DDCL_Bottleneck, FSQWrapper, QuantizerOutput, build_quantizer
 
 FITTED = dict(entropy_model="fitted", rate_weight=0.0)
@@ -174,3 +174,16 @@ def test_an_integer_seed_shares_the_dither_and_a_seed_per_image_gives_each_its_o
     shared, own = q.dither((2, 4, 4), 5, "cpu"), q.dither((2, 4, 4), [5, 6, 7], "cpu")
     assert shared.shape == (2, 4, 4) and own.shape == (3, 2, 4, 4)
     assert torch.equal(own[0], shared) and not torch.equal(own[1], own[0])
+
+
+def test_the_sub_pixel_layer_is_the_transposed_convolution_it_replaces():
+    torch.manual_seed(0)
+    plain = torch.nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1).double()
+    layer = SubPixelConvTranspose2d(5, 3).double()
+    layer.load_state_dict(plain.state_dict())  # the same parameters: checkpoints load either way
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    got, want = layer(x), plain(x)
+    assert got.shape == (2, 3, 12, 14) and torch.allclose(got, want, rtol=0, atol=1e-12)
+    (g_sub,) = torch.autograd.grad(got.square().sum(), layer.weight)
+    (g_plain,) = torch.autograd.grad(want.square().sum(), plain.weight)
+    assert torch.allclose(g_sub, g_plain, rtol=0, atol=1e-10)
