@@ -164,7 +164,8 @@ class _Coder:
             if t.probs.shape[:2] == (1, 1):
                 self.models.append((model.Categorical(t.probs[0, 0], perfect=False), ()))
             else:
-                rows = np.broadcast_to(t.probs, (batch, t.count, t.probs.shape[-1])).reshape(-1, t.probs.shape[-1])
+                shape = (batch, t.count, t.probs.shape[-1])
+                rows = (t.probs if t.probs.shape == shape else np.broadcast_to(t.probs, shape)).reshape(-1, shape[-1])
                 self.models.append((self.family, (np.ascontiguousarray(rows),)))
 
     @functools.cached_property

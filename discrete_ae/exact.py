@@ -4,24 +4,32 @@ A coding table that differs by one bit between encoder and decoder makes the dec
 (Balle, Johnston, Minnen, "Integer Networks for Data Compression with Latent-Variable Models", ICLR
 2019, section 1). Floating-point matrix products sum in an order that depends on the CPU's vector
 width, the BLAS kernel, the thread count and the batch size; integer sums do not. So the coder runs
-the context network on integers held exactly in float64 numpy arrays:
+the context network on integers held exactly in float64:
 
     inputs      round(x 2^INPUT_BITS), x clipped to +-INPUT_CLIP
     weights     round(w 2^WEIGHT_BITS); biases on the grid of the products they are added to
     products    integer matrix products, every partial sum below 2^53 (checked when the weights are
-                quantized), so exact in any order: any BLAS, any thread count, any batch, the whole
-                grid in one call or one position at a time give the same integers
-    SiLU        from the exact sums by a table built with `exp` below (+, *, floor and ldexp only,
-                each correctly rounded by IEEE 754), then rounded to ACT_BITS: the same bits on any
-                IEEE-754 machine
+                quantized), so exact in any order: any vector width, any batch, the whole grid in
+                one call or one position at a time give the same integers
+    SiLU        from the exact sums by a table built with `exp1` below (+, *, floor and a table of
+                powers of two only, each correctly rounded by IEEE 754), then rounded to ACT_BITS:
+                the same bits on any IEEE-754 machine
 
-The tables (softmax, mixture CDF) use the same `exp` and a fixed-order `tree_sum`. Quantizing to
+The tables (softmax, mixture CDF) use the same `exp1` and a fixed-order `tree_sum1`. Quantizing to
 these grids moves the network's outputs by about 1e-4 of their range (docs/codec.md measures the
 rate it costs).
+
+The arithmetic is compiled by numba (one call per decoding step where numpy took about a hundred:
+docs/codec.md, "Speed"), without fastmath: every operation is rounded as written, no fused
+multiply-add and no reordering (the integer products alone may be reordered: their sums are
+exact). So the compiled code gives the bits its source gives under the Python interpreter: tested
+with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
+Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
 """
 import math
 from decimal import Context, Decimal
 
+import numba
 import numpy as np
 
 INPUT_BITS = 12  # the network's inputs on a grid of 2^-12
@@ -42,79 +50,278 @@ LN2_HI = math.floor(float(_LN2_STEP) * 2.0 ** 43) / 2.0 ** 43  # 35 significant 
 LN2_LO = float(_LN2_STEP - Decimal(LN2_HI))
 STEPS_PER_LN2 = float(1 / _LN2_STEP)
 EXP_TABLE = np.array([float(Context(prec=40).power(Decimal(2), Decimal(j) / EXP_STEPS)) for j in range(EXP_STEPS)])
-TAYLOR = tuple(1.0 / math.factorial(n) for n in range(5))
-EXP_RANGE = (-700.0, 700.0)  # 2^k stays a normal float64
+T0, T1, T2, T3, T4 = (1.0 / math.factorial(n) for n in range(5))  # the Taylor coefficients
+EXP_LO, EXP_HI = -700.0, 700.0  # the argument's range: 2^k stays a normal float64
+TWO_POWERS_FROM = -1011  # 2^k for k in EXP_LO / ln2 .. EXP_HI / ln2, all normal: scaling by one is ldexp's exact result
+TWO_POWERS = np.ldexp(1.0, np.arange(TWO_POWERS_FROM, 1012))
 
 
-def exp(x):
-    """e^x of a float64 array through +, *, floor, a table and ldexp only: the same bits on any
-    IEEE-754 machine (np.exp and torch.exp pick a vector kernel per CPU); within a few ulp of e^x."""
-    x = np.asarray(x, dtype=np.float64)
-    shape, x = x.shape, np.maximum(x.reshape(-1), EXP_RANGE[0])  # clipped (maximum, minimum: np.clip's wrapper costs more)
-    np.minimum(x, EXP_RANGE[1], out=x)
-    k = x * STEPS_PER_LN2
-    k += 0.5
-    np.floor(k, out=k)
-    r = k * LN2_HI
-    np.subtract(x, r, out=r)
-    r -= k * LN2_LO
-    p = r * TAYLOR[4]
-    p += TAYLOR[3]
-    for c in TAYLOR[2::-1]:
-        p *= r
-        p += c
-    k = k.astype(np.int64)
-    p *= EXP_TABLE[k & (EXP_STEPS - 1)]
-    k >>= EXP_STEPS.bit_length() - 1
-    return np.ldexp(p, k.astype(np.int32)).reshape(shape)
+def _jit(f):
+    """numba-compiled, cached; fastmath off (the default): IEEE operations as written."""
+    return numba.njit(cache=True, nogil=True)(f)
+
+
+@_jit
+def exp1(x):
+    """e^x of one float64 through +, *, floor, a table and ldexp only: the same bits on any IEEE-754
+    machine (np.exp and torch.exp pick a vector kernel per CPU); within a few ulp of e^x."""
+    x = min(max(x, EXP_LO), EXP_HI)
+    k = np.floor(x * STEPS_PER_LN2 + 0.5)
+    r = (x - k * LN2_HI) - k * LN2_LO
+    p = ((((r * T4 + T3) * r + T2) * r + T1) * r) + T0
+    i = np.int64(k)
+    return p * EXP_TABLE[i & (EXP_STEPS - 1)] * TWO_POWERS[(i >> 8) - TWO_POWERS_FROM]
 
 
 # SiLU by linear interpolation in a table of SILU_STEP spacing on [-SILU_END, SILU_END] (x beyond:
 # x or 0, off by under 2e-6): within 2e-5 of SiLU, a tenth of the 2^-12 grid its outputs are rounded to
 SILU_END, SILU_STEP = 16.0, 2.0 ** -6
 _SILU_X = np.arange(-SILU_END, SILU_END + SILU_STEP, SILU_STEP)
-SILU_TABLE = _SILU_X / (1.0 + exp(-_SILU_X))
+SILU_TABLE = np.array([x / (1.0 + getattr(exp1, "py_func", exp1)(-x)) for x in _SILU_X])  # interpreted: no compile on import
 SILU_SLOPE = np.append(np.diff(SILU_TABLE), 0.0)
 
 
+@_jit
+def silu1(x):
+    """SiLU of one float64 through the table; in table steps from -SILU_END (scaling by a power of
+    two is exact, so the clip may come after it)."""
+    t = min(max(x * (1.0 / SILU_STEP), -SILU_END / SILU_STEP), SILU_END / SILU_STEP) + SILU_END / SILU_STEP
+    i = int(t)  # t >= 0: truncation is floor
+    t = (t - i) * SILU_SLOPE[i] + SILU_TABLE[i]
+    return x if x > SILU_END else t
+
+
+@_jit
+def act1(acc, scale):
+    """An exact sum on a grid of `scale` -> SiLU on the ACT_BITS grid, clipped to +ACT_CLIP (SiLU is
+    above -0.28: no lower clip)."""
+    return np.rint(min(silu1(acc * scale), ACT_CLIP) * 2.0 ** ACT_BITS)
+
+
+@_jit
+def tree_sum1(x, buf):
+    """x (n,) summed in a fixed order: copied into buf (a power of two >= n, zero-padded) whose halves
+    are added until one value is left."""
+    buf[:] = 0.0
+    buf[:len(x)] = x
+    half = len(buf) // 2
+    while half:
+        for i in range(half):
+            buf[i] = buf[i] + buf[i + half]
+        half //= 2
+    return buf[0]
+
+
+@_jit
+def pow2(n):
+    """The tree_sum1 buffer's length for n values: the least power of two >= n."""
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
+@_jit
+def _exp_all(x):
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        out[i] = exp1(x[i])
+    return out
+
+
+@_jit
+def _silu_all(x):
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        out[i] = silu1(x[i])
+    return out
+
+
+@_jit
+def _tree_sum_rows(x):
+    out, buf = np.empty(len(x)), np.empty(pow2(x.shape[1]))
+    for r in range(len(x)):
+        out[r] = tree_sum1(x[r], buf)
+    return out
+
+
+def exp(x):
+    """exp1 of every value of a float64 array."""
+    x = np.asarray(x, dtype=np.float64)
+    return _exp_all(np.ascontiguousarray(x).reshape(-1)).reshape(x.shape)
+
+
 def silu(x):
-    """SiLU of a float64 array through a table (the same bits everywhere). In table steps from
-    -SILU_END, computed in place: scaling by a power of two is exact, so the clip may come after it."""
-    t = x * (1.0 / SILU_STEP)
-    np.maximum(t, -SILU_END / SILU_STEP, out=t)
-    np.minimum(t, SILU_END / SILU_STEP, out=t)
-    t += SILU_END / SILU_STEP
-    i = t.astype(np.int64)  # t >= 0: truncation is floor
-    t -= i
-    t *= SILU_SLOPE[i]
-    t += SILU_TABLE[i]
-    return np.where(x > SILU_END, x, t)
+    """silu1 of every value of a float64 array."""
+    x = np.asarray(x, dtype=np.float64)
+    return _silu_all(np.ascontiguousarray(x).reshape(-1)).reshape(x.shape)
 
 
 def tree_sum(x):
-    """x (..., n) -> (...,) summed in a fixed order: halves added, as if zeros were padded to a power
-    of two (an entry paired with a padded zero is kept as it is: x + 0 is x)."""
-    n = x.shape[-1]
-    half = 1 << max(0, n - 1).bit_length() >> 1
-    if half and n > half:  # the first halving pairs entry i with i + half where that exists
-        first = x[..., :half].copy()
-        first[..., :n - half] += x[..., half:]
-        x = first
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
-    return x[..., 0]
+    """x (..., n) -> (...,) summed by tree_sum1."""
+    x = np.asarray(x, dtype=np.float64)
+    return _tree_sum_rows(np.ascontiguousarray(x).reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
 
-def normalised(probs, floor):
-    """Each row clamped to `floor` and divided by its tree_sum (float64, last axis)."""
-    probs = np.maximum(probs, floor)
-    return probs / tree_sum(probs)[..., None]
+@_jit
+def normalise1(p, floor, buf):
+    """A row of probabilities clamped to `floor` and divided by its tree_sum1, in place."""
+    for i in range(len(p)):
+        p[i] = max(p[i], floor)
+    total = tree_sum1(p, buf)
+    for i in range(len(p)):
+        p[i] = p[i] / total
 
 
-def softmax(logits, floor):
-    """exp-normalised rows of logits (-inf entries get probability 0 before the floor)."""
-    return normalised(exp(logits - logits.max(-1, keepdims=True)), floor)
+@_jit
+def softmax_rows(logits, valid, floor):
+    """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
+    (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree_sum1."""
+    rows, channels, size = logits.shape
+    out, buf = np.empty(logits.shape), np.empty(pow2(size))
+    for r in range(rows):
+        for c in range(channels):
+            top = -np.inf
+            for j in range(size):
+                if valid[c, j]:
+                    top = max(top, logits[r, c, j])
+            for j in range(size):
+                out[r, c, j] = exp1((logits[r, c, j] if valid[c, j] else -np.inf) - top)
+            normalise1(out[r, c], floor, buf)
+    return out
+
+
+@_jit
+def _network(x, taps, k1, b1, k2, b2, k3, b3):
+    """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
+    beyond the grid, a zero), k1 (H, Cin 9), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,) ->
+    (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below 2^53
+    (ExactNetwork checks), so exact in any order."""
+    batch, channels, grid = x.shape
+    n, hidden, outs = len(taps), k1.shape[0], k3.shape[0]
+    first, second = 2.0 ** -(INPUT_BITS + WEIGHT_BITS), 2.0 ** -(ACT_BITS + WEIGHT_BITS)
+    out, window, h, g = np.empty((batch * n, outs)), np.empty(channels * 9), np.empty(hidden), np.empty(hidden)
+    for r in range(batch * n):
+        b, i = r // n, r % n
+        for c in range(channels):
+            for t in range(9):
+                at = taps[i, t]
+                window[c * 9 + t] = np.rint(min(max(x[b, c, at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
+        _layer(window, k1, b1[i], h)
+        for j in range(hidden):
+            h[j] = act1(h[j], first)
+        _layer(h, k2, b2, g)
+        for j in range(hidden):
+            g[j] = act1(g[j], second)
+        _layer(g, k3, b3, out[r])
+        for j in range(outs):
+            out[r, j] *= second
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _layer(x, kt, b, out):
+    """out = b + kt @ x, x (I,), kt (O, I): four outputs at a time, each a sum along the inputs that
+    the compiler may reorder into vector lanes ("reassoc" here alone): the products and every partial
+    sum are integers below 2^53, so any order gives the same sum."""
+    outs, inputs = kt.shape
+    j = 0
+    while j + 4 <= outs:
+        a0, a1, a2, a3 = 0.0, 0.0, 0.0, 0.0
+        for i in range(inputs):
+            v = x[i]
+            a0 += v * kt[j, i]
+            a1 += v * kt[j + 1, i]
+            a2 += v * kt[j + 2, i]
+            a3 += v * kt[j + 3, i]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = a0 + b[j], a1 + b[j + 1], a2 + b[j + 2], a3 + b[j + 3]
+        j += 4
+    for j in range(j, outs):
+        a = 0.0
+        for i in range(inputs):
+            a += x[i] * kt[j, i]
+        out[j] = a + b[j]
+
+
+GEOMETRIC_LIMIT = 600.0  # mixture_cdf1: |exponent| up to which a progression of exps starts from one
+
+
+@_jit
+def powers1(r, out):
+    """out[j] = r^j, j < len(out), by doubling: each a product of at most 2 log2(n) IEEE-rounded
+    multiplications (the same bits for any len(out) > j)."""
+    out[0] = 1.0
+    done = 1
+    while done < len(out):
+        step = out[done - 1] * r
+        for i in range(min(done, len(out) - done)):
+            out[done + i] = out[i] * step
+        done += min(done, len(out) - done)
+
+
+@_jit
+def mixture_cdf1(x, step, below, above, loc, log_scale, w, total, cdf, up, down):
+    """The mixture's CDF at the evenly spaced x + j step, j = -below .. above, into cdf (below + 1 +
+    above,): locations, log scales and weights (K,) with their sum `total`; up, down: scratch of
+    max(below, above) + 1. The same bits on any machine.
+
+    A logistic's exp(-(x + j step - loc) / s) is exp(-(x - loc) / s) r^j with r = exp(-step / s): one
+    exp1 per value and component and a geometric progression along the bins. Where the first
+    factor's exponent reaches GEOMETRIC_LIMIT the exps are taken one by one (exp1 clips its
+    argument); below it a power that over- or underflows leaves a CDF that is 0 or 1 to within e^-100
+    either way."""
+    cdf[:] = 0.0
+    for k in range(len(loc)):
+        inv = exp1(-log_scale[k])  # 1 / s
+        t = (x - loc[k]) * inv
+        far = abs(t) >= GEOMETRIC_LIMIT
+        if far:
+            for j in range(-below, above + 1):
+                cdf[j + below] = cdf[j + below] + w[k] / (exp1(-((x + j * step) - loc[k]) * inv) + 1.0)
+            continue
+        first = exp1(-t)
+        powers1(exp1(step * inv), up)
+        powers1(exp1(-step * inv), down)
+        for j in range(1, below + 1):  # branch-free loops along the bins: vectorised
+            cdf[below - j] = cdf[below - j] + w[k] / (up[j] * first + 1.0)
+        for j in range(above + 1):
+            cdf[below + j] = cdf[below + j] + w[k] / (down[j] * first + 1.0)
+    for j in range(len(cdf)):
+        cdf[j] = cdf[j] / total
+
+
+@_jit
+def mixture_rows(out, u, delta, half, bound, offset, floor):
+    """DDCL's context tables: out (R, 3, C, K) the network's locations, log scales (before `offset`,
+    priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither -> (probs (R, C,
+    2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
+    integer nearest the mixture's mean (within +-bound), then the escape with the mass outside."""
+    rows, _, channels, comps = out.shape
+    width = 2 * half + 1
+    probs, lo = np.empty((rows, channels, width + 1)), np.empty((rows, channels), np.int64)
+    cdf, buf, w, log_scale = np.empty(width + 1), np.empty(pow2(width + 1)), np.empty(comps), np.empty(comps)
+    up, down = np.empty(half + 2), np.empty(half + 2)
+    for r in range(rows):
+        for c in range(channels):
+            top = -np.inf
+            for k in range(comps):
+                top = max(top, out[r, 2, c, k])
+            total, mean = 0.0, 0.0
+            for k in range(comps):
+                w[k] = exp1(out[r, 2, c, k] - top)
+                total = total + w[k]
+            for k in range(comps):
+                mean = mean + w[k] * out[r, 0, c, k]
+                log_scale[k] = out[r, 1, c, k] + offset
+            centre = min(max(np.rint((mean / total + u[r, c]) / delta), -bound), bound)
+            mixture_cdf1((centre - 0.5) * delta - u[r, c], delta, half, half + 1, out[r, 0, c], log_scale, w, total, cdf, up, down)
+            p = probs[r, c]
+            for j in range(width):
+                p[j] = cdf[j + 1] - cdf[j]
+            p[width] = cdf[0] + (1.0 - cdf[width])
+            normalise1(p, floor, buf)
+            lo[r, c] = np.int64(centre) - half
+    return probs, lo
 
 
 def _integers(w, bits):
@@ -126,7 +333,7 @@ class ExactNetwork:
     (a masked 3x3 convolution with a bias per position; ContextCodePrior has one per stream), then
     two 1x1 layers with SiLU shared by the heads:
 
-        windows (B, n, Cin 9) of the quantized input -> head h: (B, n, hidden) -> (B, n, hidden) -> (B, n, out)
+        x (B, Cin, H, W) -> 3x3 windows (B, n, Cin 9), quantized -> head h: (B, n, hidden) -> (B, n, hidden) -> (B, n, out)
 
     first (heads, hidden, Cin, 3, 3) masked weights, first_bias (heads, hidden, H, W) with the
     position bias, hidden (hidden, hidden) and out (out, hidden) 1x1 weights with their biases."""
@@ -139,44 +346,25 @@ class ExactNetwork:
         rows, cols = raster // w + tap // 3 - 1, raster % w + tap % 3 - 1
         inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
-        self.k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS).transpose(0, 2, 1)  # (heads, Cin 9, hidden)
-        self.b1 = _integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1)  # (heads, P, hidden)
-        self.k2, self.b2 = _integers(hidden_w, WEIGHT_BITS).T, _integers(hidden_b, ACT_BITS + WEIGHT_BITS)
-        self.k3, self.b3 = _integers(out_w, WEIGHT_BITS).T, _integers(out_b, ACT_BITS + WEIGHT_BITS)
+        contiguous = np.ascontiguousarray  # the compiled network reads rows
+        self.k1 = contiguous(_integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS))  # (heads, hidden, Cin 9)
+        self.b1 = contiguous(_integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1))  # (heads, P, hidden)
+        self.k2, self.b2 = contiguous(_integers(hidden_w, WEIGHT_BITS)), _integers(hidden_b, ACT_BITS + WEIGHT_BITS)  # (out, in) rows
+        self.k3, self.b3 = contiguous(_integers(out_w, WEIGHT_BITS)), _integers(out_b, ACT_BITS + WEIGHT_BITS)
         for name, k, b, x_max in (("first", self.k1, self.b1, INPUT_CLIP * 2 ** INPUT_BITS),
                                   ("hidden", self.k2, self.b2, ACT_CLIP * 2 ** ACT_BITS),
                                   ("out", self.k3, self.b3, ACT_CLIP * 2 ** ACT_BITS)):
-            bound = x_max * np.abs(k).sum(-2).max() + np.abs(b).max()
+            bound = x_max * np.abs(k).sum(-1).max() + np.abs(b).max()
             if not bound < EXACT:
                 raise ValueError(f"the context network's {name} layer has weights too large to run exactly in "
                                  f"float64 (a sum could reach 2^{math.log2(bound):.0f}): not a trained context prior")
 
-    @staticmethod
-    def quantize(x):
-        """Inputs (float64) -> the integers the network reads."""
-        return _integers(np.minimum(np.maximum(x, -INPUT_CLIP), INPUT_CLIP), INPUT_BITS)
-
-    def windows(self, xq, positions):
-        """xq (B, Cin, H, W) quantized inputs -> (B, len(positions), Cin 9): the 3x3 window around each
-        raster position, zero beyond the grid (the first layer's padding), gathered in one call."""
-        b, cin = xq.shape[:2]
-        flat = np.concatenate([xq.reshape(b, cin, -1), np.zeros((b, cin, 1))], -1)  # index H W reads a zero
-        return flat[:, :, self._taps[positions]].transpose(0, 2, 1, 3).reshape(b, len(positions), cin * 9)
-
-    @staticmethod
-    def _act(acc, bits):
-        """Exact sums on a grid of 2^-bits -> SiLU on the ACT_BITS grid, clipped to +ACT_CLIP (SiLU is
-        above -0.28: no lower clip), in place."""
-        t = silu(acc * 2.0 ** -bits)
-        np.minimum(t, ACT_CLIP, out=t)
-        t *= 2.0 ** ACT_BITS
-        return np.round(t, out=t)
-
-    def __call__(self, windows, head, positions):
-        """windows (B, n, Cin 9) at raster `positions` (n,) through first layer `head` -> (B, n, out) floats."""
-        # (B, n, .) @ (., .): a small product per image, which OpenBLAS runs on the calling thread; one
-        # (B n, .) product is faster alone but wakes OpenBLAS's own threads, which then spin beside
-        # torch's and slow the networks around it (2x on 2 cores, docs/codec.md)
-        a = self._act(windows @ self.k1[head] + self.b1[head][positions], INPUT_BITS + WEIGHT_BITS)
-        a = self._act(a @ self.k2 + self.b2, ACT_BITS + WEIGHT_BITS)
-        return (a @ self.k3 + self.b3) * 2.0 ** -(ACT_BITS + WEIGHT_BITS)
+    def __call__(self, x, head, positions):
+        """x (B, Cin, H, W) float64 inputs -> (B, n, out): the network at raster `positions` (n,)
+        through first layer `head`, each 3x3 window quantized to the INPUT_BITS grid (zero beyond the
+        grid: the first layer's padding)."""
+        b, cin = x.shape[:2]
+        positions = np.asarray(positions)
+        out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions],
+                       self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3)
+        return out.reshape(b, len(positions), -1)

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from discrete_ae import exact
 from discrete_ae.coding import ESCAPE_OFFSET, SequentialTables, Table
 from discrete_ae.errors import CheckpointError
 
@@ -290,7 +289,6 @@ LOG_SCALE_OFFSET = -2.0  # predicted scales start near exp(-2) ~ 0.14: a couple 
 CONTEXT_SUPPORT = 4.0  # |z_hat| up to this is coded through the tables, larger values through the escape
 CONTEXT_WINDOW = 1.5  # ...in a window of +-this around each value's predicted mean (docs/codec.md: its rate)
 TABLE_VALUES = 16384  # the encoder builds the tables of this many network outputs at a time: arrays in cache
-GEOMETRIC_LIMIT = 600.0  # _exact_mixture_cdf: |exponent| up to which a progression of exps starts from one
 SILU_EXP_CAP = -40.0  # _silu's exp(-x) stays finite, and its square too (the backward pass), in float32
 
 
@@ -312,70 +310,6 @@ def mixture_cdf(x, loc, log_scale, weight_logits):
         total = total + w[..., k, None]
         cdf = cdf + w[..., k, None] / (1.0 + torch.exp(-(x - loc[..., k, None]) * torch.exp(-log_scale[..., k, None])))
     return cdf / total
-
-
-def _exact_weights(weight_logits):
-    """A mixture's logits (..., K) -> (weights (..., K), their sum (...)) through exact.exp, summed in order."""
-    w = exact.exp(weight_logits - weight_logits.max(-1, keepdims=True))
-    total = 0.0
-    for k in range(w.shape[-1]):
-        total = total + w[..., k]
-    return w, total
-
-
-def _exact_mixture_mean(loc, w, total):
-    """The mixture's mean (...) from its locations (..., K) and _exact_weights."""
-    mean = 0.0
-    for k in range(w.shape[-1]):
-        mean = mean + w[..., k] * loc[..., k]
-    return mean / total
-
-
-def _powers(r, n):
-    """r (...) -> (n, ...): r^0 .. r^(n-1) by doubling, each a product of at most 2 log2(n) correctly
-    rounded multiplications: the same bits on any IEEE-754 machine (the leading axis: whole blocks)."""
-    out = np.empty((n,) + r.shape)
-    out[0] = 1.0
-    done = 1
-    while done < n:
-        m = min(done, n - done)
-        np.multiply(out[:m], out[done - 1] * r, out=out[done:done + m])
-        done += m
-    return out
-
-
-def _exact_mixture_cdf(x, step, below, above, loc, log_scale, w, total):
-    """mixture_cdf in numpy at the evenly spaced x + j step, j = -below .. above: x (...),
-    parameters (..., K) and _exact_weights -> (..., below + 1 + above), the same bits on any machine.
-
-    A logistic's exp(-(x + j step - loc) / s) is exp(-(x - loc) / s) r^j with r = exp(-step / s): one
-    exact.exp per value and component and a geometric progression along the bins. Where the first
-    factor's exponent reaches GEOMETRIC_LIMIT the exps are taken one by one (exact.exp clips its
-    argument); below it a power that over- or underflows leaves a CDF that is 0 or 1 to within e^-100
-    either way. The exps and powers of all K components are taken in one call each (elementwise:
-    the same bits as one call per component, a third of the calls on the decoder's small steps);
-    the bins (below + 1 + above, ...) are summed one component at a time."""
-    cdf = 0.0
-    j = np.arange(-below, above + 1)[:, None]
-    def first_axis(a):  # (..., K) -> (K, ...), a view (np.moveaxis costs more than the arithmetic here)
-        return a.transpose((a.ndim - 1,) + tuple(range(a.ndim - 1)))
-
-    loc, inv = first_axis(loc), exact.exp(-first_axis(log_scale))  # (K, ...): the locations, 1 / s
-    with np.errstate(over="ignore", under="ignore"):
-        t = (x - loc) * inv
-        far = np.abs(t) >= GEOMETRIC_LIMIT
-        first = exact.exp(-np.where(far, 0.0, t))  # (K, ...)
-        r = _powers(exact.exp(np.stack([step * inv, -step * inv])), max(below, above) + 1)  # (n, 2, K, ...): r^-j, r^j
-        for k in range(len(loc)):
-            e = np.concatenate([r[below:0:-1, 0, k], r[:above + 1, 1, k]])  # (below + 1 + above, ...)
-            e *= first[k]
-            if far[k].any():
-                e[:, far[k]] = exact.exp(-((x[far[k]] + j * step) - loc[k][far[k]]) * inv[k][far[k]])
-            e += 1.0
-            np.divide(w[..., k], e, out=e)
-            cdf = cdf + e
-    cdf /= total
-    return cdf.transpose(tuple(range(1, cdf.ndim)) + (0,))
 
 
 class _CausalContext(nn.Module):
@@ -431,6 +365,8 @@ class _CausalContext(nn.Module):
     def exact(self):
         """This network on integers (discrete_ae/exact.py), from the current weights: built once and
         kept until a parameter changes (torch counts every in-place write in a tensor's version)."""
+        from discrete_ae import exact  # numba, imported only where a context prior codes
+
         key = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
         if self.__dict__.get("_exact", (None,))[0] != key:
             first, bias = self._first_layers()
@@ -469,15 +405,15 @@ class _CausalContext(nn.Module):
         def make(start, stop, previous):  # the decoder: one step's positions, all through one head
             group = order[start:stop]
             p = group // heads
-            probs, lo = rows(net(net.windows(net.quantize(inputs(raster(previous))), p), group[0] % heads, p), p)
+            probs, lo = rows(net(inputs(raster(previous)), group[0] % heads, p), p)
             return [table(probs, lo, j) for j in range(len(p))]
 
         def make_all(values):  # the encoder: the network at every position in one pass, the same integers
             positions = np.arange(len(order) // heads)
-            windows = net.windows(net.quantize(inputs(raster(values))), positions)
+            x = inputs(raster(values))
             tables = [None] * len(order)
             for h in range(heads):
-                out = net(windows, h, positions)  # (B, P, out)
+                out = net(x, h, positions)  # (B, P, out)
                 step = max(1, TABLE_VALUES // out[:, 0].size)
                 for start in range(0, len(positions), step):
                     part = positions[start:start + step]
@@ -555,6 +491,8 @@ class ContextMixturePrior(_CausalContext):
         of position p holds P(m | u, values of the positions sent before p) for the C channels,
         (B, C, K + 1) rows over the K = 2 half + 1 integers around each value's predicted mean (a
         per-row `lo`) and an escape column with the mass outside."""
+        from discrete_ae import exact  # numba, imported only where a context prior codes
+
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
         half, bound = self.window(delta)
 
@@ -562,15 +500,13 @@ class ContextMixturePrior(_CausalContext):
             return (values.transpose(0, 2, 1) * delta - u).reshape(len(values), self.channels, *self.grid)
 
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
-            loc, log_scale, logits = out.reshape(*out.shape[:2], 3, self.channels, self.components).transpose(2, 0, 1, 3, 4)
-            u_at = u[:, :, positions].transpose(0, 2, 1)  # (B or 1, n, C)
-            w, total = _exact_weights(logits)
-            centre = np.minimum(np.maximum(np.round((_exact_mixture_mean(loc, w, total) + u_at) / delta), -bound), bound)  # (B, n, C)
-            first = (centre - 0.5) * delta - u_at  # (B, n, C): the edge below the centre's bin, z_hat units
-            cdf = _exact_mixture_cdf(first, delta, half, half + 1, loc, log_scale + LOG_SCALE_OFFSET, w, total)  # (B, n, C, K + 1)
-            escape = cdf[..., :1] + (1.0 - cdf[..., -1:])
-            probs = exact.normalised(np.concatenate([cdf[..., 1:] - cdf[..., :-1], escape], -1), LIKELIHOOD_BOUND)
-            return probs, centre.astype(np.int64) - half
+            b, n = out.shape[:2]
+            u_at = np.broadcast_to(u[:, :, positions].transpose(0, 2, 1), (b, n, self.channels))  # (B, n, C)
+            with np.errstate(over="ignore", under="ignore"):  # a power past float64's range is meant (NUMBA_DISABLE_JIT)
+                probs, lo = exact.mixture_rows(np.ascontiguousarray(out).reshape(b * n, 3, self.channels, self.components),
+                                               np.ascontiguousarray(u_at).reshape(b * n, -1), delta, half, bound,
+                                               LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
+            return probs.reshape(b, n, self.channels, -1), lo.reshape(b, n, self.channels)
 
         return self._tables(self.channels, inputs, rows, True)
 
@@ -609,14 +545,17 @@ class ContextCategoricalPrior(_CausalContext):
         """SequentialTables over the `count` positions of the grid in `coding_order`: the Table of
         position p holds p(level | levels of the positions sent before p) for the C channels, (B, C,
         L) rows."""
+        from discrete_ae import exact  # numba, imported only where a context prior codes
+
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
         scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
         def inputs(values):  # (B, P, C) levels -> scaled to [-1, 1] (B, C, H, W)
             return (values.transpose(0, 2, 1) / scale * 2 - 1).reshape(len(values), self.channels, *self.grid)
 
-        def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf) = 0
-            return exact.softmax(np.where(valid, out.reshape(*out.shape[:2], self.channels, -1), -np.inf), LIKELIHOOD_BOUND), 0
+        def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf): the floor
+            b, n = out.shape[:2]
+            return exact.softmax_rows(out.reshape(b * n, self.channels, -1), valid, LIKELIHOOD_BOUND).reshape(b, n, self.channels, -1), 0
 
         return self._tables(self.channels, inputs, rows)
 
@@ -674,15 +613,19 @@ class ContextCodePrior(_CausalContext):
         """SequentialTables over the `count` positions of the grid x S streams in `coding_order`, one
         code per group: raster group p S + s holds p(code of stream s at position p | the codes sent
         before it), (B, 1, K) rows."""
+        from discrete_ae import exact  # numba, imported only where a context prior codes
+
         embed = self.embed.weight.detach().double().cpu().numpy()  # (S K, E)
         streams, k, e = self.streams, self.codebook_size, self.embed_dim
+        every = np.ones((1, k), dtype=bool)  # every code is valid
 
         def inputs(values):  # (B, P S, 1) codes, group p S + s -> embeddings (B, S E, H, W)
             x = embed[values[..., 0].reshape(len(values), -1, streams) + np.arange(streams) * k]  # (B, P, S, E)
             return x.transpose(0, 2, 3, 1).reshape(len(values), streams * e, *self.grid)
 
         def rows(out, positions):  # (B, n, K) -> (B, n, 1, K)
-            return exact.softmax(out, LIKELIHOOD_BOUND)[:, :, None], 0
+            b, n = out.shape[:2]
+            return exact.softmax_rows(out.reshape(b * n, 1, k), every, LIKELIHOOD_BOUND).reshape(b, n, 1, k), 0
 
         return self._tables(1, inputs, rows)
 

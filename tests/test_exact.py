@@ -47,11 +47,10 @@ def test_the_integer_network_is_the_float_network_to_1e3_of_its_range_and_one_po
     else:
         heads = 1
         reference = prior.features(torch.from_numpy(x), detach=True).flatten(2).transpose(1, 2).numpy()  # (B, P, out)
-    xq = net.quantize(x)
-    every = [net(net.windows(xq, np.arange(16)), h, np.arange(16)) for h in range(heads)]
+    every = [net(x, h, np.arange(16)) for h in range(heads)]
     for h in range(heads):
         for p in (0, 5, 15):
-            assert np.array_equal(net(net.windows(xq, [p]), h, [p])[:, 0], every[h][:, p])  # exact, not close
+            assert np.array_equal(net(x, h, [p])[:, 0], every[h][:, p])  # exact, not close
     if reference is not None:
         assert np.max(np.abs(every[0] - reference)) < 1e-3 * np.max(np.abs(reference))
 
@@ -168,20 +167,34 @@ def test_a_steps_tables_are_the_one_pass_tables_whatever_the_unsent_values_hold(
             assert np.array_equal(got.probs, want.probs) and np.array_equal(got.lo, want.lo)
 
 
-def test_the_geometric_mixture_cdf_is_the_float64_cdf_to_1e12_and_the_same_bits_in_any_slice():
+def test_the_geometric_mixture_cdf_is_the_float64_cdf_to_1e12():
     rng = np.random.default_rng(5)
     shape = (50, 3)
     loc, log_scale = rng.normal(0, 1, shape + (3,)), rng.normal(-2, 1.5, shape + (3,))
     x = rng.normal(0, 1, shape)
     log_scale[0, 0, 1], loc[0, 0, 1] = -12.0, x[0, 0] + 1e-3  # a needle in the window: the progression over- and underflows
     loc[1, 0, 0] = 200.0  # far above its window: exps one by one
-    w, total = priors._exact_weights(rng.normal(0, 1, shape + (3,)))
+    logits = rng.normal(0, 1, shape + (3,))
+    w = np.exp(logits - logits.max(-1, keepdims=True))
     delta, below, above = 1 / 15, 23, 24
-    got = priors._exact_mixture_cdf(x, delta, below, above, loc, log_scale, w, total)
+    got, up, down = np.empty(shape + (below + above + 1,)), np.empty(above + 1), np.empty(above + 1)
+    for i in np.ndindex(shape):
+        exact.mixture_cdf1(x[i], delta, below, above, loc[i], log_scale[i], w[i], w[i].sum(), got[i], up, down)
     edges = torch.from_numpy(x[..., None] + np.arange(-below, above + 1) * delta)
-    want = priors.mixture_cdf(edges, *(torch.from_numpy(a) for a in (loc, log_scale, np.log(w)))).numpy()
-    assert got.shape == shape + (below + above + 1,) and np.max(np.abs(got - want)) < 1e-12
-    assert np.array_equal(priors._exact_mixture_cdf(x[:2], delta, below, above, loc[:2], log_scale[:2], w[:2], total[:2]), got[:2])
+    want = priors.mixture_cdf(edges, *(torch.from_numpy(a) for a in (loc, log_scale, logits))).numpy()
+    assert np.max(np.abs(got - want)) < 1e-12
+
+
+def test_ddcl_tables_are_a_distribution_around_the_predicted_mean_with_the_rest_in_the_escape():
+    rng = np.random.default_rng(6)
+    out = rng.normal(0, 1, (20, 3, 2, 3))  # (rows, loc / log scale / logits, C, K)
+    u = rng.uniform(-0.5, 0.5, (20, 2)) / 15
+    probs, lo = exact.mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9)
+    assert probs.shape == (20, 2, 48) and np.allclose(probs.sum(-1), 1, atol=1e-12) and (probs >= 1e-9 / 1.1).all()
+    w = np.exp(out[:, 2] - out[:, 2].max(-1, keepdims=True))
+    mean = (w * out[:, 0]).sum(-1) / w.sum(-1)  # (rows, C)
+    assert np.array_equal(lo + 23, np.clip(np.round((mean + u) / (1 / 15)), -60, 60).astype(np.int64))
+    assert np.array_equal(exact.mixture_rows(out[5:7], u[5:7], 1 / 15, 23, 60, 0.0, 1e-9)[0], probs[5:7])  # row by row
 
 
 def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
