@@ -112,12 +112,23 @@ class SubPixelConvTranspose2d(nn.ConvTranspose2d):
     def __init__(self, in_channels, out_channels):
         super().__init__(in_channels, out_channels, 4, stride=2, padding=1)
 
+    def convolution(self, dtype):
+        """(weight (Cout 4, Cin, 3, 3), bias (Cout 4,)) of the 3x3 convolution, channel c 4 + 2 a + b;
+        without autograd, kept until a parameter changes (decoding calls this once per batch)."""
+        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in (self.weight, self.bias))
+        if torch.is_grad_enabled() or self.__dict__.get("_convolution", (None,))[0] != key:
+            w = F.pad(self.weight, (0, 1, 0, 1))  # (Cin, Cout, 5, 5)
+            w = w[:, :, self.TAPS[:, None, :, None], self.TAPS[None, :, None, :]]  # (Cin, Cout, a 2, b 2, dy 3, dx 3)
+            w = w.permute(1, 2, 3, 0, 4, 5).reshape(-1, self.in_channels, 3, 3)
+            made = (w.to(dtype), self.bias.repeat_interleave(4).to(dtype))
+            if torch.is_grad_enabled():
+                return made
+            self.__dict__["_convolution"] = (key, made)
+        return self.__dict__["_convolution"][1]
+
     def forward(self, x):
         """x (B, Cin, H, W) -> (B, Cout, 2 H, 2 W)."""
-        w = F.pad(self.weight, (0, 1, 0, 1))  # (Cin, Cout, 5, 5)
-        w = w[:, :, self.TAPS[:, None, :, None], self.TAPS[None, :, None, :]]  # (Cin, Cout, a 2, b 2, dy 3, dx 3)
-        w = w.permute(1, 2, 3, 0, 4, 5).reshape(-1, self.in_channels, 3, 3)  # (Cout 4, Cin, 3, 3): channel c 4 + 2 a + b
-        return F.pixel_shuffle(F.conv2d(x, w.to(x.dtype), self.bias.repeat_interleave(4).to(x.dtype), padding=1), 2)
+        return F.pixel_shuffle(F.conv2d(x, *self.convolution(x.dtype), padding=1), 2)
 
 
 def init_weights(module):

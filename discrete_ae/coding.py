@@ -170,14 +170,18 @@ class _Coder:
 
     @functools.cached_property
     def block(self):
-        """(rows (G, batch, count, K), first values (G, batch, count), sizes (G, 1, 1)) when every
-        table has per-symbol rows of one size, else None (built when first asked for: a copy)."""
+        """(rows (G, batch, count, K), first values (G, batch or 1, count or 1), sizes (G, 1, 1)) when
+        every table has per-symbol rows of one size, else None (built when first asked for: a copy)."""
         sizes = {rows[0].shape[-1] if rows else None for _, rows in self.models}
         if not self.tables or None in sizes or len(sizes) > 1:
             return None
-        return (np.stack([rows[0].reshape(self.batch, t.count, -1) for t, (_, rows) in zip(self.tables, self.models)]),
-                np.stack([np.broadcast_to(t.lo, (self.batch, t.count)) for t in self.tables]),
-                np.array([t.probs.shape[-1] - t.open for t in self.tables])[:, None, None])
+        count = self.tables[0].count
+        rows = np.concatenate([rows[0] for _, rows in self.models]).reshape(len(self.tables), self.batch, count, -1)
+        if all(np.ndim(t.lo) == 0 for t in self.tables):  # one first value a table: broadcast, not copied
+            lo = np.array([t.lo for t in self.tables], dtype=np.int64)[:, None, None]
+        else:
+            lo = np.stack([np.broadcast_to(t.lo, (self.batch, t.count)) for t in self.tables])
+        return rows, lo, np.array([t.probs.shape[-1] - t.open for t in self.tables])[:, None, None]
 
     def row(self, i):
         """The coder of image i alone."""
@@ -229,7 +233,7 @@ class _Coder:
     def decode(self, decoder):
         """(batch, G, n) values read from `decoder` in the order `encode` wrote them."""
         if not any(t.open for t in self.tables) and self.block is not None:  # closed: no escape follows a group
-            ids = decoder.decode(self.family, self.block_rows).astype(np.int64).reshape(self.block[1].shape)
+            ids = decoder.decode(self.family, self.block_rows).astype(np.int64).reshape(self.block[0].shape[:3])
             return (ids + self.block[1]).transpose(1, 0, 2)
         count = self.tables[0].count if self.tables else 0
         out = np.empty((self.batch, len(self.tables), count), dtype=np.int64)
@@ -250,7 +254,11 @@ class _ImageCoder(_Coder):
 
     def __init__(self, coder, i):
         self.queue, self.escape, self.family, self.batch = coder.queue, coder.escape, coder.family, 1
-        self.block = None if coder.block is None else (coder.block[0][:, i:i + 1], coder.block[1][:, i:i + 1], coder.block[2])
+        if coder.block is not None:
+            rows, lo, sizes = coder.block
+            self.block = (rows[:, i:i + 1], lo[:, i:i + 1] if lo.shape[1] > 1 else lo, sizes)
+        else:
+            self.block = None
         self._coder, self._i = coder, i
 
     @functools.cached_property

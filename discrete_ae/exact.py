@@ -58,7 +58,7 @@ TWO_POWERS = np.ldexp(1.0, np.arange(TWO_POWERS_FROM, 1012))
 
 def _jit(f):
     """numba-compiled, cached; fastmath off (the default): IEEE operations as written."""
-    return numba.njit(cache=True, nogil=True)(f)
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(f)
 
 
 @_jit
@@ -219,7 +219,7 @@ def _network(x, taps, k1, b1, k2, b2, k3, b3):
     return out
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _layer(x, kt, b, out):
     """out = b + kt @ x, x (I,), kt (O, I): four outputs at a time, each a sum along the inputs that
     the compiler may reorder into vector lanes ("reassoc" here alone): the products and every partial
@@ -247,47 +247,66 @@ GEOMETRIC_LIMIT = 600.0  # mixture_cdf1: |exponent| up to which a progression of
 
 
 @_jit
-def powers1(r, out):
-    """out[j] = r^j, j < len(out), by doubling: each a product of at most 2 log2(n) IEEE-rounded
-    multiplications (the same bits for any len(out) > j)."""
+def powers(r, out):
+    """out (N, n)[j, v] = r[v]^j by doubling: each a product of at most 2 log2(N) IEEE-rounded
+    multiplications (the same bits for any N > j); the inner loops run along the values."""
+    step = np.empty(len(r))
     out[0] = 1.0
     done = 1
     while done < len(out):
-        step = out[done - 1] * r
+        for v in range(len(r)):
+            step[v] = out[done - 1, v] * r[v]
         for i in range(min(done, len(out) - done)):
-            out[done + i] = out[i] * step
+            for v in range(len(r)):
+                out[done + i, v] = out[i, v] * step[v]
         done += min(done, len(out) - done)
 
 
 @_jit
-def mixture_cdf1(x, step, below, above, loc, log_scale, w, total, cdf, up, down):
-    """The mixture's CDF at the evenly spaced x + j step, j = -below .. above, into cdf (below + 1 +
-    above,): locations, log scales and weights (K,) with their sum `total`; up, down: scratch of
-    max(below, above) + 1. The same bits on any machine.
+def mixture_cdf(x, step, below, above, loc, log_scale, w, total):
+    """The mixtures' CDF at the evenly spaced x + j step, j = -below .. above: x (n,) and the
+    locations, log scales and weights (K, n) of n mixtures with their weights' sums (n,) -> (below +
+    1 + above, n), the components summed in order. The same bits on any machine.
 
     A logistic's exp(-(x + j step - loc) / s) is exp(-(x - loc) / s) r^j with r = exp(-step / s): one
     exp1 per value and component and a geometric progression along the bins. Where the first
     factor's exponent reaches GEOMETRIC_LIMIT the exps are taken one by one (exp1 clips its
     argument); below it a power that over- or underflows leaves a CDF that is 0 or 1 to within e^-100
-    either way."""
-    cdf[:] = 0.0
-    for k in range(len(loc)):
-        inv = exp1(-log_scale[k])  # 1 / s
-        t = (x - loc[k]) * inv
-        far = abs(t) >= GEOMETRIC_LIMIT
-        if far:
-            for j in range(-below, above + 1):
-                cdf[j + below] = cdf[j + below] + w[k] / (exp1(-((x + j * step) - loc[k]) * inv) + 1.0)
-            continue
-        first = exp1(-t)
-        powers1(exp1(step * inv), up)
-        powers1(exp1(-step * inv), down)
-        for j in range(1, below + 1):  # branch-free loops along the bins: vectorised
-            cdf[below - j] = cdf[below - j] + w[k] / (up[j] * first + 1.0)
+    either way. Every loop but the far values' runs along the values: vectorised."""
+    comps, n = loc.shape
+    bins = below + 1 + above
+    cdf, e, pw = np.zeros((bins, n)), np.empty((bins, n)), np.empty((max(below, above) + 1, n))
+    inv, first, r = np.empty(n), np.empty(n), np.empty(n)
+    for k in range(comps):
+        for v in range(n):
+            inv[v] = exp1(-log_scale[k, v])  # 1 / s
+            t = (x[v] - loc[k, v]) * inv[v]
+            first[v] = exp1(-(0.0 if abs(t) >= GEOMETRIC_LIMIT else t))
+            r[v] = exp1(step * inv[v])
+        powers(r, pw)
+        for j in range(1, below + 1):
+            for v in range(n):
+                e[below - j, v] = pw[j, v] * first[v]
+        for v in range(n):
+            r[v] = exp1(-step * inv[v])
+        powers(r, pw)
         for j in range(above + 1):
-            cdf[below + j] = cdf[below + j] + w[k] / (down[j] * first + 1.0)
-    for j in range(len(cdf)):
-        cdf[j] = cdf[j] / total
+            for v in range(n):
+                e[below + j, v] = pw[j, v] * first[v]
+        for v in range(n):
+            if abs((x[v] - loc[k, v]) * inv[v]) >= GEOMETRIC_LIMIT:
+                for j in range(-below, above + 1):
+                    e[j + below, v] = exp1(-((x[v] + j * step) - loc[k, v]) * inv[v])
+        for j in range(bins):
+            for v in range(n):
+                cdf[j, v] = cdf[j, v] + w[k, v] / (e[j, v] + 1.0)
+    for j in range(bins):
+        for v in range(n):
+            cdf[j, v] = cdf[j, v] / total[v]
+    return cdf
+
+
+MIXTURE_CHUNK = 256  # mixture_rows' values at a time: the (bins, values) arrays stay in the cache
 
 
 @_jit
@@ -295,32 +314,47 @@ def mixture_rows(out, u, delta, half, bound, offset, floor):
     """DDCL's context tables: out (R, 3, C, K) the network's locations, log scales (before `offset`,
     priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither -> (probs (R, C,
     2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
-    integer nearest the mixture's mean (within +-bound), then the escape with the mass outside."""
+    integer nearest the mixture's mean (within +-bound), then the escape with the mass outside; each
+    row floored and divided by its tree sum (tree_sum1's order)."""
     rows, _, channels, comps = out.shape
     width = 2 * half + 1
     probs, lo = np.empty((rows, channels, width + 1)), np.empty((rows, channels), np.int64)
-    cdf, buf, w, log_scale = np.empty(width + 1), np.empty(pow2(width + 1)), np.empty(comps), np.empty(comps)
-    up, down = np.empty(half + 2), np.empty(half + 2)
-    for r in range(rows):
-        for c in range(channels):
+    for start in range(0, rows * channels, MIXTURE_CHUNK):
+        n = min(MIXTURE_CHUNK, rows * channels - start)
+        x, total = np.empty(n), np.empty(n)
+        w, loc, log_scale = np.empty((comps, n)), np.empty((comps, n)), np.empty((comps, n))
+        for v in range(n):
+            r, c = (start + v) // channels, (start + v) % channels
             top = -np.inf
             for k in range(comps):
                 top = max(top, out[r, 2, c, k])
-            total, mean = 0.0, 0.0
+            tot, mean = 0.0, 0.0
             for k in range(comps):
-                w[k] = exp1(out[r, 2, c, k] - top)
-                total = total + w[k]
+                w[k, v] = exp1(out[r, 2, c, k] - top)
+                tot = tot + w[k, v]
             for k in range(comps):
-                mean = mean + w[k] * out[r, 0, c, k]
-                log_scale[k] = out[r, 1, c, k] + offset
-            centre = min(max(np.rint((mean / total + u[r, c]) / delta), -bound), bound)
-            mixture_cdf1((centre - 0.5) * delta - u[r, c], delta, half, half + 1, out[r, 0, c], log_scale, w, total, cdf, up, down)
-            p = probs[r, c]
-            for j in range(width):
-                p[j] = cdf[j + 1] - cdf[j]
-            p[width] = cdf[0] + (1.0 - cdf[width])
-            normalise1(p, floor, buf)
-            lo[r, c] = np.int64(centre) - half
+                loc[k, v] = out[r, 0, c, k]
+                mean = mean + w[k, v] * loc[k, v]
+                log_scale[k, v] = out[r, 1, c, k] + offset
+            centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
+            x[v], total[v], lo[r, c] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
+        cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
+        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halves
+        for j in range(width):
+            for v in range(n):
+                buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)
+        for v in range(n):
+            buf[width, v] = max(cdf[0, v] + (1.0 - cdf[width, v]), floor)
+        p = buf[:width + 1].copy()
+        size = len(buf) // 2
+        while size:
+            for i in range(size):
+                for v in range(n):
+                    buf[i, v] = buf[i, v] + buf[i + size, v]
+            size //= 2
+        for v in range(n):
+            for j in range(width + 1):
+                probs[(start + v) // channels, (start + v) % channels, j] = p[j, v] / buf[0, v]
     return probs, lo
 
 

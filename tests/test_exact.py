@@ -177,9 +177,11 @@ def test_the_geometric_mixture_cdf_is_the_float64_cdf_to_1e12():
     logits = rng.normal(0, 1, shape + (3,))
     w = np.exp(logits - logits.max(-1, keepdims=True))
     delta, below, above = 1 / 15, 23, 24
-    got, up, down = np.empty(shape + (below + above + 1,)), np.empty(above + 1), np.empty(above + 1)
-    for i in np.ndindex(shape):
-        exact.mixture_cdf1(x[i], delta, below, above, loc[i], log_scale[i], w[i], w[i].sum(), got[i], up, down)
+    def values_last(a):  # (..., K) -> (K, values)
+        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+
+    got = exact.mixture_cdf(x.ravel(), delta, below, above, values_last(loc), values_last(log_scale), values_last(w),
+                            w.sum(-1).ravel()).T.reshape(shape + (-1,))
     edges = torch.from_numpy(x[..., None] + np.arange(-below, above + 1) * delta)
     want = priors.mixture_cdf(edges, *(torch.from_numpy(a) for a in (loc, log_scale, logits))).numpy()
     assert np.max(np.abs(got - want)) < 1e-12

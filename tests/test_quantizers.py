@@ -187,3 +187,8 @@ def test_the_sub_pixel_layer_is_the_transposed_convolution_it_replaces():
     (g_sub,) = torch.autograd.grad(got.square().sum(), layer.weight)
     (g_plain,) = torch.autograd.grad(want.square().sum(), plain.weight)
     assert torch.allclose(g_sub, g_plain, rtol=0, atol=1e-10)
+    with torch.no_grad():  # kept between calls without autograd, and made again when a weight changes
+        assert layer.convolution(torch.float64) is layer.convolution(torch.float64)
+        plain.weight.mul_(2.0)
+        layer.load_state_dict(plain.state_dict())
+        assert torch.allclose(layer(x), plain(x), rtol=0, atol=1e-12)
