@@ -15,11 +15,12 @@ positions worse than the blocks it knows (docs/codec.md).
 The file format is discrete_ae/codec_file.py's.
 
 `evaluate`: for every photo in DIR and every checkpoint, the file's bytes (bpp of the whole file),
-PSNR and SSIM, encode and decode megapixels per second; and Pillow's JPEG (optimised Huffman
-tables), WebP (method 6) and AVIF (aom, speed 4), each at the highest quality whose file is no
-larger than the model's, searched from quality 0, with no metadata (an embedded ICC profile alone
-is ~3 KB), plus each codec's curve over qualities for BD-rate against WebP. Writes
-OUTPUT_DIR/codec.json and codec.png (with --results=DIR, there instead).
+PSNR and SSIM, encode and decode megapixels per second (each the median of TIMING_REPEATS runs, for
+every codec alike); and Pillow's JPEG (optimised Huffman tables), WebP (method 6) and AVIF (aom,
+speed 4), each at the highest quality whose file is no larger than the model's, searched from
+quality 0, with no metadata (an embedded ICC profile alone is ~3 KB), plus each codec's curve over
+qualities for BD-rate against WebP. Writes OUTPUT_DIR/codec.json and codec.png (with
+--results=DIR, there instead).
 """
 import io
 import json
@@ -58,6 +59,7 @@ CLASSICAL = {  # Pillow's save options at their best for small files; qualities 
     "avif": dict(format="AVIF", speed=4),
 }
 CURVE_QUALITIES = (0, 2, 5, 10, 15, 20, 30, 40, 50, 60, 75)
+TIMING_REPEATS = 3  # every codec's encode and decode of a photo is timed this often, the median kept: one run of a few ms moves with the cache
 PLOT_MARGIN = 1.6  # the plot's x axis ends at this multiple of the largest model file's bpp
 EVAL_DEFAULTS = dict(photos="", output_dir="outputs/codec", results="", device="cpu")
 
@@ -98,17 +100,30 @@ def quality(a_u8, b_u8):
     return float(psnr_per_image(a, b)[0]), float(ssim_per_image(a, b)[0])
 
 
-def classical(rgb, codec, q):
+def timed(f, repeats=TIMING_REPEATS):
+    """(f()'s result, the median of `repeats` runs' seconds)."""
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = f()
+        seconds.append(time.perf_counter() - t0)
+    return out, float(np.median(seconds))
+
+
+def classical(rgb, codec, q, repeats=1):
     """(file bytes, decoded uint8 image, encode s, decode s) of Pillow's `codec` at quality q."""
     from PIL import Image
 
     image = Image.fromarray(rgb)  # no metadata: nothing but the picture is counted
-    buffer = io.BytesIO()
-    t0 = time.perf_counter()
-    image.save(buffer, quality=q, **CLASSICAL[codec])
-    t1 = time.perf_counter()
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    return buffer.getvalue(), decoded, t1 - t0, time.perf_counter() - t1
+
+    def save():
+        buffer = io.BytesIO()
+        image.save(buffer, quality=q, **CLASSICAL[codec])
+        return buffer.getvalue()
+
+    blob, enc = timed(save, repeats)
+    decoded, dec = timed(lambda: np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")), repeats)
+    return blob, decoded, enc, dec
 
 
 def at_most(rgb, codec, budget):
@@ -126,7 +141,7 @@ def at_most(rgb, codec, budget):
 
 
 def row(rgb, codec, q, reached=True):
-    blob, decoded, enc, dec = classical(rgb, codec, q)
+    blob, decoded, enc, dec = classical(rgb, codec, q, TIMING_REPEATS)
     psnr, ssim = quality(rgb, decoded)
     pixels = rgb.shape[0] * rgb.shape[1]
     return {"codec": codec, "quality": q, "bytes": len(blob), "bpp": 8 * len(blob) / pixels, "psnr": psnr, "ssim": ssim,
@@ -136,15 +151,12 @@ def row(rgb, codec, q, reached=True):
 def model_row(codec, name, rgb):
     """The model's file for `rgb` through `codec` (a PhotoCodec, built once per checkpoint as a
     server would) and its speed."""
-    t0 = time.perf_counter()
-    blob = codec.encode(rgb)
-    t1 = time.perf_counter()
-    decoded = codec.decode(blob)
-    t2 = time.perf_counter()
+    blob, enc = timed(lambda: codec.encode(rgb))
+    decoded, dec = timed(lambda: codec.decode(blob))
     psnr, ssim = quality(rgb, decoded)
     pixels = rgb.shape[0] * rgb.shape[1]
     return {"codec": name, "bytes": len(blob), "bpp": 8 * len(blob) / pixels, "psnr": psnr, "ssim": ssim,
-            "encode_mp_s": pixels / 1e6 / (t1 - t0), "decode_mp_s": pixels / 1e6 / (t2 - t1)}
+            "encode_mp_s": pixels / 1e6 / enc, "decode_mp_s": pixels / 1e6 / dec}
 
 
 def tiled_row(model, name, rgb):
@@ -299,7 +311,8 @@ def evaluate_main(argv):
 def speed_lines(speed):
     """Every codec's median encode and decode megapixels per second, and their ratio to WebP's."""
     webp = speed.get("webp")
-    lines = [f"speed, median over the photos, {torch.get_num_threads()} thread(s), {cpu_name()}:"]
+    lines = [f"speed, median over the photos of each photo's median of {TIMING_REPEATS} runs, {torch.get_num_threads()} "
+             f"thread(s), {cpu_name()}:"]
     for name, s in sorted(speed.items(), key=lambda kv: -kv[1]["decode_mp_s"]):
         ratio = (f" ({s['encode_mp_s'] / webp['encode_mp_s']:.2f}x / {s['decode_mp_s'] / webp['decode_mp_s']:.2f}x WebP's)"
                  if webp else "")

@@ -192,21 +192,21 @@ def softmax_rows(logits, valid, floor):
 
 
 @_jit
-def _network(x, taps, k1, b1, k2, b2, k3, b3):
+def _network(x, taps, channel, tap, k1, b1, k2, b2, k3, b3):
     """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
-    beyond the grid, a zero), k1 (H, Cin 9), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,) ->
-    (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below 2^53
-    (ExactNetwork checks), so exact in any order."""
-    batch, channels, grid = x.shape
+    beyond the grid, a zero), channel and tap (I,) the input and tap of each column the first layer
+    reads (the taps its mask leaves), k1 (H, I), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,)
+    -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
+    2^53 (ExactNetwork checks), so exact in any order."""
+    batch, grid = len(x), x.shape[2]
     n, hidden, outs = len(taps), k1.shape[0], k3.shape[0]
     first, second = 2.0 ** -(INPUT_BITS + WEIGHT_BITS), 2.0 ** -(ACT_BITS + WEIGHT_BITS)
-    out, window, h, g = np.empty((batch * n, outs)), np.empty(channels * 9), np.empty(hidden), np.empty(hidden)
+    out, window, h, g = np.empty((batch * n, outs)), np.empty(len(channel)), np.empty(hidden), np.empty(hidden)
     for r in range(batch * n):
         b, i = r // n, r % n
-        for c in range(channels):
-            for t in range(9):
-                at = taps[i, t]
-                window[c * 9 + t] = np.rint(min(max(x[b, c, at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
+        for q in range(len(channel)):
+            at = taps[i, tap[q]]
+            window[q] = np.rint(min(max(x[b, channel[q], at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
         _layer(window, k1, b1[i], h)
         for j in range(hidden):
             h[j] = act1(h[j], first)
@@ -367,7 +367,8 @@ class ExactNetwork:
     (a masked 3x3 convolution with a bias per position; ContextCodePrior has one per stream), then
     two 1x1 layers with SiLU shared by the heads:
 
-        x (B, Cin, H, W) -> 3x3 windows (B, n, Cin 9), quantized -> head h: (B, n, hidden) -> (B, n, hidden) -> (B, n, out)
+        x (B, Cin, H, W) -> 3x3 windows (B, n, I <= Cin 9: the taps the mask leaves), quantized
+          -> head h: (B, n, hidden) -> (B, n, hidden) -> (B, n, out)
 
     first (heads, hidden, Cin, 3, 3) masked weights, first_bias (heads, hidden, H, W) with the
     position bias, hidden (hidden, hidden) and out (out, hidden) 1x1 weights with their biases."""
@@ -381,7 +382,10 @@ class ExactNetwork:
         inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
         contiguous = np.ascontiguousarray  # the compiled network reads rows
-        self.k1 = contiguous(_integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS))  # (heads, hidden, Cin 9)
+        k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS)  # (heads, hidden, Cin 9)
+        used = np.flatnonzero(np.abs(k1).sum((0, 1)))  # the columns of taps the masks leave: the rest add zeros
+        self._channel, self._tap = used // 9, used % 9
+        self.k1 = contiguous(k1[:, :, used])  # (heads, hidden, I)
         self.b1 = contiguous(_integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1))  # (heads, P, hidden)
         self.k2, self.b2 = contiguous(_integers(hidden_w, WEIGHT_BITS)), _integers(hidden_b, ACT_BITS + WEIGHT_BITS)  # (out, in) rows
         self.k3, self.b3 = contiguous(_integers(out_w, WEIGHT_BITS)), _integers(out_b, ACT_BITS + WEIGHT_BITS)
@@ -399,6 +403,6 @@ class ExactNetwork:
         grid: the first layer's padding)."""
         b, cin = x.shape[:2]
         positions = np.asarray(positions)
-        out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions],
-                       self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3)
+        out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions], self._channel,
+                       self._tap, self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3)
         return out.reshape(b, len(positions), -1)
