@@ -41,6 +41,7 @@ from discrete_ae.codec_file import (
     decode_photo,
     decoder_threads,
     from_blocks,
+    keep_freed_memory,
     read_photo,
     to_blocks,
     to_tensor,
@@ -322,6 +323,7 @@ def speed_lines(speed):
 
 def main(argv):
     commands = {"compress": compress_file, "decompress": decompress_file}
+    keep_freed_memory()  # a photo's arrays reused, not mapped afresh (discrete_ae/codec_file.py)
     if argv and argv[0] == "evaluate":
         return evaluate_main(argv[1:])
     if argv and argv[0] == "plot":

@@ -51,6 +51,26 @@ PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DECODER_THREADS = 2  # fixed, not the caller's: a convolution's sums may be ordered by its thread count
 
 
+MMAP_THRESHOLD = 64 << 20  # keep_freed_memory: blocks below this come from the heap, not a fresh mapping
+TRIM_THRESHOLD = 128 << 20  # ... and the heap keeps this much free memory instead of returning it
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory for the next photo (mallopt M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD, fixed): by default the coder's and the networks' arrays of a few hundred KB are
+    mapped afresh and unmapped for every photo, and each first touch of a page faults (docs/codec.md,
+    "Speed": 10-30% of a small photo's time). What MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+    set from the shell; codec.py calls it, a library leaves the process's allocator alone. True when set
+    (glibc only: elsewhere nothing changes)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(-3, MMAP_THRESHOLD) and libc.mallopt(-1, TRIM_THRESHOLD))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
 @contextmanager
 def decoder_threads():
     """Run the decoder network on DECODER_THREADS threads (more than the cores is slower, not different)."""

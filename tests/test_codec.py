@@ -242,3 +242,27 @@ def test_the_speed_lines_give_every_codec_and_its_ratio_to_webp():
     assert lines[0].startswith("speed, median over the photos") and "core" in lines[0]
     assert lines[1:] == ["  webp: encode 8.00, decode 40.00 MP/s (1.00x / 1.00x WebP's)",
                          "  ddcl_context, 10 epochs: encode 2.00, decode 4.00 MP/s (0.25x / 0.10x WebP's)"]
+
+
+def test_the_codec_keeps_freed_memory_where_glibc_allocates_and_codes_the_same_bytes(checkpoint, tmp_path):
+    import platform
+
+    from discrete_ae.codec_file import PhotoCodec, keep_freed_memory, read_photo
+
+    ck = checkpoint(quantizer="ddcl", entropy_model="context")
+    rgb = read_photo(photo(tmp_path / "p.png", 70, 40))
+    model, _ = load_checkpoint(ck)
+    before = PhotoCodec(model).encode(rgb)
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    codec_ = PhotoCodec(model)
+    assert codec_.encode(rgb) == before and np.array_equal(codec_.decode(before), PhotoCodec(model).decode(before))
+
+
+def test_every_codec_is_timed_as_the_median_of_its_repeats(monkeypatch):
+    clock, calls = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0]), []
+    monkeypatch.setattr(codec.time, "perf_counter", lambda: next(clock))
+    assert codec.timed(lambda: calls.append(1) or "out", 3) == ("out", 2.0) and len(calls) == 3  # runs of 1, 3, 2 s
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    monkeypatch.undo()
+    blob, decoded, enc, dec = codec.classical(rgb, "webp", 50, repeats=codec.TIMING_REPEATS)
+    assert blob == codec.classical(rgb, "webp", 50)[0] and decoded.shape == rgb.shape and enc > 0 and dec > 0
