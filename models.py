@@ -103,9 +103,9 @@ class SubPixelConvTranspose2d(nn.ConvTranspose2d):
     "Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional
     Neural Network", CVPR 2016; the equivalence: Aitken et al. 2017, arXiv:1707.02937): the same
     map up to float rounding. Output pixel (2i + a, 2j + b) reads inputs i - 1 .. i + 1 through
-    kernel row a + 3 - 2 dy (dy = 0, 1, 2; outside 0..3: no tap). oneDNN runs it about twice as fast
-    as the transposed convolution where out_channels is small, as for the decoder's last layer
-    (docs/codec.md, "Speed")."""
+    kernel row a + 3 - 2 dy (dy = 0, 1, 2; outside 0..3: no tap). oneDNN runs it faster than the
+    transposed convolution where out_channels is small, as for the decoder's last layer (docs/codec.md,
+    "Speed")."""
 
     TAPS = torch.tensor([[3, 1, 4], [4, 2, 0]])  # (a, dy) -> kernel row; 4: the zero padded on
 

@@ -59,7 +59,7 @@ def keep_freed_memory():
     """Tell glibc's malloc to keep freed memory for the next photo (mallopt M_MMAP_THRESHOLD and
     M_TRIM_THRESHOLD, fixed): by default the coder's and the networks' arrays of a few hundred KB are
     mapped afresh and unmapped for every photo, and each first touch of a page faults (docs/codec.md,
-    "Speed": 10-30% of a small photo's time). What MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+    "Speed", measures what it costs). What MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
     set from the shell; codec.py calls it, a library leaves the process's allocator alone. True when set
     (glibc only: elsewhere nothing changes)."""
     import ctypes
