@@ -99,17 +99,24 @@ def act1(acc, scale):
 
 
 @_jit
+def halve(buf):
+    """buf (2^k, n): each column summed into buf[0] in a fixed order, halves added until one row is
+    left (rows past a column's values hold zeros)."""
+    size = len(buf) // 2
+    while size:
+        for i in range(size):
+            for v in range(buf.shape[1]):
+                buf[i, v] = buf[i, v] + buf[i + size, v]
+        size //= 2
+
+
+@_jit
 def tree_sum1(x, buf):
-    """x (n,) summed in a fixed order: copied into buf (a power of two >= n, zero-padded) whose halves
-    are added until one value is left."""
+    """x (n,) summed in a fixed order: copied into buf (pow2(n), 1), zero-padded, and halved."""
     buf[:] = 0.0
-    buf[:len(x)] = x
-    half = len(buf) // 2
-    while half:
-        for i in range(half):
-            buf[i] = buf[i] + buf[i + half]
-        half //= 2
-    return buf[0]
+    buf[:len(x), 0] = x
+    halve(buf)
+    return buf[0, 0]
 
 
 @_jit
@@ -139,7 +146,7 @@ def _silu_all(x):
 
 @_jit
 def _tree_sum_rows(x):
-    out, buf = np.empty(len(x)), np.empty(pow2(x.shape[1]))
+    out, buf = np.empty(len(x)), np.empty((pow2(x.shape[1]), 1))
     for r in range(len(x)):
         out[r] = tree_sum1(x[r], buf)
     return out
@@ -178,7 +185,7 @@ def softmax_rows(logits, valid, floor):
     """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
     (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree_sum1."""
     rows, channels, size = logits.shape
-    out, buf = np.empty(logits.shape), np.empty(pow2(size))
+    out, buf = np.empty(logits.shape), np.empty((pow2(size), 1))
     for r in range(rows):
         for c in range(channels):
             top = -np.inf
@@ -243,7 +250,7 @@ def _layer(x, kt, b, out):
         out[j] = a + b[j]
 
 
-GEOMETRIC_LIMIT = 600.0  # mixture_cdf1: |exponent| up to which a progression of exps starts from one
+GEOMETRIC_LIMIT = 600.0  # mixture_cdf: |exponent| up to which a progression of exps starts from one
 
 
 @_jit
@@ -339,19 +346,14 @@ def mixture_rows(out, u, delta, half, bound, offset, floor):
             centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
             x[v], total[v], lo[r, c] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
         cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
-        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halves
+        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: halved, tree_sum1's order
         for j in range(width):
             for v in range(n):
                 buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)
         for v in range(n):
             buf[width, v] = max(cdf[0, v] + (1.0 - cdf[width, v]), floor)
         p = buf[:width + 1].copy()
-        size = len(buf) // 2
-        while size:
-            for i in range(size):
-                for v in range(n):
-                    buf[i, v] = buf[i, v] + buf[i + size, v]
-            size //= 2
+        halve(buf)
         for v in range(n):
             for j in range(width + 1):
                 probs[(start + v) // channels, (start + v) % channels, j] = p[j, v] / buf[0, v]
