@@ -129,48 +129,6 @@ def pow2(n):
 
 
 @_jit
-def _exp_all(x):
-    out = np.empty_like(x)
-    for i in range(len(x)):
-        out[i] = exp1(x[i])
-    return out
-
-
-@_jit
-def _silu_all(x):
-    out = np.empty_like(x)
-    for i in range(len(x)):
-        out[i] = silu1(x[i])
-    return out
-
-
-@_jit
-def _tree_sum_rows(x):
-    out, buf = np.empty(len(x)), np.empty((pow2(x.shape[1]), 1))
-    for r in range(len(x)):
-        out[r] = tree_sum1(x[r], buf)
-    return out
-
-
-def exp(x):
-    """exp1 of every value of a float64 array."""
-    x = np.asarray(x, dtype=np.float64)
-    return _exp_all(np.ascontiguousarray(x).reshape(-1)).reshape(x.shape)
-
-
-def silu(x):
-    """silu1 of every value of a float64 array."""
-    x = np.asarray(x, dtype=np.float64)
-    return _silu_all(np.ascontiguousarray(x).reshape(-1)).reshape(x.shape)
-
-
-def tree_sum(x):
-    """x (..., n) -> (...,) summed by tree_sum1."""
-    x = np.asarray(x, dtype=np.float64)
-    return _tree_sum_rows(np.ascontiguousarray(x).reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
-
-
-@_jit
 def normalise1(p, floor, buf):
     """A row of probabilities clamped to `floor` and divided by its tree_sum1, in place."""
     for i in range(len(p)):

@@ -9,17 +9,16 @@ from discrete_ae import coding, exact, priors
 from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior, coding_order
 
 
-def test_exp_is_within_a_few_ulp_and_the_same_bits_in_any_slice():
-    x = np.random.default_rng(0).uniform(-700, 700, 100_003)
-    got = exact.exp(x)
+def test_exp_is_within_a_few_ulp_and_clipped():
+    x = np.random.default_rng(0).uniform(-700, 700, 20_003)
+    got = np.vectorize(exact.exp1)(x)
     assert np.max(np.abs(got - np.exp(x)) / np.spacing(np.exp(x))) <= 4
-    assert np.array_equal(exact.exp(x[7:20]), got[7:20]) and np.array_equal(exact.exp(x[-3:]), got[-3:])
-    assert exact.exp(np.array([-1e6, 1e6])).tolist() == [float(exact.exp(-700.0)), float(exact.exp(700.0))]  # clipped
+    assert [exact.exp1(-1e6), exact.exp1(1e6)] == [exact.exp1(-700.0), exact.exp1(700.0)]  # clipped
 
 
 def test_silu_table_is_within_its_stated_error():
     x = np.linspace(-30, 30, 200_001)
-    assert np.max(np.abs(exact.silu(x) - x / (1 + np.exp(-x)))) < 2e-5
+    assert np.max(np.abs(np.vectorize(exact.silu1)(x) - x / (1 + np.exp(-x)))) < 2e-5
 
 
 def test_tree_sum_adds_in_a_fixed_order_for_any_length():
@@ -30,9 +29,10 @@ def test_tree_sum_adds_in_a_fixed_order_for_any_length():
         return x[..., 0]
 
     for n in (1, 2, 3, 5, 8, 13, 47, 48):
-        x = np.random.default_rng(n).random((4, 3, n)) * 10.0 ** np.random.default_rng(n).integers(-8, 8, (4, 3, n))
-        assert np.array_equal(exact.tree_sum(x), padded(x))
-        assert np.allclose(exact.tree_sum(x), x.sum(-1), rtol=1e-14, atol=0)
+        x = np.random.default_rng(n).random((12, n)) * 10.0 ** np.random.default_rng(n).integers(-8, 8, (12, n))
+        buf = np.empty((exact.pow2(n), 1))
+        got = np.array([exact.tree_sum1(row, buf) for row in x])
+        assert np.array_equal(got, padded(x)) and np.allclose(got, x.sum(-1), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: ContextCategoricalPrior([8, 5, 5], (4, 4)),
