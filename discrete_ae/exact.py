@@ -129,31 +129,28 @@ def pow2(n):
 
 
 @_jit
-def normalise1(p, floor, buf):
-    """A row of probabilities clamped to `floor` and divided by its tree_sum1, in place."""
-    for i in range(len(p)):
-        p[i] = max(p[i], floor)
-    total = tree_sum1(p, buf)
-    for i in range(len(p)):
-        p[i] = p[i] / total
-
-
-@_jit
 def softmax_rows(logits, valid, floor):
     """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
-    (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree_sum1."""
+    (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree sum
+    (tree_sum1's order). The loops run along the R C rows: vectorised."""
     rows, channels, size = logits.shape
-    out, buf = np.empty(logits.shape), np.empty((pow2(size), 1))
-    for r in range(rows):
-        for c in range(channels):
-            top = -np.inf
-            for j in range(size):
-                if valid[c, j]:
-                    top = max(top, logits[r, c, j])
-            for j in range(size):
-                out[r, c, j] = exp1((logits[r, c, j] if valid[c, j] else -np.inf) - top)
-            normalise1(out[r, c], floor, buf)
-    return out
+    n = rows * channels
+    flat = logits.reshape(n, size)
+    top, buf = np.full(n, -np.inf), np.zeros((pow2(size), n))
+    for j in range(size):
+        for v in range(n):
+            if valid[v % channels, j]:
+                top[v] = max(top[v], flat[v, j])
+    for j in range(size):
+        for v in range(n):
+            buf[j, v] = max(exp1((flat[v, j] if valid[v % channels, j] else -np.inf) - top[v]), floor)
+    p = buf[:size].copy()
+    halve(buf)
+    out = np.empty((n, size))
+    for v in range(n):
+        for j in range(size):
+            out[v, j] = p[j, v] / buf[0, v]
+    return out.reshape(rows, channels, size)
 
 
 @_jit
