@@ -15,7 +15,7 @@ the context network on integers held exactly in float64:
                 powers of two only, each correctly rounded by IEEE 754), then rounded to ACT_BITS:
                 the same bits on any IEEE-754 machine
 
-The tables (softmax, mixture CDF) use the same `exp1` and a fixed-order `tree_sum1`. Quantizing to
+The tables (softmax, mixture CDF) use the same `exp1` and a fixed-order sum (`halve`). Quantizing to
 these grids moves the network's outputs by about 1e-4 of their range (docs/codec.md measures the
 rate it costs).
 
@@ -111,17 +111,8 @@ def halve(buf):
 
 
 @_jit
-def tree_sum1(x, buf):
-    """x (n,) summed in a fixed order: copied into buf (pow2(n), 1), zero-padded, and halved."""
-    buf[:] = 0.0
-    buf[:len(x), 0] = x
-    halve(buf)
-    return buf[0, 0]
-
-
-@_jit
 def pow2(n):
-    """The tree_sum1 buffer's length for n values: the least power of two >= n."""
+    """The rows of a halve() buffer for n values: the least power of two >= n."""
     size = 1
     while size < n:
         size *= 2
@@ -132,7 +123,7 @@ def pow2(n):
 def softmax_rows(logits, valid, floor):
     """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
     (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree sum
-    (tree_sum1's order). The loops run along the R C rows: vectorised."""
+    (halve's order). The loops run along the R C rows: vectorised."""
     rows, channels, size = logits.shape
     n = rows * channels
     flat = logits.reshape(n, size)
@@ -277,7 +268,7 @@ def mixture_rows(out, u, delta, half, bound, offset, floor):
     priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither -> (probs (R, C,
     2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
     integer nearest the mixture's mean (within +-bound), then the escape with the mass outside; each
-    row floored and divided by its tree sum (tree_sum1's order)."""
+    row floored and divided by its sum in halve's order."""
     rows, _, channels, comps = out.shape
     width = 2 * half + 1
     probs, lo = np.empty((rows, channels, width + 1)), np.empty((rows, channels), np.int64)
@@ -301,7 +292,7 @@ def mixture_rows(out, u, delta, half, bound, offset, floor):
             centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
             x[v], total[v], lo[r, c] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
         cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
-        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: halved, tree_sum1's order
+        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halve
         for j in range(width):
             for v in range(n):
                 buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)

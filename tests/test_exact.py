@@ -21,7 +21,7 @@ def test_silu_table_is_within_its_stated_error():
     assert np.max(np.abs(np.vectorize(exact.silu1)(x) - x / (1 + np.exp(-x)))) < 2e-5
 
 
-def test_tree_sum_adds_in_a_fixed_order_for_any_length():
+def test_halve_adds_in_a_fixed_order_for_any_length():
     def padded(x):  # the order it promises: zeros padded to a power of two, halves added
         x = np.concatenate([x, np.zeros(x.shape[:-1] + ((1 << (x.shape[-1] - 1).bit_length()) - x.shape[-1],))], -1)
         while x.shape[-1] > 1:
@@ -30,9 +30,10 @@ def test_tree_sum_adds_in_a_fixed_order_for_any_length():
 
     for n in (1, 2, 3, 5, 8, 13, 47, 48):
         x = np.random.default_rng(n).random((12, n)) * 10.0 ** np.random.default_rng(n).integers(-8, 8, (12, n))
-        buf = np.empty((exact.pow2(n), 1))
-        got = np.array([exact.tree_sum1(row, buf) for row in x])
-        assert np.array_equal(got, padded(x)) and np.allclose(got, x.sum(-1), rtol=1e-14, atol=0)
+        buf = np.zeros((exact.pow2(n), len(x)))
+        buf[:n] = x.T
+        exact.halve(buf)
+        assert np.array_equal(buf[0], padded(x)) and np.allclose(buf[0], x.sum(-1), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: ContextCategoricalPrior([8, 5, 5], (4, 4)),
