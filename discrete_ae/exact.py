@@ -29,8 +29,14 @@ Compiled on first use and cached beside this file (numba's cache), a few seconds
 import math
 from decimal import Context, Decimal
 
-import numba
 import numpy as np
+
+from discrete_ae.errors import ConfigError
+
+try:
+    import numba
+except ImportError:  # a context prior codes only through the compiled kernels
+    raise ConfigError("coding with a context prior needs numba: pip install -r requirements.txt") from None
 
 INPUT_BITS = 12  # the network's inputs on a grid of 2^-12
 INPUT_CLIP = 2.0 ** 8  # |input| at most this (a DDCL value beyond it is an escape's context)

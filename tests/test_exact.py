@@ -211,3 +211,16 @@ def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
     rebuilt = prior.exact()
     prior.load_state_dict({k: v.clone() for k, v in prior.state_dict().items()})
     assert prior.exact() is not rebuilt
+
+
+def test_a_missing_numba_is_one_line_saying_how_to_install_it():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "from discrete_ae.errors import UserError\n"
+            "try:\n    import discrete_ae.exact\nexcept UserError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "coding with a context prior needs numba: pip install -r requirements.txt"
