@@ -69,8 +69,9 @@ def _jit(f):
 
 @_jit
 def exp1(x):
-    """e^x of one float64 through +, *, floor, a table and ldexp only: the same bits on any IEEE-754
-    machine (np.exp and torch.exp pick a vector kernel per CPU); within a few ulp of e^x."""
+    """e^x of one float64 through +, *, floor and two tables only (2^(j/256), and the powers of two
+    that ldexp would scale by): the same bits on any IEEE-754 machine (np.exp and torch.exp pick a
+    vector kernel per CPU); within a few ulp of e^x."""
     x = min(max(x, EXP_LO), EXP_HI)
     k = np.floor(x * STEPS_PER_LN2 + 0.5)
     r = (x - k * LN2_HI) - k * LN2_LO
