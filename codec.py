@@ -164,7 +164,7 @@ def tiled_row(model, name, rgb):
     """The same blocks as one `model.compress` string each (a 3-byte header and a last partial byte
     per block) plus this format's header: what coding the blocks as one stream saves."""
     height, width = rgb.shape[:2]
-    blocks, grid = to_blocks(to_tensor(rgb, next(model.parameters()).device))
+    blocks, grid = to_blocks(rgb, next(model.parameters()).device)
     strings = model.compress(blocks, seed=SEED)
     with decoder_threads():
         decoded = from_blocks(model.decompress(strings, seed=SEED).cpu(), grid, height, width)

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from discrete_ae import coding
 from discrete_ae.data import read_rgb
@@ -114,19 +113,13 @@ def _crc(header, full_fingerprint, values):
     return binascii.crc32(data).to_bytes(4, "big")
 
 
-def padded(rgb):
-    """uint8 (H, W, 3) -> padded to whole blocks by repeating its last row and column, as to_blocks
-    pads (in 8 bits: a quarter of the bytes to copy)."""
-    return np.pad(rgb, ((0, -rgb.shape[0] % BLOCK), (0, -rgb.shape[1] % BLOCK), (0, 0)), mode="edge")
-
-
-def to_blocks(x):
-    """(1, 3, H, W) -> (N, 3, 32, 32) blocks in raster order, the photo padded to whole blocks by
-    repeating its last row and column; and the (rows, columns) of blocks."""
-    height, width = x.shape[2:]
-    if height % BLOCK or width % BLOCK:
-        x = F.pad(x, (0, -width % BLOCK, 0, -height % BLOCK), mode="replicate")
-    rows, cols = x.shape[2] // BLOCK, x.shape[3] // BLOCK
+def to_blocks(rgb, device):
+    """uint8 (H, W, 3) -> (N, 3, 32, 32) float blocks in [0, 1] on `device`, in raster order, the
+    photo padded to whole blocks by repeating its last row and column (in 8 bits: a quarter of the
+    bytes to copy); and the (rows, columns) of blocks."""
+    rgb = np.pad(rgb, ((0, -rgb.shape[0] % BLOCK), (0, -rgb.shape[1] % BLOCK), (0, 0)), mode="edge")
+    rows, cols = rgb.shape[0] // BLOCK, rgb.shape[1] // BLOCK
+    x = to_tensor(rgb, device)
     return x.reshape(3, rows, BLOCK, cols, BLOCK).permute(1, 3, 0, 2, 4).reshape(-1, 3, BLOCK, BLOCK), (rows, cols)
 
 
@@ -180,7 +173,7 @@ class PhotoCodec:
         """uint8 (H, W, 3) -> the file's bytes."""
         model, q = self.model, self.q
         height, width = rgb.shape[:2]
-        blocks, _ = to_blocks(to_tensor(padded(rgb), self.device))
+        blocks, _ = to_blocks(rgb, self.device)
         indices = torch.cat([model.encode(blocks[i:i + NETWORK_BATCH], seed=SEED) for i in range(0, len(blocks), NETWORK_BATCH)])
         values = q.coding_values(indices).cpu().numpy()  # (N, G, 16)
         payload = b""

@@ -220,7 +220,7 @@ def test_a_photo_of_several_runs_round_trips_and_a_claimed_size_is_checked_at_on
     model, _ = load_checkpoint(ck)
     rgb = (torch.rand(70, 90, 3) * 255).to(torch.uint8).numpy()
     blob = codec_file.encode_photo(model, rgb)
-    blocks, grid = codec.to_blocks(codec.to_tensor(rgb, "cpu"))
+    blocks, grid = codec.to_blocks(rgb, "cpu")
     with codec.decoder_threads():
         expected = codec.from_blocks(model.decode(model.encode(blocks, seed=codec.SEED), seed=codec.SEED), grid, 70, 90)
     assert np.array_equal(codec_file.decode_photo(model, blob), expected)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import randomised
 from discrete_ae import coding, priors
-from discrete_ae.codec_file import SEED, decode_photo, decoder_threads, encode_photo, from_blocks, to_blocks, to_tensor
+from discrete_ae.codec_file import SEED, decode_photo, decoder_threads, encode_photo, from_blocks, to_blocks
 from discrete_ae.data import load_dataset
 from evaluate import evaluate
 from utils import load_checkpoint
@@ -76,7 +76,7 @@ def test_the_context_prior_trains_evaluates_and_round_trips_for_every_bottleneck
     x = val_u8[:6].float() / 255
     assert torch.equal(model.decompress(model.compress(x, seed=5), seed=5), model.decode(model.encode(x, seed=5), seed=5))
     rgb = (torch.rand(45, 70, 3) * 255).to(torch.uint8).numpy()  # codec.py: a photo of whole and partial blocks
-    blocks, grid = to_blocks(to_tensor(rgb, "cpu"))
+    blocks, grid = to_blocks(rgb, "cpu")
     with decoder_threads():
         expected = from_blocks(model.decode(model.encode(blocks, seed=SEED), seed=SEED), grid, 45, 70)
     assert np.array_equal(decode_photo(model, encode_photo(model, rgb)), expected)
