@@ -118,6 +118,17 @@ def halve(buf):
 
 
 @_jit
+def normalised(buf, out):
+    """buf (2^k, n): column v's K = out.shape[1] probabilities, already floored, then zeros -> out
+    (n, K): each divided by its column's sum in halve's order (buf is summed in place)."""
+    p = buf[:out.shape[1]].copy()
+    halve(buf)
+    for v in range(len(out)):
+        for j in range(out.shape[1]):
+            out[v, j] = p[j, v] / buf[0, v]
+
+
+@_jit
 def pow2(n):
     """The rows of a halve() buffer for n values: the least power of two >= n."""
     size = 1
@@ -142,12 +153,8 @@ def softmax_rows(logits, valid, floor):
     for j in range(size):
         for v in range(n):
             buf[j, v] = max(exp1((flat[v, j] if valid[v % channels, j] else -np.inf) - top[v]), floor)
-    p = buf[:size].copy()
-    halve(buf)
     out = np.empty((n, size))
-    for v in range(n):
-        for j in range(size):
-            out[v, j] = p[j, v] / buf[0, v]
+    normalised(buf, out)
     return out.reshape(rows, channels, size)
 
 
@@ -305,11 +312,7 @@ def mixture_rows(out, u, delta, half, bound, offset, floor):
                 buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)
         for v in range(n):
             buf[width, v] = max(cdf[0, v] + (1.0 - cdf[width, v]), floor)
-        p = buf[:width + 1].copy()
-        halve(buf)
-        for v in range(n):
-            for j in range(width + 1):
-                probs[(start + v) // channels, (start + v) % channels, j] = p[j, v] / buf[0, v]
+        normalised(buf, probs.reshape(rows * channels, width + 1)[start:start + n])
     return probs, lo
 
 
