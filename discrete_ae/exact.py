@@ -25,6 +25,9 @@ multiply-add and no reordering (the integer products alone may be reordered: the
 exact). So the compiled code gives the bits its source gives under the Python interpreter: tested
 with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
 Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
+The network's rows and the tables' values are independent of each other, so each call splits them
+among numba's threads (numba.prange; NUMBA_NUM_THREADS, all cores by default): any split gives the
+same bits (tested).
 """
 import math
 from decimal import Context, Decimal
@@ -65,6 +68,20 @@ TWO_POWERS = np.ldexp(1.0, np.arange(TWO_POWERS_FROM, 1012))
 def _jit(f):
     """numba-compiled, cached; fastmath off (the default): IEEE operations as written."""
     return numba.njit(cache=True, nogil=True, error_model="numpy")(f)
+
+
+def _jit_parallel(f):
+    """_jit, its numba.prange loops split among numba's threads (each thread's part the same bits as
+    one thread's: the parts are independent rows)."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)(f)
+
+
+@_jit
+def _parts(count, least, threads):
+    """How many parts `count` independent items are split into: one per thread of `threads`
+    (numba.get_num_threads(), read by the caller: a compiled call of it could not be cached), each at
+    least `least` items (one part below that)."""
+    return max(1, min(threads, count // least))
 
 
 @_jit
@@ -137,39 +154,51 @@ def pow2(n):
     return size
 
 
+SOFTMAX_VALUES_PER_THREAD = 64  # softmax_rows' rows a thread takes at least
+
+
 @_jit
-def softmax_rows(logits, valid, floor):
-    """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
-    (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree sum
-    (halve's order). The loops run along the R C rows: vectorised."""
-    rows, channels, size = logits.shape
-    n = rows * channels
-    flat = logits.reshape(n, size)
+def _softmax_part(flat, valid, floor, out, start, stop):
+    """softmax_rows for the flat rows start .. stop - 1 (row v: channel v % C) into out."""
+    channels, size, n = len(valid), flat.shape[1], stop - start
     top, buf = np.full(n, -np.inf), np.zeros((pow2(size), n))
     for j in range(size):
         for v in range(n):
-            if valid[v % channels, j]:
-                top[v] = max(top[v], flat[v, j])
+            if valid[(start + v) % channels, j]:
+                top[v] = max(top[v], flat[start + v, j])
     for j in range(size):
         for v in range(n):
-            buf[j, v] = max(exp1((flat[v, j] if valid[v % channels, j] else -np.inf) - top[v]), floor)
-    out = np.empty((n, size))
-    normalised(buf, out)
-    return out.reshape(rows, channels, size)
+            buf[j, v] = max(exp1((flat[start + v, j] if valid[(start + v) % channels, j] else -np.inf) - top[v]), floor)
+    normalised(buf, out[start:stop])
+
+
+def softmax_rows(logits, valid, floor):
+    """logits (R, C, L), valid (C, L) -> (R, C, L): each row exp-normalised over its valid entries
+    (an invalid one is exp(-inf), clipped like any exponent), floored, divided by its tree sum
+    (halve's order). The loops run along the R C rows: vectorised; the rows are independent, split
+    among threads they are the same bits."""
+    rows, channels, size = logits.shape
+    return _softmax_rows(np.ascontiguousarray(logits).reshape(rows * channels, size), valid, floor,
+                         numba.get_num_threads()).reshape(rows, channels, size)
+
+
+@_jit_parallel
+def _softmax_rows(flat, valid, floor, threads):
+    n = len(flat)
+    out = np.empty(flat.shape)
+    parts = _parts(n, SOFTMAX_VALUES_PER_THREAD, threads)
+    for k in numba.prange(parts):
+        _softmax_part(flat, valid, floor, out, n * k // parts, n * (k + 1) // parts)
+    return out
 
 
 @_jit
-def _network(x, taps, channel, tap, k1, b1, k2, b2, k3, b3):
-    """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
-    beyond the grid, a zero), channel and tap (I,) the input and tap of each column the first layer
-    reads (the taps its mask leaves), k1 (H, I), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,)
-    -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
-    2^53 (ExactNetwork checks), so exact in any order."""
-    batch, grid = len(x), x.shape[2]
-    n, hidden, outs = len(taps), k1.shape[0], k3.shape[0]
+def _network_rows(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, out, first_row, stop_row):
+    """_network's rows first_row .. stop_row - 1 (row r: image r // n at position r % n) into out."""
+    n, hidden, outs, grid = len(taps), k1.shape[0], k3.shape[0], x.shape[2]
     first, second = 2.0 ** -(INPUT_BITS + WEIGHT_BITS), 2.0 ** -(ACT_BITS + WEIGHT_BITS)
-    out, window, h, g = np.empty((batch * n, outs)), np.empty(len(channel)), np.empty(hidden), np.empty(hidden)
-    for r in range(batch * n):
+    window, h, g = np.empty(len(channel)), np.empty(hidden), np.empty(hidden)
+    for r in range(first_row, stop_row):
         b, i = r // n, r % n
         for q in range(len(channel)):
             at = taps[i, tap[q]]
@@ -183,6 +212,24 @@ def _network(x, taps, channel, tap, k1, b1, k2, b2, k3, b3):
         _layer(g, k3, b3, out[r])
         for j in range(outs):
             out[r, j] *= second
+
+
+NETWORK_ROWS_PER_THREAD = 16  # _network's rows a thread takes at least: below, a thread costs more than it saves
+
+
+@_jit_parallel
+def _network(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, threads):
+    """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
+    beyond the grid, a zero), channel and tap (I,) the input and tap of each column the first layer
+    reads (the taps its mask leaves), k1 (H, I), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,)
+    -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
+    2^53 (ExactNetwork checks), so exact in any order; the rows are independent, so split among
+    threads they are the same bits."""
+    rows = len(x) * len(taps)
+    out = np.empty((rows, k3.shape[0]))
+    parts = _parts(rows, NETWORK_ROWS_PER_THREAD, threads)
+    for k in numba.prange(parts):
+        _network_rows(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, out, rows * k // parts, rows * (k + 1) // parts)
     return out
 
 
@@ -276,43 +323,61 @@ def mixture_cdf(x, step, below, above, loc, log_scale, w, total):
 MIXTURE_CHUNK = 256  # mixture_rows' values at a time: the (bins, values) arrays stay in the cache
 
 
+MIXTURE_VALUES_PER_THREAD = 32  # mixture_rows' values a thread takes at least
+
+
 @_jit
+def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, stop):
+    """mixture_rows for the values start .. stop - 1 (value v: row v // C, channel v % C) into probs
+    (R C, 2 half + 2) and lo (R C,)."""
+    channels, comps = out.shape[2], out.shape[3]
+    width, n = 2 * half + 1, stop - start
+    x, total = np.empty(n), np.empty(n)
+    w, loc, log_scale = np.empty((comps, n)), np.empty((comps, n)), np.empty((comps, n))
+    for v in range(n):
+        r, c = (start + v) // channels, (start + v) % channels
+        top = -np.inf
+        for k in range(comps):
+            top = max(top, out[r, 2, c, k])
+        tot, mean = 0.0, 0.0
+        for k in range(comps):
+            w[k, v] = exp1(out[r, 2, c, k] - top)
+            tot = tot + w[k, v]
+        for k in range(comps):
+            loc[k, v] = out[r, 0, c, k]
+            mean = mean + w[k, v] * loc[k, v]
+            log_scale[k, v] = out[r, 1, c, k] + offset
+        centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
+        x[v], total[v], lo[start + v] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
+    cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
+    buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halve
+    for j in range(width):
+        for v in range(n):
+            buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)
+    for v in range(n):
+        buf[width, v] = max(cdf[0, v] + (1.0 - cdf[width, v]), floor)
+    normalised(buf, probs[start:stop])
+
+
 def mixture_rows(out, u, delta, half, bound, offset, floor):
     """DDCL's context tables: out (R, 3, C, K) the network's locations, log scales (before `offset`,
     priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither -> (probs (R, C,
     2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
     integer nearest the mixture's mean (within +-bound), then the escape with the mass outside; each
-    row floored and divided by its sum in halve's order."""
-    rows, _, channels, comps = out.shape
-    width = 2 * half + 1
-    probs, lo = np.empty((rows, channels, width + 1)), np.empty((rows, channels), np.int64)
-    for start in range(0, rows * channels, MIXTURE_CHUNK):
-        n = min(MIXTURE_CHUNK, rows * channels - start)
-        x, total = np.empty(n), np.empty(n)
-        w, loc, log_scale = np.empty((comps, n)), np.empty((comps, n)), np.empty((comps, n))
-        for v in range(n):
-            r, c = (start + v) // channels, (start + v) % channels
-            top = -np.inf
-            for k in range(comps):
-                top = max(top, out[r, 2, c, k])
-            tot, mean = 0.0, 0.0
-            for k in range(comps):
-                w[k, v] = exp1(out[r, 2, c, k] - top)
-                tot = tot + w[k, v]
-            for k in range(comps):
-                loc[k, v] = out[r, 0, c, k]
-                mean = mean + w[k, v] * loc[k, v]
-                log_scale[k, v] = out[r, 1, c, k] + offset
-            centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
-            x[v], total[v], lo[r, c] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
-        cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
-        buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halve
-        for j in range(width):
-            for v in range(n):
-                buf[j, v] = max(cdf[j + 1, v] - cdf[j, v], floor)
-        for v in range(n):
-            buf[width, v] = max(cdf[0, v] + (1.0 - cdf[width, v]), floor)
-        normalised(buf, probs.reshape(rows * channels, width + 1)[start:start + n])
+    row floored and divided by its sum in halve's order. The values are independent: taken in parts
+    of at most MIXTURE_CHUNK, split among threads, they are the same bits."""
+    rows, _, channels, _ = out.shape
+    probs, lo = _mixture_rows(out, u, delta, half, bound, offset, floor, numba.get_num_threads())
+    return probs.reshape(rows, channels, 2 * half + 2), lo.reshape(rows, channels)
+
+
+@_jit_parallel
+def _mixture_rows(out, u, delta, half, bound, offset, floor, threads):
+    values = out.shape[0] * out.shape[2]
+    probs, lo = np.empty((values, 2 * half + 2)), np.empty(values, np.int64)
+    parts = max(-(-values // MIXTURE_CHUNK), _parts(values, MIXTURE_VALUES_PER_THREAD, threads))
+    for k in numba.prange(parts):
+        _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, values * k // parts, values * (k + 1) // parts)
     return probs, lo
 
 
@@ -362,5 +427,6 @@ class ExactNetwork:
         b, cin = x.shape[:2]
         positions = np.asarray(positions)
         out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions], self._channel,
-                       self._tap, self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3)
+                       self._tap, self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3,
+                       numba.get_num_threads())
         return out.reshape(b, len(positions), -1)

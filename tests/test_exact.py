@@ -202,6 +202,26 @@ def test_ddcl_tables_are_a_distribution_around_the_predicted_mean_with_the_rest_
     assert np.array_equal(exact.mixture_rows(out[5:7], u[5:7], 1 / 15, 23, 60, 0.0, 1e-9)[0], probs[5:7])  # row by row
 
 
+def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
+    rng = np.random.default_rng(7)
+    out = rng.normal(0, 1, (90, 3, 4, 3))  # 360 values: parts of 1 to 12 ragged ones
+    u = rng.uniform(-0.5, 0.5, (90, 4)) / 15
+    logits = rng.normal(0, 3, (90 * 4, 8))
+    valid = np.arange(8) < np.array([[8], [5], [5], [3]])
+    prior = randomised(ContextMixturePrior(4, (4, 4)), std=0.5)
+    net, x = prior.exact(), rng.uniform(-1, 1, (30, 4, 16))
+    network = (x, net._taps[:7], net._channel, net._tap, net.k1[0], net.b1[0][:7], net.k2, net.b2, net.k3, net.b3)
+
+    def each(threads):
+        return (*exact._mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9, threads),
+                exact._softmax_rows(logits, valid, 1e-9, threads), exact._network(*network, threads))
+
+    one = each(1)
+    for threads in (2, 3, 12):
+        assert all(np.array_equal(a, b) for a, b in zip(each(threads), one))
+    assert np.array_equal(exact.mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9)[0].reshape(360, -1), one[0])
+
+
 def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
     prior = randomised(ContextCategoricalPrior([8, 5, 5], (4, 4)))
     net = prior.exact()

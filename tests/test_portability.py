@@ -1,8 +1,9 @@
 """The same file on every CPU this machine can pretend to be: a photo encoded under each of
 ATEN_CPU_CAPABILITY default, avx2 and avx512 (those this CPU has) is the same bytes, and decodes to
 the same pixels under each of them and with 1 or 2 threads, for a fitted and a context prior. The
-context coder's numba kernels run compiled for a generic x86-64 in the first of these processes
-(NUMBA_CPU_NAME=generic: no vector unit beyond SSE2) and by the Python interpreter in the last
+context coder's numba kernels run compiled for a generic x86-64 on one thread in the first of these
+processes (NUMBA_CPU_NAME=generic: no vector unit beyond SSE2; NUMBA_NUM_THREADS=1, where the test's
+own process splits their rows among all cores) and by the Python interpreter in the last
 (NUMBA_DISABLE_JIT=1: each operation rounded as IEEE 754 says, no fused multiply-add). (Files
 moving between a CPU and CUDA are not tested here: no GPU; docs/codec.md.)"""
 import json
@@ -52,7 +53,7 @@ def test_files_and_pixels_are_the_same_under_every_cpu_capability_and_thread_cou
     here = {ck: codec.decode_photo(codec.load_checkpoint(ck)[0], open(ck + ".bin", "rb").read()).tobytes().hex()
             for ck, _ in jobs}
     settings = [{"ATEN_CPU_CAPABILITY": cap} for cap in capabilities()]
-    settings[0]["NUMBA_CPU_NAME"] = "generic"  # the most portable of both in one process
+    settings[0].update(NUMBA_CPU_NAME="generic", NUMBA_NUM_THREADS="1")  # the most portable of both in one process
     if len(settings) > 1:
         settings[-1]["NUMBA_DISABLE_JIT"] = "1"
     else:
