@@ -125,7 +125,7 @@ def to_blocks(rgb, device):
 
 def to_uint8(images):
     """Floats in [0, 1] -> uint8, rounded (what a decoded photo is)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return images.clamp(0, 1).mul_(255).round_().to(torch.uint8).cpu()  # in place on clamp's copy
 
 
 def from_blocks(blocks, grid, height, width):
