@@ -336,6 +336,7 @@ def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, s
     w, loc, log_scale = np.empty((comps, n)), np.empty((comps, n)), np.empty((comps, n))
     for v in range(n):
         r, c = (start + v) // channels, (start + v) % channels
+        ur = r % len(u)
         top = -np.inf
         for k in range(comps):
             top = max(top, out[r, 2, c, k])
@@ -347,8 +348,8 @@ def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, s
             loc[k, v] = out[r, 0, c, k]
             mean = mean + w[k, v] * loc[k, v]
             log_scale[k, v] = out[r, 1, c, k] + offset
-        centre = min(max(np.rint((mean / tot + u[r, c]) / delta), -bound), bound)
-        x[v], total[v], lo[start + v] = (centre - 0.5) * delta - u[r, c], tot, np.int64(centre) - half
+        centre = min(max(np.rint((mean / tot + u[ur, c]) / delta), -bound), bound)
+        x[v], total[v], lo[start + v] = (centre - 0.5) * delta - u[ur, c], tot, np.int64(centre) - half
     cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
     buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halve
     for j in range(width):
@@ -361,7 +362,8 @@ def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, s
 
 def mixture_rows(out, u, delta, half, bound, offset, floor):
     """DDCL's context tables: out (R, 3, C, K) the network's locations, log scales (before `offset`,
-    priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither -> (probs (R, C,
+    priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither (or (n, C),
+    R a multiple of n: row r's is u[r % n], the same dither for every image) -> (probs (R, C,
     2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
     integer nearest the mixture's mean (within +-bound), then the escape with the mass outside; each
     row floored and divided by its sum in halve's order. The values are independent: taken in parts

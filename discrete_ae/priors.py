@@ -496,16 +496,18 @@ class ContextMixturePrior(_CausalContext):
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
         half, bound = self.window(delta)
 
-        def inputs(values):  # (B, P, C) -> the decoded z_hat (B, C, H, W)
-            return (values.transpose(0, 2, 1) * delta - u).reshape(len(values), self.channels, *self.grid)
+        def inputs(values):  # (B, P, C) -> the decoded z_hat (B, C, H, W), written once in that layout
+            x = np.empty((len(values), self.channels, values.shape[1]))
+            np.multiply(values.transpose(0, 2, 1), delta, out=x)
+            x -= u
+            return x.reshape(len(values), self.channels, *self.grid)
 
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
             b, n = out.shape[:2]
-            u_at = np.broadcast_to(u[:, :, positions].transpose(0, 2, 1), (b, n, self.channels))  # (B, n, C)
+            u_at = u[:, :, positions].transpose(0, 2, 1).reshape(-1, self.channels)  # (B n or n, C): one dither for all
             with np.errstate(over="ignore", under="ignore"):  # a power past float64's range is meant (NUMBA_DISABLE_JIT)
-                probs, lo = exact.mixture_rows(np.ascontiguousarray(out).reshape(b * n, 3, self.channels, self.components),
-                                               np.ascontiguousarray(u_at).reshape(b * n, -1), delta, half, bound,
-                                               LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
+                probs, lo = exact.mixture_rows(out.reshape(b * n, 3, self.channels, self.components), u_at, delta, half,
+                                               bound, LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
             return probs.reshape(b, n, self.channels, -1), lo.reshape(b, n, self.channels)
 
         return self._tables(self.channels, inputs, rows, True)
@@ -550,8 +552,12 @@ class ContextCategoricalPrior(_CausalContext):
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
         scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
 
-        def inputs(values):  # (B, P, C) levels -> scaled to [-1, 1] (B, C, H, W)
-            return (values.transpose(0, 2, 1) / scale * 2 - 1).reshape(len(values), self.channels, *self.grid)
+        def inputs(values):  # (B, P, C) levels -> scaled to [-1, 1] (B, C, H, W), written once in that layout
+            x = np.empty((len(values), self.channels, values.shape[1]))
+            np.divide(values.transpose(0, 2, 1), scale, out=x)
+            x *= 2
+            x -= 1
+            return x.reshape(len(values), self.channels, *self.grid)
 
         def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf): the floor
             b, n = out.shape[:2]
