@@ -200,6 +200,9 @@ def test_ddcl_tables_are_a_distribution_around_the_predicted_mean_with_the_rest_
     mean = (w * out[:, 0]).sum(-1) / w.sum(-1)  # (rows, C)
     assert np.array_equal(lo + 23, np.clip(np.round((mean + u) / (1 / 15)), -60, 60).astype(np.int64))
     assert np.array_equal(exact.mixture_rows(out[5:7], u[5:7], 1 / 15, 23, 60, 0.0, 1e-9)[0], probs[5:7])  # row by row
+    shared = exact.mixture_rows(out, u[:4], 1 / 15, 23, 60, 0.0, 1e-9)  # 4 positions' dither, for each of 5 images
+    tiled = exact.mixture_rows(out, np.tile(u[:4], (5, 1)), 1 / 15, 23, 60, 0.0, 1e-9)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, tiled))
 
 
 def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
