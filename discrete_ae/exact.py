@@ -21,8 +21,9 @@ rate it costs).
 
 The arithmetic is compiled by numba (one call per decoding step where numpy took about a hundred:
 docs/codec.md, "Speed"), without fastmath: every operation is rounded as written, no fused
-multiply-add and no reordering (the integer products alone may be reordered: their sums are
-exact). So the compiled code gives the bits its source gives under the Python interpreter: tested
+multiply-add and no reordering; the integer products alone go through the BLAS that numba calls
+for np.dot (SciPy's), in whatever order and with whatever fused multiply-adds it likes: their sums
+are exact integers. So the compiled code gives the bits its source gives under the Python interpreter: tested
 with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
 Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
 The network's rows and the tables' values are independent of each other, so each call splits them
@@ -192,69 +193,56 @@ def _softmax_rows(flat, valid, floor, threads):
     return out
 
 
+NETWORK_BLOCK = 32  # rows per matrix product: small enough that a BLAS keeps each one on its calling thread
+
+
 @_jit
-def _network_rows(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, out, first_row, stop_row):
-    """_network's rows first_row .. stop_row - 1 (row r: image r // n at position r % n) into out."""
-    n, hidden, outs, grid = len(taps), k1.shape[0], k3.shape[0], x.shape[2]
+def _network_rows(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, out, first_row, stop_row):
+    """_network's rows first_row .. stop_row - 1 (row r: image r // n at position r % n) into out,
+    NETWORK_BLOCK at a time through np.dot (the BLAS numba links: exact here, as any order)."""
+    n, hidden, outs, grid = len(taps), k1t.shape[1], k3t.shape[1], x.shape[2]
     first, second = 2.0 ** -(INPUT_BITS + WEIGHT_BITS), 2.0 ** -(ACT_BITS + WEIGHT_BITS)
-    window, h, g = np.empty(len(channel)), np.empty(hidden), np.empty(hidden)
-    for r in range(first_row, stop_row):
-        b, i = r // n, r % n
-        for q in range(len(channel)):
-            at = taps[i, tap[q]]
-            window[q] = np.rint(min(max(x[b, channel[q], at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
-        _layer(window, k1, b1[i], h)
-        for j in range(hidden):
-            h[j] = act1(h[j], first)
-        _layer(h, k2, b2, g)
-        for j in range(hidden):
-            g[j] = act1(g[j], second)
-        _layer(g, k3, b3, out[r])
-        for j in range(outs):
-            out[r, j] *= second
+    windows = np.empty((NETWORK_BLOCK, len(channel)))
+    for start in range(first_row, stop_row, NETWORK_BLOCK):
+        m = min(NETWORK_BLOCK, stop_row - start)
+        window = windows[:m]
+        for r in range(m):
+            b, i = (start + r) // n, (start + r) % n
+            for q in range(len(channel)):
+                at = taps[i, tap[q]]
+                window[r, q] = np.rint(min(max(x[b, channel[q], at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
+        h = np.dot(window, k1t)  # (m, H): sums of integer products, each below 2^53
+        for r in range(m):
+            i = (start + r) % n
+            for j in range(hidden):
+                h[r, j] = act1(h[r, j] + b1[i, j], first)
+        g = np.dot(h, k2t)
+        for r in range(m):
+            for j in range(hidden):
+                g[r, j] = act1(g[r, j] + b2[j], second)
+        o = np.dot(g, k3t)
+        for r in range(m):
+            for j in range(outs):
+                out[start + r, j] = (o[r, j] + b3[j]) * second
 
 
 NETWORK_ROWS_PER_THREAD = 16  # _network's rows a thread takes at least: below, a thread costs more than it saves
 
 
 @_jit_parallel
-def _network(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, threads):
+def _network(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, threads):
     """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
     beyond the grid, a zero), channel and tap (I,) the input and tap of each column the first layer
-    reads (the taps its mask leaves), k1 (H, I), b1 (n, H), k2 (H, H), b2 (H,), k3 (O, H), b3 (O,)
-    -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
+    reads (the taps its mask leaves), the weights transposed (inputs, outputs): k1t (I, H), k2t (H,
+    H), k3t (H, O), biases b1 (n, H), b2 (H,), b3 (O,) -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
     2^53 (ExactNetwork checks), so exact in any order; the rows are independent, so split among
     threads they are the same bits."""
     rows = len(x) * len(taps)
-    out = np.empty((rows, k3.shape[0]))
+    out = np.empty((rows, k3t.shape[1]))
     parts = _parts(rows, NETWORK_ROWS_PER_THREAD, threads)
     for k in numba.prange(parts):
-        _network_rows(x, taps, channel, tap, k1, b1, k2, b2, k3, b3, out, rows * k // parts, rows * (k + 1) // parts)
+        _network_rows(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, out, rows * k // parts, rows * (k + 1) // parts)
     return out
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def _layer(x, kt, b, out):
-    """out = b + kt @ x, x (I,), kt (O, I): four outputs at a time, each a sum along the inputs that
-    the compiler may reorder into vector lanes ("reassoc" here alone): the products and every partial
-    sum are integers below 2^53, so any order gives the same sum."""
-    outs, inputs = kt.shape
-    j = 0
-    while j + 4 <= outs:
-        a0, a1, a2, a3 = 0.0, 0.0, 0.0, 0.0
-        for i in range(inputs):
-            v = x[i]
-            a0 += v * kt[j, i]
-            a1 += v * kt[j + 1, i]
-            a2 += v * kt[j + 2, i]
-            a3 += v * kt[j + 3, i]
-        out[j], out[j + 1], out[j + 2], out[j + 3] = a0 + b[j], a1 + b[j + 1], a2 + b[j + 2], a3 + b[j + 3]
-        j += 4
-    for j in range(j, outs):
-        a = 0.0
-        for i in range(inputs):
-            a += x[i] * kt[j, i]
-        out[j] = a + b[j]
 
 
 GEOMETRIC_LIMIT = 600.0  # mixture_cdf: |exponent| up to which a progression of exps starts from one
@@ -406,21 +394,21 @@ class ExactNetwork:
         rows, cols = raster // w + tap // 3 - 1, raster % w + tap % 3 - 1
         inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         self._taps = np.where(inside, rows * w + cols, h * w)  # (P, 9) raster index of each tap, H W beyond the grid
-        contiguous = np.ascontiguousarray  # the compiled network reads rows
         k1 = _integers(first.reshape(heads, hidden, cin * 9), WEIGHT_BITS)  # (heads, hidden, Cin 9)
         used = np.flatnonzero(np.abs(k1).sum((0, 1)))  # the columns of taps the masks leave: the rest add zeros
         self._channel, self._tap = used // 9, used % 9
-        self.k1 = contiguous(k1[:, :, used])  # (heads, hidden, I)
-        self.b1 = contiguous(_integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1))  # (heads, P, hidden)
-        self.k2, self.b2 = contiguous(_integers(hidden_w, WEIGHT_BITS)), _integers(hidden_b, ACT_BITS + WEIGHT_BITS)  # (out, in) rows
-        self.k3, self.b3 = contiguous(_integers(out_w, WEIGHT_BITS)), _integers(out_b, ACT_BITS + WEIGHT_BITS)
-        for name, k, b, x_max in (("first", self.k1, self.b1, INPUT_CLIP * 2 ** INPUT_BITS),
-                                  ("hidden", self.k2, self.b2, ACT_CLIP * 2 ** ACT_BITS),
-                                  ("out", self.k3, self.b3, ACT_CLIP * 2 ** ACT_BITS)):
+        k1, k2, k3 = k1[:, :, used], _integers(hidden_w, WEIGHT_BITS), _integers(out_w, WEIGHT_BITS)  # (.., out, in)
+        self.b1 = np.ascontiguousarray(_integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1))  # (heads, P, hidden)
+        self.b2, self.b3 = _integers(hidden_b, ACT_BITS + WEIGHT_BITS), _integers(out_b, ACT_BITS + WEIGHT_BITS)
+        for name, k, b, x_max in (("first", k1, self.b1, INPUT_CLIP * 2 ** INPUT_BITS),
+                                  ("hidden", k2, self.b2, ACT_CLIP * 2 ** ACT_BITS),
+                                  ("out", k3, self.b3, ACT_CLIP * 2 ** ACT_BITS)):
             bound = x_max * np.abs(k).sum(-1).max() + np.abs(b).max()
             if not bound < EXACT:
                 raise ValueError(f"the context network's {name} layer has weights too large to run exactly in "
                                  f"float64 (a sum could reach 2^{math.log2(bound):.0f}): not a trained context prior")
+        # transposed (in, out), contiguous: the operands of the compiled network's matrix products
+        self.k1t, self.k2t, self.k3t = (np.ascontiguousarray(np.swapaxes(k, -1, -2)) for k in (k1, k2, k3))
 
     def __call__(self, x, head, positions):
         """x (B, Cin, H, W) float64 inputs -> (B, n, out): the network at raster `positions` (n,)
@@ -429,6 +417,6 @@ class ExactNetwork:
         b, cin = x.shape[:2]
         positions = np.asarray(positions)
         out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions], self._channel,
-                       self._tap, self.k1[head], self.b1[head][positions], self.k2, self.b2, self.k3, self.b3,
+                       self._tap, self.k1t[head], self.b1[head][positions], self.k2t, self.b2, self.k3t, self.b3,
                        numba.get_num_threads())
         return out.reshape(b, len(positions), -1)

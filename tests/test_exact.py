@@ -213,7 +213,7 @@ def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
     valid = np.arange(8) < np.array([[8], [5], [5], [3]])
     prior = randomised(ContextMixturePrior(4, (4, 4)), std=0.5)
     net, x = prior.exact(), rng.uniform(-1, 1, (30, 4, 16))
-    network = (x, net._taps[:7], net._channel, net._tap, net.k1[0], net.b1[0][:7], net.k2, net.b2, net.k3, net.b3)
+    network = (x, net._taps[:7], net._channel, net._tap, net.k1t[0], net.b1[0][:7], net.k2t, net.b2, net.k3t, net.b3)
 
     def each(threads):
         return (*exact._mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9, threads),
