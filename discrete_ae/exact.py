@@ -315,29 +315,29 @@ MIXTURE_VALUES_PER_THREAD = 32  # mixture_rows' values a thread takes at least
 
 
 @_jit
-def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, stop):
-    """mixture_rows for the values start .. stop - 1 (value v: row v // C, channel v % C) into probs
-    (R C, 2 half + 2) and lo (R C,)."""
-    channels, comps = out.shape[2], out.shape[3]
+def _mixture_part(out, u, positions, delta, half, bound, offset, floor, probs, lo, start, stop):
+    """mixture_rows for the values start .. stop - 1 in position-major order (value v: position v //
+    (B C), image v // C % B, channel v % C) into probs (n B C, 2 half + 2) and lo (n B C,)."""
+    batch, channels, comps = out.shape[0], out.shape[3], out.shape[4]
     width, n = 2 * half + 1, stop - start
     x, total = np.empty(n), np.empty(n)
     w, loc, log_scale = np.empty((comps, n)), np.empty((comps, n)), np.empty((comps, n))
     for v in range(n):
-        r, c = (start + v) // channels, (start + v) % channels
-        ur = r % len(u)
+        i, b, c = (start + v) // (batch * channels), (start + v) // channels % batch, (start + v) % channels
+        dither = u[b % len(u), c, positions[i]]
         top = -np.inf
         for k in range(comps):
-            top = max(top, out[r, 2, c, k])
+            top = max(top, out[b, i, 2, c, k])
         tot, mean = 0.0, 0.0
         for k in range(comps):
-            w[k, v] = exp1(out[r, 2, c, k] - top)
+            w[k, v] = exp1(out[b, i, 2, c, k] - top)
             tot = tot + w[k, v]
         for k in range(comps):
-            loc[k, v] = out[r, 0, c, k]
+            loc[k, v] = out[b, i, 0, c, k]
             mean = mean + w[k, v] * loc[k, v]
-            log_scale[k, v] = out[r, 1, c, k] + offset
-        centre = min(max(np.rint((mean / tot + u[ur, c]) / delta), -bound), bound)
-        x[v], total[v], lo[start + v] = (centre - 0.5) * delta - u[ur, c], tot, np.int64(centre) - half
+            log_scale[k, v] = out[b, i, 1, c, k] + offset
+        centre = min(max(np.rint((mean / tot + dither) / delta), -bound), bound)
+        x[v], total[v], lo[start + v] = (centre - 0.5) * delta - dither, tot, np.int64(centre) - half
     cdf = mixture_cdf(x, delta, half, half + 1, loc, log_scale, w, total)  # (width + 1, n)
     buf = np.zeros((pow2(width + 1), n))  # the bins, the escape, then zeros: summed by halve
     for j in range(width):
@@ -348,26 +348,33 @@ def _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, start, s
     normalised(buf, probs[start:stop])
 
 
-def mixture_rows(out, u, delta, half, bound, offset, floor):
-    """DDCL's context tables: out (R, 3, C, K) the network's locations, log scales (before `offset`,
-    priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture, u (R, C) its dither (or (n, C),
-    R a multiple of n: row r's is u[r % n], the same dither for every image) -> (probs (R, C,
-    2 half + 2), lo (R, C)): the 2 half + 1 integers from lo = centre - half, the centre the
-    integer nearest the mixture's mean (within +-bound), then the escape with the mass outside; each
-    row floored and divided by its sum in halve's order. The values are independent: taken in parts
-    of at most MIXTURE_CHUNK, split among threads, they are the same bits."""
-    rows, _, channels, _ = out.shape
-    probs, lo = _mixture_rows(out, u, delta, half, bound, offset, floor, numba.get_num_threads())
-    return probs.reshape(rows, channels, 2 * half + 2), lo.reshape(rows, channels)
+def mixture_rows(out, u, positions, delta, half, bound, offset, floor):
+    """DDCL's context tables: out (B, n, 3, C, K) the network's locations, log scales (before
+    `offset`, priors.LOG_SCALE_OFFSET) and weight logits of each value's mixture at n positions, u
+    (1 or B, C, P) the dither at every position of the grid, positions (n,) theirs -> (probs (n, B,
+    C, 2 half + 2), lo (n, B, C)), position-major (each position's rows contiguous, as the coder
+    reads them): the 2 half + 1 integers from lo = centre - half, the centre the integer nearest
+    the mixture's mean (within +-bound), then the escape with the mass outside; each row floored and
+    divided by its sum in halve's order. The values are independent: taken in parts of at most
+    MIXTURE_CHUNK, split among threads, they are the same bits."""
+    batch, n, _, channels, _ = out.shape
+    positions = np.asarray(positions, dtype=np.int64)
+    if numba.config.DISABLE_JIT:  # interpreted, a power past float64's range warns; it is meant (mixture_cdf)
+        with np.errstate(over="ignore", under="ignore"):
+            probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, 1)
+    else:
+        probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, numba.get_num_threads())
+    return probs.reshape(n, batch, channels, 2 * half + 2), lo.reshape(n, batch, channels)
 
 
 @_jit_parallel
-def _mixture_rows(out, u, delta, half, bound, offset, floor, threads):
-    values = out.shape[0] * out.shape[2]
+def _mixture_rows(out, u, positions, delta, half, bound, offset, floor, threads):
+    values = out.shape[0] * out.shape[1] * out.shape[3]
     probs, lo = np.empty((values, 2 * half + 2)), np.empty(values, np.int64)
     parts = max(-(-values // MIXTURE_CHUNK), _parts(values, MIXTURE_VALUES_PER_THREAD, threads))
     for k in numba.prange(parts):
-        _mixture_part(out, u, delta, half, bound, offset, floor, probs, lo, values * k // parts, values * (k + 1) // parts)
+        _mixture_part(out, u, positions, delta, half, bound, offset, floor, probs, lo, values * k // parts,
+                      values * (k + 1) // parts)
     return probs, lo
 
 

@@ -502,13 +502,11 @@ class ContextMixturePrior(_CausalContext):
             x -= u
             return x.reshape(len(values), self.channels, *self.grid)
 
-        def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C)
+        def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C): views of position-major tables
             b, n = out.shape[:2]
-            u_at = u[:, :, positions].transpose(0, 2, 1).reshape(-1, self.channels)  # (B n or n, C): one dither for all
-            with np.errstate(over="ignore", under="ignore"):  # a power past float64's range is meant (NUMBA_DISABLE_JIT)
-                probs, lo = exact.mixture_rows(out.reshape(b * n, 3, self.channels, self.components), u_at, delta, half,
-                                               bound, LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
-            return probs.reshape(b, n, self.channels, -1), lo.reshape(b, n, self.channels)
+            probs, lo = exact.mixture_rows(np.ascontiguousarray(out).reshape(b, n, 3, self.channels, self.components), u, positions, delta,
+                                           half, bound, LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
+            return probs.transpose(1, 0, 2, 3), lo.transpose(1, 0, 2)
 
         return self._tables(self.channels, inputs, rows, True)
 

@@ -192,23 +192,26 @@ def test_the_geometric_mixture_cdf_is_the_float64_cdf_to_1e12():
 
 def test_ddcl_tables_are_a_distribution_around_the_predicted_mean_with_the_rest_in_the_escape():
     rng = np.random.default_rng(6)
-    out = rng.normal(0, 1, (20, 3, 2, 3))  # (rows, loc / log scale / logits, C, K)
-    u = rng.uniform(-0.5, 0.5, (20, 2)) / 15
-    probs, lo = exact.mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9)
-    assert probs.shape == (20, 2, 48) and np.allclose(probs.sum(-1), 1, atol=1e-12) and (probs >= 1e-9 / 1.1).all()
-    w = np.exp(out[:, 2] - out[:, 2].max(-1, keepdims=True))
-    mean = (w * out[:, 0]).sum(-1) / w.sum(-1)  # (rows, C)
-    assert np.array_equal(lo + 23, np.clip(np.round((mean + u) / (1 / 15)), -60, 60).astype(np.int64))
-    assert np.array_equal(exact.mixture_rows(out[5:7], u[5:7], 1 / 15, 23, 60, 0.0, 1e-9)[0], probs[5:7])  # row by row
-    shared = exact.mixture_rows(out, u[:4], 1 / 15, 23, 60, 0.0, 1e-9)  # 4 positions' dither, for each of 5 images
-    tiled = exact.mixture_rows(out, np.tile(u[:4], (5, 1)), 1 / 15, 23, 60, 0.0, 1e-9)
+    out = rng.normal(0, 1, (4, 5, 3, 2, 3))  # (B, n, loc / log scale / logits, C, K)
+    u = rng.uniform(-0.5, 0.5, (4, 2, 16)) / 15  # (B, C, P)
+    positions = np.array([0, 3, 5, 9, 15])
+    probs, lo = exact.mixture_rows(out, u, positions, 1 / 15, 23, 60, 0.0, 1e-9)  # position-major
+    assert probs.shape == (5, 4, 2, 48) and np.allclose(probs.sum(-1), 1, atol=1e-12) and (probs >= 1e-9 / 1.1).all()
+    w = np.exp(out[:, :, 2] - out[:, :, 2].max(-1, keepdims=True))
+    mean = (w * out[:, :, 0]).sum(-1) / w.sum(-1)  # (B, n, C)
+    u_at = u[:, :, positions].transpose(0, 2, 1)  # (B, n, C)
+    assert np.array_equal(lo.transpose(1, 0, 2) + 23, np.clip(np.round((mean + u_at) * 15), -60, 60).astype(np.int64))
+    one = exact.mixture_rows(out[1:2, 2:4], u[1:2], positions[2:4], 1 / 15, 23, 60, 0.0, 1e-9)[0]
+    assert np.array_equal(one, probs[2:4, 1:2])  # an image's positions alone
+    shared = exact.mixture_rows(out, u[:1], positions, 1 / 15, 23, 60, 0.0, 1e-9)  # one dither for every image
+    tiled = exact.mixture_rows(out, np.repeat(u[:1], 4, 0), positions, 1 / 15, 23, 60, 0.0, 1e-9)
     assert all(np.array_equal(a, b) for a, b in zip(shared, tiled))
 
 
 def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
     rng = np.random.default_rng(7)
-    out = rng.normal(0, 1, (90, 3, 4, 3))  # 360 values: parts of 1 to 12 ragged ones
-    u = rng.uniform(-0.5, 0.5, (90, 4)) / 15
+    out = rng.normal(0, 1, (9, 10, 3, 4, 3))  # 360 values: parts of 1 to 12 ragged ones
+    u, positions = rng.uniform(-0.5, 0.5, (9, 4, 16)) / 15, np.arange(3, 13)
     logits = rng.normal(0, 3, (90 * 4, 8))
     valid = np.arange(8) < np.array([[8], [5], [5], [3]])
     prior = randomised(ContextMixturePrior(4, (4, 4)), std=0.5)
@@ -216,13 +219,13 @@ def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
     network = (x, net._taps[:7], net._channel, net._tap, net.k1t[0], net.b1[0][:7], net.k2t, net.b2, net.k3t, net.b3)
 
     def each(threads):
-        return (*exact._mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9, threads),
+        return (*exact._mixture_rows(out, u, positions, 1 / 15, 23, 60, 0.0, 1e-9, threads),
                 exact._softmax_rows(logits, valid, 1e-9, threads), exact._network(*network, threads))
 
     one = each(1)
     for threads in (2, 3, 12):
         assert all(np.array_equal(a, b) for a, b in zip(each(threads), one))
-    assert np.array_equal(exact.mixture_rows(out, u, 1 / 15, 23, 60, 0.0, 1e-9)[0].reshape(360, -1), one[0])
+    assert np.array_equal(exact.mixture_rows(out, u, positions, 1 / 15, 23, 60, 0.0, 1e-9)[0].reshape(360, -1), one[0])
 
 
 def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
