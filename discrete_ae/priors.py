@@ -23,6 +23,7 @@ any batch). The context priors' coding tables come from their network run on int
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -312,6 +313,15 @@ def mixture_cdf(x, loc, log_scale, weight_logits):
     return cdf / total
 
 
+class AffineInputs(NamedTuple):
+    """The context network's input from the integers sent, per channel c: ((v mul[c]) / div[c])
+    scale[c] - offset[b, c, p] (exact.affine_inputs), offset (1 or B, C, P)."""
+    mul: np.ndarray
+    div: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+
+
 class _CausalContext(nn.Module):
     """The context network of the context priors (Minnen, Balle, Toderici, NeurIPS 2018, section 2,
     here without a hyperprior): a 3x3 convolution over all channels masked to the row above and the
@@ -386,31 +396,37 @@ class _CausalContext(nn.Module):
 
     def _tables(self, count, inputs, rows, is_open=False):
         """SequentialTables over the groups of `count` values in coding order (`coding_order`); raster
-        group r is at position r // heads through first layer r % heads. inputs(values (B, G, count)
-        in raster order, zeros where not sent) -> the network's input (B, C, H, W) float64;
-        rows(outputs (B, n, out), positions (n,)) -> (probabilities (B, n, count, K), the first values:
-        an integer or (B, n, count)) of Tables(lo, probs, is_open). A position's output reads only the
-        groups sent before it (the mask), so the values not yet sent may hold anything."""
+        group r is at position r // heads through first layer r % heads. inputs: AffineInputs (one
+        group a position), or inputs(values (B, G, count) in raster order, zeros where not sent) ->
+        the network's input (B, C, H, W) float64; rows(outputs (B, n, out), positions (n,)) ->
+        (probabilities (B, n, count, K), the first values: an integer or (B, n, count)) of
+        Tables(lo, probs, is_open). A position's output reads only the groups sent before it (the
+        mask), so the values not yet sent may hold anything."""
+        from discrete_ae import exact  # numba, imported only where a context prior codes
+
         net, heads = self.exact(), self.heads
         order, steps = coding_order(self.grid, heads)
+        inverse = np.argsort(order)  # the coding index of each raster group
 
         def table(probs, lo, j):
             return Table(lo if np.ndim(lo) == 0 else lo[:, j], probs[:, j], is_open, count)
 
-        def raster(values):  # (B, g, count) of the first g groups coded -> (B, G, count) in raster order
-            out = np.zeros((len(values), len(order), count), dtype=np.int64)
+        def features(values):  # (B, g, count) of the first g groups coded -> the network's input (B, C, H, W)
+            if isinstance(inputs, AffineInputs):
+                return exact.affine_inputs(values, inverse, *inputs).reshape(len(values), -1, *self.grid)
+            out = np.zeros((len(values), len(order), count), dtype=np.int64)  # in raster order
             out[:, order[:values.shape[1]]] = values
-            return out
+            return inputs(out)
 
         def make(start, stop, previous):  # the decoder: one step's positions, all through one head
             group = order[start:stop]
             p = group // heads
-            probs, lo = rows(net(inputs(raster(previous)), group[0] % heads, p), p)
+            probs, lo = rows(net(features(previous), group[0] % heads, p), p)
             return [table(probs, lo, j) for j in range(len(p))]
 
         def make_all(values):  # the encoder: the network at every position in one pass, the same integers
             positions = np.arange(len(order) // heads)
-            x = inputs(raster(values))
+            x = features(values)
             tables = [None] * len(order)
             for h in range(heads):
                 out = net(x, h, positions)  # (B, P, out)
@@ -496,12 +512,8 @@ class ContextMixturePrior(_CausalContext):
         u = dither.detach().double().cpu().numpy()  # (B or 1, C, P)
         half, bound = self.window(delta)
 
-        def inputs(values):  # (B, P, C) -> the decoded z_hat (B, C, H, W), written once in that layout
-            x = np.empty((len(values), self.channels, values.shape[1]))
-            np.multiply(values.transpose(0, 2, 1), delta, out=x)
-            x -= u
-            return x.reshape(len(values), self.channels, *self.grid)
-
+        ones = np.ones(self.channels)
+        inputs = AffineInputs(np.full(self.channels, float(delta)), ones, ones, u)  # the decoded z_hat = m delta - u
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C): views of position-major tables
             b, n = out.shape[:2]
             probs, lo = exact.mixture_rows(np.ascontiguousarray(out).reshape(b, n, 3, self.channels, self.components), u, positions, delta,
@@ -548,14 +560,10 @@ class ContextCategoricalPrior(_CausalContext):
         from discrete_ae import exact  # numba, imported only where a context prior codes
 
         sizes, valid = self.sizes.cpu().numpy(), self.valid.cpu().numpy()
-        scale = np.maximum(sizes - 1, 1)[:, None].astype(np.float64)
+        scale = np.maximum(sizes - 1, 1).astype(np.float64)
 
-        def inputs(values):  # (B, P, C) levels -> scaled to [-1, 1] (B, C, H, W), written once in that layout
-            x = np.empty((len(values), self.channels, values.shape[1]))
-            np.divide(values.transpose(0, 2, 1), scale, out=x)
-            x *= 2
-            x -= 1
-            return x.reshape(len(values), self.channels, *self.grid)
+        ones = np.ones(self.channels)  # levels scaled to [-1, 1]: level / (L - 1) * 2 - 1
+        inputs = AffineInputs(ones, scale, np.full(self.channels, 2.0), np.ones((1, self.channels, math.prod(self.grid))))
 
         def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf): the floor
             b, n = out.shape[:2]

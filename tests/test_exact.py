@@ -228,6 +228,20 @@ def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
     assert np.array_equal(exact.mixture_rows(out, u, positions, 1 / 15, 23, 60, 0.0, 1e-9)[0].reshape(360, -1), one[0])
 
 
+def test_affine_inputs_are_the_raster_of_the_values_sent_mapped_as_numpy_maps_them():
+    rng = np.random.default_rng(8)
+    order, _ = coding_order((4, 4))
+    values = rng.integers(-40, 40, (3, 9, 4))  # 9 of 16 positions sent, in coding order
+    raster = np.zeros((3, 16, 4), dtype=np.int64)
+    raster[:, order[:9]] = values
+    u = rng.uniform(-0.5, 0.5, (1, 4, 16)) / 15
+    ddcl = exact.affine_inputs(values, np.argsort(order), np.full(4, 1 / 15), np.ones(4), np.ones(4), u)
+    assert np.array_equal(ddcl, raster.transpose(0, 2, 1) * (1 / 15) - u)  # bit for bit
+    scale = np.array([7.0, 4.0, 4.0, 2.0])
+    fsq = exact.affine_inputs(values, np.argsort(order), np.ones(4), scale, np.full(4, 2.0), np.ones((1, 4, 16)))
+    assert np.array_equal(fsq, raster.transpose(0, 2, 1) / scale[:, None] * 2 - 1)
+
+
 def test_the_integer_network_is_built_once_and_again_after_a_weight_changes():
     prior = randomised(ContextCategoricalPrior([8, 5, 5], (4, 4)))
     net = prior.exact()
