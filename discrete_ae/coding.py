@@ -238,12 +238,14 @@ class _Coder:
         count = self.tables[0].count if self.tables else 0
         out = np.empty((self.batch, len(self.tables), count), dtype=np.int64)
         for g, (table, (model, rows)) in enumerate(zip(self.tables, self.models)):
-            ids = (decoder.decode(model, *rows) if rows else decoder.decode(model, self.batch * table.count)).reshape(-1, count)
+            ids = decoder.decode(model, *rows) if rows else decoder.decode(model, self.batch * table.count)
+            ids = ids.reshape(-1, count)
             out[:, g] = ids + table.lo  # lo: a number or (batch or 1, count)
             if table.open:
                 escaped = ids == table.probs.shape[-1] - 1
                 if escaped.any():
-                    out[:, g][escaped] = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64) - ESCAPE_OFFSET
+                    raw = decoder.decode(self.escape, int(escaped.sum())).astype(np.int64)
+                    out[:, g][escaped] = raw - ESCAPE_OFFSET
         return out
 
 

@@ -23,8 +23,8 @@ The arithmetic is compiled by numba (one call per decoding step where numpy took
 docs/codec.md, "Speed"), without fastmath: every operation is rounded as written, no fused
 multiply-add and no reordering; the integer products alone go through the BLAS that numba calls
 for np.dot (SciPy's), in whatever order and with whatever fused multiply-adds it likes: their sums
-are exact integers. So the compiled code gives the bits its source gives under the Python interpreter: tested
-with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
+are exact integers. So the compiled code gives the bits its source gives under the Python
+interpreter: tested with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
 Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
 The network's rows and the tables' values are independent of each other, so each call splits them
 among numba's threads (numba.prange; NUMBA_NUM_THREADS, all cores by default): any split gives the
@@ -227,7 +227,8 @@ def _network_rows(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, out, first_r
             b, i = (start + r) // n, (start + r) % n
             for q in range(len(channel)):
                 at = taps[i, tap[q]]
-                window[r, q] = np.rint(min(max(x[b, channel[q], at], -INPUT_CLIP), INPUT_CLIP) * 2.0 ** INPUT_BITS) if at < grid else 0.0
+                inside = min(max(x[b, channel[q], at], -INPUT_CLIP), INPUT_CLIP) if at < grid else 0.0
+                window[r, q] = np.rint(inside * 2.0 ** INPUT_BITS)
         h = np.dot(window, k1t)  # (m, H): sums of integer products, each below 2^53
         for r in range(m):
             i = (start + r) % n
@@ -251,9 +252,9 @@ def _network(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, threads):
     """x (B, Cin, P) inputs, taps (n, 9) the raster index of each 3x3 tap around n positions (P:
     beyond the grid, a zero), channel and tap (I,) the input and tap of each column the first layer
     reads (the taps its mask leaves), the weights transposed (inputs, outputs): k1t (I, H), k2t (H,
-    H), k3t (H, O), biases b1 (n, H), b2 (H,), b3 (O,) -> (B n, O). Each window is quantized as it is gathered. Every partial sum is an integer below
-    2^53 (ExactNetwork checks), so exact in any order; the rows are independent, so split among
-    threads they are the same bits."""
+    H), k3t (H, O), biases b1 (n, H), b2 (H,), b3 (O,) -> (B n, O). Each window is quantized as it
+    is gathered. Every partial sum is an integer below 2^53 (ExactNetwork checks), so exact in any
+    order; the rows are independent, so split among threads they are the same bits."""
     rows = len(x) * len(taps)
     out = np.empty((rows, k3t.shape[1]))
     parts = _parts(rows, NETWORK_ROWS_PER_THREAD, threads)
@@ -422,7 +423,8 @@ class ExactNetwork:
         used = np.flatnonzero(np.abs(k1).sum((0, 1)))  # the columns of taps the masks leave: the rest add zeros
         self._channel, self._tap = used // 9, used % 9
         k1, k2, k3 = k1[:, :, used], _integers(hidden_w, WEIGHT_BITS), _integers(out_w, WEIGHT_BITS)  # (.., out, in)
-        self.b1 = np.ascontiguousarray(_integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS).transpose(0, 2, 1))  # (heads, P, hidden)
+        b1 = _integers(first_bias.reshape(heads, hidden, -1), INPUT_BITS + WEIGHT_BITS)
+        self.b1 = np.ascontiguousarray(b1.transpose(0, 2, 1))  # (heads, P, hidden)
         self.b2, self.b3 = _integers(hidden_b, ACT_BITS + WEIGHT_BITS), _integers(out_b, ACT_BITS + WEIGHT_BITS)
         for name, k, b, x_max in (("first", k1, self.b1, INPUT_CLIP * 2 ** INPUT_BITS),
                                   ("hidden", k2, self.b2, ACT_CLIP * 2 ** ACT_BITS),

@@ -516,8 +516,8 @@ class ContextMixturePrior(_CausalContext):
         inputs = AffineInputs(np.full(self.channels, float(delta)), ones, ones, u)  # the decoded z_hat = m delta - u
         def rows(out, positions):  # (B, n, 3 C K) -> (B, n, C, K + 1), (B, n, C): views of position-major tables
             b, n = out.shape[:2]
-            probs, lo = exact.mixture_rows(np.ascontiguousarray(out).reshape(b, n, 3, self.channels, self.components), u, positions, delta,
-                                           half, bound, LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
+            out = np.ascontiguousarray(out).reshape(b, n, 3, self.channels, self.components)
+            probs, lo = exact.mixture_rows(out, u, positions, delta, half, bound, LOG_SCALE_OFFSET, LIKELIHOOD_BOUND)
             return probs.transpose(1, 0, 2, 3), lo.transpose(1, 0, 2)
 
         return self._tables(self.channels, inputs, rows, True)
@@ -563,7 +563,7 @@ class ContextCategoricalPrior(_CausalContext):
         scale = np.maximum(sizes - 1, 1).astype(np.float64)
 
         ones = np.ones(self.channels)  # levels scaled to [-1, 1]: level / (L - 1) * 2 - 1
-        inputs = AffineInputs(ones, scale, np.full(self.channels, 2.0), np.ones((1, self.channels, math.prod(self.grid))))
+        inputs = AffineInputs(ones, scale, 2 * ones, np.ones((1, self.channels, math.prod(self.grid))))
 
         def rows(out, positions):  # (B, n, C L) -> (B, n, C, L), masked levels exp(-inf): the floor
             b, n = out.shape[:2]

@@ -184,7 +184,8 @@ def test_the_sub_pixel_layer_is_the_transposed_convolution_it_replaces():
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     got, want = layer(x), plain(x)
     assert got.shape == (2, 3, 12, 14) and torch.allclose(got, want, rtol=0, atol=1e-12)
-    shuffled = torch.nn.functional.pixel_shuffle(torch.nn.functional.conv2d(x, *layer.convolution(x.dtype), padding=1), 2)
+    F = torch.nn.functional
+    shuffled = F.pixel_shuffle(F.conv2d(x, *layer.convolution(x.dtype), padding=1), 2)
     assert torch.equal(got, shuffled)  # its shuffle is pixel_shuffle's, value for value
     (g_sub,) = torch.autograd.grad(got.square().sum(), layer.weight)
     (g_plain,) = torch.autograd.grad(want.square().sum(), plain.weight)
