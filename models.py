@@ -94,7 +94,12 @@ class Decoder(nn.Module):
         )
 
     def forward(self, z_q):
-        return torch.sigmoid(self.net(z_q).float())
+        h = z_q
+        for layer in self.net:
+            if isinstance(layer, nn.ConvTranspose2d):  # the upsampling layers (and what follows) in channels-last
+                h = h.contiguous(memory_format=torch.channels_last)  # memory: oneDNN's faster kernels (docs/codec.md)
+            h = layer(h)
+        return torch.sigmoid(h.float())
 
 
 class SubPixelConvTranspose2d(nn.ConvTranspose2d):

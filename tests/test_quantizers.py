@@ -176,6 +176,20 @@ def test_an_integer_seed_shares_the_dither_and_a_seed_per_image_gives_each_its_o
     assert torch.equal(own[0], shared) and not torch.equal(own[1], own[0])
 
 
+def test_the_decoder_in_channels_last_memory_is_the_plain_layers_to_float_rounding():
+    from models import Decoder
+
+    torch.manual_seed(0)
+    for res_blocks in (0, 1):
+        decoder = Decoder([8, 16, 32], 4, res_blocks)
+        z = torch.randn(5, 4, 4, 4)
+        with torch.no_grad():
+            got, plain = decoder(z), torch.sigmoid(decoder.net(z))  # the Sequential alone: all in NCHW memory
+        assert got.is_contiguous() and torch.allclose(got, plain, rtol=0, atol=1e-6)
+        decoder(z).square().mean().backward()  # and it trains
+        assert all(p.grad is not None for p in decoder.parameters())
+
+
 def test_the_sub_pixel_layer_is_the_transposed_convolution_it_replaces():
     torch.manual_seed(0)
     plain = torch.nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1).double()
