@@ -27,13 +27,14 @@ are exact integers. So the compiled code gives the bits its source gives under t
 interpreter: tested with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
 Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
 The network's rows and the tables' values are independent of each other, so each call splits them
-among numba's threads (numba.prange; NUMBA_NUM_THREADS, all cores by default): any split gives the
-same bits (tested).
+among numba's threads (numba.prange; as many as torch's intra-op threads, `threads()`): any split
+gives the same bits (tested).
 """
 import math
 from decimal import Context, Decimal
 
 import numpy as np
+import torch
 
 from discrete_ae.errors import ConfigError
 
@@ -77,10 +78,24 @@ def _jit_parallel(f):
     return numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)(f)
 
 
+def threads():
+    """The threads a kernel call splits its rows among: torch's intra-op count (what the process was
+    given: torch.set_num_threads, OMP_NUM_THREADS), at most NUMBA_NUM_THREADS, set as numba's for
+    this call. A process budgeted one thread (a test worker, one of compare.py's parallel runs) must
+    not wake a second; and numba's OpenMP may be the very library torch's is (both libgomp.so.1):
+    a parallel region of n threads leaves n as torch's count too, so the two are kept equal."""
+    wanted = torch.get_num_threads()
+    count = max(1, min(numba.config.NUMBA_NUM_THREADS, wanted))
+    numba.set_num_threads(count)  # the first call starts numba's threads, which may set the shared count
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return count
+
+
 @_jit
 def _parts(count, least, threads):
     """How many parts `count` independent items are split into: one per thread of `threads`
-    (numba.get_num_threads(), read by the caller: a compiled call of it could not be cached), each at
+    (threads(), read by the caller: a compiled call of numba's count could not be cached), each at
     least `least` items (one part below that)."""
     return max(1, min(threads, count // least))
 
@@ -180,7 +195,7 @@ def softmax_rows(logits, valid, floor):
     among threads they are the same bits."""
     rows, channels, size = logits.shape
     return _softmax_rows(np.ascontiguousarray(logits).reshape(rows * channels, size), valid, floor,
-                         numba.get_num_threads()).reshape(rows, channels, size)
+                         threads()).reshape(rows, channels, size)
 
 
 @_jit_parallel
@@ -381,7 +396,7 @@ def mixture_rows(out, u, positions, delta, half, bound, offset, floor):
         with np.errstate(over="ignore", under="ignore"):
             probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, 1)
     else:
-        probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, numba.get_num_threads())
+        probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, threads())
     return probs.reshape(n, batch, channels, 2 * half + 2), lo.reshape(n, batch, channels)
 
 
@@ -444,5 +459,5 @@ class ExactNetwork:
         positions = np.asarray(positions)
         out = _network(np.ascontiguousarray(x, dtype=np.float64).reshape(b, cin, -1), self._taps[positions], self._channel,
                        self._tap, self.k1t[head], self.b1[head][positions], self.k2t, self.b2, self.k3t, self.b3,
-                       numba.get_num_threads())
+                       threads())
         return out.reshape(b, len(positions), -1)

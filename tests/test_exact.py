@@ -228,6 +228,22 @@ def test_the_kernels_split_among_any_number_of_threads_give_the_same_bits():
     assert np.array_equal(exact.mixture_rows(out, u, positions, 1 / 15, 23, 60, 0.0, 1e-9)[0].reshape(360, -1), one[0])
 
 
+def test_the_kernels_take_as_many_threads_as_torch_was_given():
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert exact.threads() == 1 and numba.get_num_threads() == 1
+        exact.mixture_rows(np.zeros((40, 2, 3, 4, 3)), np.zeros((1, 4, 16)), [6, 9], 1 / 15, 23, 60, 0.0, 1e-9)
+        assert torch.get_num_threads() == 1  # a coding call leaves the process's thread count as it was
+        torch.set_num_threads(64)
+        assert exact.threads() == min(64, numba.config.NUMBA_NUM_THREADS) == numba.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+        exact.threads()
+
+
 def test_affine_inputs_are_the_raster_of_the_values_sent_mapped_as_numpy_maps_them():
     rng = np.random.default_rng(8)
     order, _ = coding_order((4, 4))

@@ -23,10 +23,12 @@ import json, sys, torch
 from discrete_ae.codec_file import decode_photo, encode_photo, read_photo
 from utils import load_checkpoint
 jobs = json.loads(sys.argv[1])
-out = {"capability": torch.backends.cpu.get_cpu_capability(), "files": {}, "pixels": {}}
+out = {"capability": torch.backends.cpu.get_cpu_capability(), "files": {}, "pixels": {}, "threads": []}
 for ck, photo in jobs:
     model, _ = load_checkpoint(ck)
+    torch.set_num_threads(1)
     blob = encode_photo(model, read_photo(photo))
+    out["threads"].append(torch.get_num_threads())  # coding (numba's first threads) left the count as it was
     out["files"][ck] = blob.hex()
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -65,6 +67,7 @@ def test_files_and_pixels_are_the_same_under_every_cpu_capability_and_thread_cou
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
         seen.append(out["capability"])
+        assert out["threads"] == [1] * len(jobs), setting
         for ck, _ in jobs:
             assert out["files"][ck] == open(ck + ".bin", "rb").read().hex(), (setting, ck)  # the same bytes encoded
             assert out["pixels"][f"{ck} 1"] == out["pixels"][f"{ck} 2"] == here[ck], (setting, ck)  # the same pixels
