@@ -392,10 +392,7 @@ def mixture_rows(out, u, positions, delta, half, bound, offset, floor):
     MIXTURE_CHUNK, split among threads, they are the same bits."""
     batch, n, _, channels, _ = out.shape
     positions = np.asarray(positions, dtype=np.int64)
-    if numba.config.DISABLE_JIT:  # interpreted, a power past float64's range warns; it is meant (mixture_cdf)
-        with np.errstate(over="ignore", under="ignore"):
-            probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, 1)
-    else:
+    with np.errstate(over="ignore", under="ignore"):  # interpreted (NUMBA_DISABLE_JIT), a power past float64's range is meant
         probs, lo = _mixture_rows(out, u, positions, delta, half, bound, offset, floor, threads())
     return probs.reshape(n, batch, channels, 2 * half + 2), lo.reshape(n, batch, channels)
 
