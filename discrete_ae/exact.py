@@ -170,7 +170,7 @@ def pow2(n):
     return size
 
 
-SOFTMAX_VALUES_PER_THREAD = 64  # softmax_rows' rows a thread takes at least
+SOFTMAX_ENTRIES_PER_THREAD = 512  # softmax_rows' entries (rows x their length) a thread takes at least
 
 
 @_jit
@@ -202,7 +202,7 @@ def softmax_rows(logits, valid, floor):
 def _softmax_rows(flat, valid, floor, threads):
     n = len(flat)
     out = np.empty(flat.shape)
-    parts = _parts(n, SOFTMAX_VALUES_PER_THREAD, threads)
+    parts = max(1, min(n, _parts(flat.size, SOFTMAX_ENTRIES_PER_THREAD, threads)))
     for k in numba.prange(parts):
         _softmax_part(flat, valid, floor, out, n * k // parts, n * (k + 1) // parts)
     return out
@@ -225,18 +225,23 @@ def affine_inputs(values, inverse, mul, div, scale, offset):
     return x
 
 
-NETWORK_BLOCK = 32  # rows per matrix product: small enough that a BLAS keeps each one on its calling thread
+NETWORK_BLOCK = 32  # rows per matrix product at most
+BLAS_ONE_THREAD = 2 ** 18  # multiply-adds (m n k) up to which OpenBLAS runs a product on its calling thread
+# (interface/gemm.c: 65536 x GEMM_MULTITHREAD_THRESHOLD 4); above, it wakes its own threads, which
+# inside numba's OpenMP region oversubscribe the cores, spin after, and warn "Detect OpenMP Loop"
 
 
 @_jit
 def _network_rows(x, taps, channel, tap, k1t, b1, k2t, b2, k3t, b3, out, first_row, stop_row):
-    """_network's rows first_row .. stop_row - 1 (row r: image r // n at position r % n) into out,
-    NETWORK_BLOCK at a time through np.dot (the BLAS numba links: exact here, as any order)."""
+    """_network's rows first_row .. stop_row - 1 (row r: image r // n at position r % n) into out, a
+    block of rows at a time through np.dot (the BLAS numba links: exact here, as any order), each
+    product small enough to stay on this thread (BLAS_ONE_THREAD)."""
     n, hidden, outs, grid = len(taps), k1t.shape[1], k3t.shape[1], x.shape[2]
     first, second = 2.0 ** -(INPUT_BITS + WEIGHT_BITS), 2.0 ** -(ACT_BITS + WEIGHT_BITS)
-    windows = np.empty((NETWORK_BLOCK, len(channel)))
-    for start in range(first_row, stop_row, NETWORK_BLOCK):
-        m = min(NETWORK_BLOCK, stop_row - start)
+    block = max(1, min(NETWORK_BLOCK, BLAS_ONE_THREAD // (hidden * max(hidden, outs, len(channel)))))
+    windows = np.empty((block, len(channel)))
+    for start in range(first_row, stop_row, block):
+        m = min(block, stop_row - start)
         window = windows[:m]
         for r in range(m):
             b, i = (start + r) // n, (start + r) % n

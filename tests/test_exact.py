@@ -1,12 +1,14 @@
 """discrete_ae/exact.py: the context network on integers (the same tables on every machine), and
 the coder paths it made fast (one pass for the encoder, one call for escape-free groups)."""
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import randomised
+from conftest import REPO, randomised
 from discrete_ae import coding, exact, priors
 from discrete_ae.priors import ContextCategoricalPrior, ContextCodePrior, ContextMixturePrior, coding_order
 
@@ -242,6 +244,30 @@ def test_the_kernels_take_as_many_threads_as_torch_was_given():
     finally:
         torch.set_num_threads(before)
         exact.threads()
+
+
+WIDE_NETWORK = """
+import numpy as np, torch
+from discrete_ae.priors import ContextCodePrior
+torch.manual_seed(0)
+prior = ContextCodePrior(1, 1024, (4, 4))  # 1,024 outputs: an LFQ codebook
+with torch.no_grad():
+    for p in prior.parameters():
+        p.normal_(0, 0.5)
+net, x = prior.exact(), np.random.default_rng(9).uniform(-1, 1, (40, prior.channels, 4, 4))
+torch.set_num_threads(2)  # two numba threads: a BLAS product that wakes its own threads inside them warns
+two = net(x, 0, np.arange(16))
+torch.set_num_threads(1)
+assert np.array_equal(net(x, 0, np.arange(16)), two)
+"""
+
+
+def test_a_wide_network_keeps_each_blas_product_on_its_thread():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # OpenBLAS reads it too: as a user runs
+    done = subprocess.run([sys.executable, "-c", WIDE_NETWORK], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "OpenBLAS" not in done.stderr, done.stderr[:300]
 
 
 def test_affine_inputs_are_the_raster_of_the_values_sent_mapped_as_numpy_maps_them():
