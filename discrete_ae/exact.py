@@ -24,8 +24,9 @@ docs/codec.md, "Speed"), without fastmath: every operation is rounded as written
 multiply-add and no reordering; the integer products alone go through the BLAS that numba calls
 for np.dot (SciPy's), in whatever order and with whatever fused multiply-adds it likes: their sums
 are exact integers. So the compiled code gives the bits its source gives under the Python
-interpreter: tested with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64 (tests/test_portability.py).
-Compiled on first use and cached beside this file (numba's cache), a few seconds once per machine.
+interpreter: tested with NUMBA_DISABLE_JIT=1 and with code compiled for a generic x86-64
+(tests/test_portability.py). Compiled on first use and cached beside this file (numba's cache),
+once per machine (README.md says how long).
 The network's rows and the tables' values are independent of each other, so each call splits them
 among numba's threads (numba.prange; as many as torch's intra-op threads, `threads()`): any split
 gives the same bits (tested).
